@@ -1,0 +1,118 @@
+"""The reweighted loss function for Megatron-Core's `forward_backward_func`.
+
+Megatron's schedules call `loss_func(output_tensor)` on the last pipeline stage of every
+micro-batch and expect `(loss, num_tokens, report)`; unless `calculate_per_token_loss` is
+set they divide `loss` by `num_tokens` and by the number of micro-batches, and Megatron's
+DDP averages gradients over the data- and context-parallel ranks.  This module fits the
+paper's objective into that contract:
+
+* per-sample loss l_i = Σ_t m_it c_it / Σ_t m_it, both sums taken over the CP group;
+* one all-gather of (l_i, valid_i, n_i, domain_i) over the data-parallel group (never the
+  world), so every TP/PP/CP rank of every replica holds the same global micro-batch and
+  computes bit-identical weights;
+* each rank back-propagates DP·CP · Σ_{local i} w_i · (its CP share of l_i) and reports one
+  token, so that after DDP's average over DP×CP the gradient is exactly ∇ Σ_{i∈B} w_i l_i
+  over the global micro-batch B; Megatron's accumulation then averages micro-batches.
+
+Weights use the token prior (`reweighting.global_sample_weights`), so `uniform` is the
+token-mean loss of the global micro-batch: Megatron's ordinary loss.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_patches.reweighting import (
+    ReweightSchedule,
+    all_gather_batch,
+    global_sample_weights,
+    local_slice,
+    weight_statistics,
+)
+
+
+class ReweightedLoss:
+    """Callable as `partial(loss, loss_mask, domains)` → Megatron's `loss_func(output_tensor)`.
+
+    `schedule` says which strategy and temperature apply at the current optimizer step;
+    the training loop advances it.  `num_domains` > 0 adds per-domain weight shares to the
+    report.  Groups default to Megatron's parallel state, read at call time.
+    """
+
+    def __init__(
+        self,
+        schedule: ReweightSchedule,
+        *,
+        delta: float = 1.0,
+        num_domains: int = 0,
+        dp_group: Optional[dist.ProcessGroup] = None,
+        cp_group: Optional[dist.ProcessGroup] = None,
+    ):
+        self.schedule = schedule
+        self.delta = delta
+        self.num_domains = num_domains
+        self._dp_group = dp_group
+        self._cp_group = cp_group
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self._dp_group or parallel_state.get_data_parallel_group(with_context_parallel=False)
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self._cp_group or parallel_state.get_context_parallel_group()
+
+    def __call__(
+        self,
+        loss_mask: torch.Tensor,
+        domains: Optional[torch.Tensor],
+        token_losses: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        mask = loss_mask.to(token_losses.dtype)
+        local_sums = (token_losses * mask).sum(dim=1)  # this CP rank's share, with grad
+        local_counts = mask.sum(dim=1)
+
+        # Whole-sequence sums: add the CP ranks' shares (detached: weights are constants).
+        totals = torch.stack([local_sums.detach(), local_counts])
+        if dist.get_world_size(self.cp_group) > 1:
+            dist.all_reduce(totals, group=self.cp_group)
+        sums, counts = totals
+        losses = sums / torch.clamp(counts, min=1)
+        valid = (counts > 0) & torch.isfinite(losses)
+
+        if domains is None:
+            domains = torch.zeros_like(losses)
+        columns = (losses, valid, counts, domains)
+        gathered = all_gather_batch(torch.stack([c.to(torch.float64) for c in columns], dim=1), self.dp_group)
+        batch_losses, batch_valid, batch_counts, batch_domains = gathered.T
+        batch_valid = batch_valid > 0
+
+        strategy, temperature = self.schedule.current()
+        weights = global_sample_weights(
+            batch_losses,
+            batch_valid,
+            strategy=strategy,
+            temperature=temperature,
+            delta=self.delta,
+            token_counts=batch_counts,
+        )
+        safe_losses = torch.where(batch_valid, batch_losses, 0.0)
+        valid_counts = torch.where(batch_valid, batch_counts, 0.0)
+        report = weight_statistics(weights, batch_losses, batch_valid, batch_domains, self.num_domains)
+        report.update(
+            lm_loss=(safe_losses * valid_counts).sum() / torch.clamp(valid_counts.sum(), min=1),
+            weighted_loss=(weights * safe_losses).sum(),
+            weights=weights,
+            sample_losses=batch_losses,
+        )
+
+        # Each CP rank holds part of every sample's tokens: its share is local_sum / total count.
+        shares = torch.where(valid, local_sums / torch.clamp(counts, min=1), 0.0)
+        local_weights = local_slice(weights, losses.shape[0], self.dp_group).to(shares.dtype)
+        replicas = dist.get_world_size(self.dp_group) * dist.get_world_size(self.cp_group)
+        loss = replicas * (local_weights * shares).sum()
+        return loss, torch.ones((), dtype=torch.int, device=loss.device), report

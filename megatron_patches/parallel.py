@@ -1,0 +1,50 @@
+"""Process groups and seeds for Megatron-Core, on GPU (NCCL) or CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_patches.cpu import enable_cpu_mode
+
+
+def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> None:
+    """Start the world group from torchrun's environment and build Megatron's TP/PP/CP/DP groups.
+
+    On a machine without CUDA this switches on CPU mode and uses gloo; otherwise NCCL on
+    the local GPU.  DP is whatever the world size leaves after TP×PP×CP.
+    """
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        enable_cpu_mode()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank of a model replica; Megatron's TP RNG tracker on GPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

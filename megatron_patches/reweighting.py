@@ -1,0 +1,239 @@
+"""Loss-based instance reweighting (Sow et al., ICLR 2025), framework-free.
+
+Every function here is pure torch (plus one optional all-gather), so it can be used
+outside Megatron.  The formulas are those of the paper:
+
+    x_i = (2δ l_i − δ (l_max + l_min)) / max(l_max − l_min, ε)       normalise to [−δ, δ]
+    w_i = π_i exp(f(x_i) / r) / Σ_{j∈V} π_j exp(f(x_j) / r)         over the valid samples V
+
+with the prior π uniform (the paper's formula) or, given token counts, π_i ∝ n_i: the
+weights that maximise Σ w_i f_i − r·KL(w ‖ π).  With the token prior, `uniform` weights
+make Σ w_i l_i exactly the token-mean loss of the batch, Megatron's ordinary loss; when
+every sample has the same number of loss tokens (packed pretraining sequences) the two
+priors coincide.
+
+Nothing on this path reads a tensor value on the host: no `.item()`, no `.tolist()`, no
+Python branch on data.  Invalid samples (flagged, NaN or ±Inf) are replaced before any
+arithmetic so that no NaN can reach min, max or the softmax.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+EPSILON = 1e-6
+
+# f(x) on the normalised loss x ∈ [−δ, δ]; the names are the ones users type in configs.
+STRATEGIES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "uniform": lambda x, delta: torch.zeros_like(x),
+    "linupper": lambda x, delta: torch.clamp(x + delta, max=delta),
+    "quadratic": lambda x, delta: 1.0 - x.square() / delta**2,
+    "extremes": lambda x, delta: x.abs(),
+    "upper": lambda x, delta: x / 2 + delta / 2,
+}
+
+
+def check_strategy(strategy: str, temperature: float) -> None:
+    """Refuse settings the formulas cannot honour, naming what to change."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown reweighting strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if not temperature > 0:
+        raise ValueError(f"reweighting temperature must be > 0 (got {temperature}); use a large value for near-uniform weights")
+
+
+def valid_mask(losses: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Samples that take part: flagged valid (default all) and with a finite loss."""
+    finite = torch.isfinite(losses)
+    return finite if valid is None else finite & valid.to(torch.bool)
+
+
+def global_sample_weights(
+    losses: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    strategy: str,
+    temperature: float,
+    delta: float = 1.0,
+    token_counts: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Weights of a whole (already gathered) batch: Σ_valid w = 1, invalid samples get 0.
+
+    Computed in float64 whatever the input dtype so that every rank that holds the same
+    losses produces bit-identical weights, and small temperatures do not underflow.
+    """
+    check_strategy(strategy, temperature)
+    losses = losses.detach().to(torch.float64)
+    valid = valid.to(torch.bool)
+    # Neutral stand-ins keep invalid entries out of min/max without a host-side branch.
+    l_min = torch.where(valid, losses, math.inf).amin()
+    l_max = torch.where(valid, losses, -math.inf).amax()
+    # With no valid sample both are ±inf; zero them so nothing below turns NaN.
+    any_valid = valid.any()
+    l_min = torch.where(any_valid, l_min, 0.0)
+    l_max = torch.where(any_valid, l_max, 0.0)
+    safe = torch.where(valid, losses, l_min)
+    x = (2 * delta * safe - delta * (l_max + l_min)) / torch.clamp(l_max - l_min, min=EPSILON)
+    f = STRATEGIES[strategy](x, delta)
+    f_max = torch.where(valid, f, -math.inf).amax()
+    f_max = torch.where(any_valid, f_max, 0.0)
+    unnormalised = torch.exp((f - f_max) / temperature)
+    if token_counts is not None:
+        unnormalised = unnormalised * token_counts.to(torch.float64)
+    unnormalised = torch.where(valid, unnormalised, 0.0)
+    return unnormalised / torch.clamp(unnormalised.sum(), min=torch.finfo(torch.float64).tiny)
+
+
+def all_gather_batch(local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Concatenate every rank's `local` (equal shapes) along dim 0, in group-rank order."""
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def local_slice(global_values: torch.Tensor, local_size: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """This rank's rows of a batch gathered with `all_gather_batch` (rank within `group`)."""
+    rank = 0 if group is None else dist.get_rank(group)
+    return global_values[rank * local_size : (rank + 1) * local_size]
+
+
+def compute_sample_weights(
+    losses: torch.Tensor,
+    *,
+    strategy: str,
+    temperature: float,
+    delta: float = 1.0,
+    valid: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    token_counts: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """This rank's weights for its local samples, computed from the losses of all of `group`.
+
+    `losses` is a 1-D tensor of per-sample losses (same length on every rank of `group`).
+    Over all ranks the weights of the valid samples sum to 1; invalid ones are 0.
+    `token_counts` switches on the token prior (see the module docstring).
+    """
+    mask = valid_mask(losses, valid)
+    counts = torch.ones_like(losses) if token_counts is None else token_counts
+    columns = [losses.detach(), mask, counts]
+    gathered = all_gather_batch(torch.stack([c.to(torch.float64) for c in columns], dim=1), group)
+    weights = global_sample_weights(
+        gathered[:, 0],
+        gathered[:, 1] > 0,
+        strategy=strategy,
+        temperature=temperature,
+        delta=delta,
+        token_counts=None if token_counts is None else gathered[:, 2],
+    )
+    return local_slice(weights, losses.shape[0], group).to(losses.dtype)
+
+
+def weight_statistics(
+    weights: torch.Tensor,
+    losses: torch.Tensor,
+    valid: torch.Tensor,
+    domains: Optional[torch.Tensor] = None,
+    num_domains: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Diagnostics of one batch's weights, as 0-d/1-d tensors (read them at log time only).
+
+    - `ess`: effective sample size 1 / (|V| Σ w²) in (0, 1]; 1 means uniform.
+    - `max_weight`: |V| · max w; 1 means uniform.
+    - `entropy`: entropy of w over V divided by log |V|; 1 means uniform.
+    - `invalid_fraction`: share of samples left out (masked-out, NaN or Inf loss).
+    - `loss_top_quarter` / `loss_bottom_quarter`: mean loss of the most / least weighted 25 %.
+    - `domain_weight_share` / `domain_sample_share`: per domain id, Σ w against the share of
+      valid samples; shows which domains the method steers away from.
+    """
+    weights = weights.detach().to(torch.float64)
+    valid = valid.to(torch.bool)
+    n_valid = valid.sum().to(torch.float64)
+    n_safe = torch.clamp(n_valid, min=1.0)
+    p = torch.where(valid, weights, 0.0)
+    entropy = -(p * torch.log(torch.where(p > 0, p, 1.0))).sum()
+    stats = {
+        "ess": torch.where(n_valid > 0, 1.0 / (n_safe * torch.clamp(p.square().sum(), min=1e-300)), 0.0),
+        "max_weight": n_valid * p.amax(),
+        "entropy": torch.where(n_valid > 1, entropy / torch.log(torch.clamp(n_safe, min=2.0)), 1.0),
+        "invalid_fraction": 1.0 - n_valid / valid.numel(),
+    }
+    # Quarters by weight: rank valid samples by weight (invalid ones sort last).
+    order = torch.argsort(torch.where(valid, p, -1.0), descending=True, stable=True)
+    quarter = torch.clamp(torch.floor(n_valid / 4), min=1.0)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    top = valid & (position < quarter)
+    bottom = valid & (position >= n_valid - quarter)
+    safe_losses = torch.where(valid, losses.detach().to(torch.float64), 0.0)
+    stats["loss_top_quarter"] = (safe_losses * top).sum() / torch.clamp(top.sum(), min=1)
+    stats["loss_bottom_quarter"] = (safe_losses * bottom).sum() / torch.clamp(bottom.sum(), min=1)
+    if domains is not None and num_domains > 0:
+        ids = torch.where(valid, domains.to(torch.int64), num_domains)  # invalid → overflow bin
+        stats["domain_weight_share"] = torch.zeros(num_domains + 1, dtype=torch.float64, device=p.device).index_add_(0, ids, p)[:num_domains]
+        counts = torch.bincount(ids, minlength=num_domains + 1)[:num_domains].to(torch.float64)
+        stats["domain_sample_share"] = counts / n_safe
+    return stats
+
+
+@dataclass
+class ReweightSchedule:
+    """Which weights to use at each optimizer step: a warm-up, then the target.
+
+    During the first `warmup_steps` steps the weights are uniform (`warmup_temperature`
+    None, the GPT-2 reference) or use `warmup_temperature` (the Llama reference: r = 100).
+    After warm-up the inverse temperature 1/r moves linearly to the target's over
+    `anneal_steps` steps (0: switch at once).  Uniform weights are inverse temperature 0,
+    so one interpolation covers both kinds of warm-up.
+    """
+
+    strategy: str
+    temperature: float
+    warmup_steps: int = 0
+    warmup_temperature: Optional[float] = None
+    anneal_steps: int = 0
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        check_strategy(self.strategy, self.temperature)
+        if self.warmup_temperature is not None:
+            check_strategy(self.strategy, self.warmup_temperature)
+        if self.warmup_steps < 0 or self.anneal_steps < 0:
+            raise ValueError("reweighting warmup_steps and anneal_steps must be >= 0")
+
+    def inverse_temperature(self, step: Optional[int] = None) -> float:
+        """1/r at `step` (default: the current step); 0 means uniform weights."""
+        step = self.step if step is None else step
+        start = 0.0 if self.warmup_temperature is None else 1.0 / self.warmup_temperature
+        target = 0.0 if self.strategy == "uniform" else 1.0 / self.temperature
+        if step < self.warmup_steps:
+            return start
+        if self.anneal_steps == 0:
+            return target
+        progress = min(1.0, (step - self.warmup_steps + 1) / self.anneal_steps)
+        return start + progress * (target - start)
+
+    def current(self) -> tuple[str, float]:
+        """(strategy, temperature) for the current step; uniform while 1/r is 0."""
+        inverse = self.inverse_temperature()
+        return ("uniform", 1.0) if inverse == 0.0 else (self.strategy, 1.0 / inverse)
+
+    def advance(self) -> None:
+        """Call once per optimizer step, after it."""
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        settings = {k: v for k, v in state.items() if k != "step"}
+        if settings != {k: v for k, v in asdict(self).items() if k != "step"}:
+            # Changing the schedule on resume is allowed but should never pass silently.
+            warnings.warn(f"reweighting schedule changed on resume: checkpoint {settings}, now {asdict(self)}")
+        self.step = int(state["step"])

@@ -1,0 +1,756 @@
+"""One typed configuration for a pretraining run.
+
+A run is one YAML file whose sections mirror the dataclasses below. A file may name a
+``base:`` file (relative to itself) whose values it overrides, and any field can be set
+from the command line with ``--set section.key=value``. Loading refuses unknown keys and
+wrongly typed values and names what would have been valid, so a typo never falls back to
+a default silently. ``validate`` then checks what depends on the world size and on files.
+
+Relative paths in a config (data files, tokenizer, checkpoints) are relative to the
+working directory the run is started from (the repository root); prefixes inside a blend
+file are relative to the blend file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the GPT/Llama model; null fields are filled in from the others on load."""
+
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    num_query_groups: Optional[int] = None  # null = one K/V group per head (multi-head attention)
+    ffn_hidden_size: Optional[int] = None  # null = 4*hidden (gelu) or the Llama rule (swiglu)
+    seq_length: int = 512
+    max_position_embeddings: Optional[int] = None  # null = seq_length
+    position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
+    rotary_base: int = 10000
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    add_bias_linear: bool = True
+    untie_embeddings: bool = False
+    init_method_std: float = 0.02
+    vocab_size: Optional[int] = None  # null = the tokenizer's vocabulary size
+    make_vocab_size_divisible_by: int = 128
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+
+    def __post_init__(self):
+        # Resolved here so every consumer sees concrete sizes and the saved config is explicit.
+        if self.num_query_groups is None:
+            object.__setattr__(self, "num_query_groups", self.num_attention_heads)
+        if self.max_position_embeddings is None:
+            object.__setattr__(self, "max_position_embeddings", self.seq_length)
+        if self.ffn_hidden_size is None:
+            object.__setattr__(self, "ffn_hidden_size", default_ffn_hidden_size(self))
+
+
+def default_ffn_hidden_size(model: ModelConfig) -> int:
+    """4*hidden for GELU; for SwiGLU the Llama rule (2/3 of that, rounded up to 256),
+    which keeps the three SwiGLU matrices at the parameter count of two GELU ones."""
+    if model.activation == "gelu":
+        return 4 * model.hidden_size
+    return 256 * math.ceil(8 * model.hidden_size / 3 / 256)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Model parallelism; data parallelism is what is left: DP = world / (tp*pp*cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 32
+    micro_batch_size: int = 4
+    log_interval: int = 10
+    seed: int = 1234
+    eval_interval: int = 100
+    eval_iters: int = 10
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 = no clipping
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data: either a data_prep blend file or a list of dataset prefixes."""
+
+    blend: Optional[str] = None  # a data_prep `P.blend.json`
+    prefixes: Optional[list[str]] = None
+    # Overrides the natural weights (e.g. DoReMi/DoGE domain weights): a dict domain -> weight
+    # with `blend`, a list with `prefixes`. null = the blend's weights / token shares.
+    weights: Union[dict[str, float], list[float], None] = None
+    valid_blend: Optional[str] = None  # held-out blend for per-domain validation
+    tokenizer_model: Optional[str] = None  # SentencePiece model
+    split: str = "99,1,0"  # train,valid,test shares; used only when valid_blend is null
+    num_workers: int = 0
+    cache_dir: Optional[str] = None  # null = <run_dir>/data_cache
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 1000  # save every `interval` steps
+    keep: Optional[int] = None  # null = keep all; else the last `keep`
+    load: Optional[str] = None  # checkpoint directory to initialise from
+
+
+@dataclass(frozen=True)
+class ReweightConfig:
+    """Loss-based sample reweighting (Sow et al., ICLR 2025); see shared METHOD notes."""
+
+    strategy: Literal["uniform", "linupper", "quadratic", "extremes", "upper"] = "uniform"
+    temperature: float = 1.0  # r > 0: small = sharp weights, large = near uniform
+    delta: float = 1.0  # losses are normalised to [-delta, delta]
+    warmup_steps: int = 0
+    warmup_temperature: Optional[float] = None  # null = uniform weights during warm-up
+    anneal_steps: int = 0  # 0 = switch at once; else anneal the temperature linearly
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    validation_per_domain: bool = True
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    config: Optional[str] = None  # a DeepSpeed JSON merged over the generated one
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: Literal["megatron", "deepspeed"] = "megatron"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read `path` (and its `base:` chain), apply `--set` style overrides, type-check."""
+    raw = _read_yaml_with_base(Path(path), seen=())
+    for override in overrides:
+        _apply_override(raw, override)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Config:
+    """Build a Config from plain data (a loaded YAML file, a saved checkpoint's config)."""
+    return _build(Config, raw, prefix="")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain data for saving run_dir/config.yaml and checkpoints; `from_dict` reads it back."""
+    return dataclasses.asdict(cfg)
+
+
+def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config files include each other in a loop: {chain}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be one file name, got {base!r}")
+    return _deep_merge(_read_yaml_with_base(path.parent / base, (*seen, path)), raw)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """`section.key=value`, the value parsed as YAML (numbers, true/false, null, [lists])."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(
+            f"--set expects KEY=VALUE, e.g. --set train.steps=100; got {override!r}"
+        )
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {override}: the value is not valid YAML: {error}") from None
+    *sections, leaf = key.split(".")
+    node = raw
+    for depth, name in enumerate(sections):
+        if node.get(name) is None:
+            node[name] = {}
+        node = node[name]
+        if not isinstance(node, dict):
+            where = ".".join(sections[: depth + 1])
+            raise ConfigError(f"--set {override}: {where} is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str):
+    section = prefix.rstrip(".") or "the config"
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{section} must be a mapping with keys {', '.join(names)}; got {raw!r}"
+        )
+    for key in raw:
+        if key not in names:
+            raise _unknown_key(str(key), names, prefix)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], hints[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    where = f"in {prefix.rstrip('.')}" if prefix else "at the top level"
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(
+        f"unknown key '{prefix}{key}'{hint} valid keys {where}: {', '.join(valid)}"
+    )
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field type; the only conversions are int -> float and
+    number-like strings -> float (YAML reads `1e-3` without a dot as a string)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in args:
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as error:
+                errors.append((arm, error))
+        for arm, error in errors:  # a list or mapping with one bad item: name the item
+            if typing.get_origin(arm) in (list, dict) and isinstance(value, typing.get_origin(arm)):
+                raise error
+    elif origin is Literal:
+        for choice in args:
+            if type(value) is type(choice) and value == choice:
+                return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in args], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        choices = ", ".join(repr(c) for c in args)
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+    elif origin is list and isinstance(value, list):
+        return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {
+            _coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}")
+            for k, v in value.items()
+        }
+    elif annotation is type(None) and value is None:
+        return None
+    elif annotation is float and _is_number(value):
+        return float(value)
+    elif annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    raise ConfigError(
+        f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(arm) for arm in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"a mapping {_type_name(args[0])} -> {_type_name(args[1])}"
+    if annotation is type(None):
+        return "null"
+    return annotation.__name__
+
+
+# --------------------------------------------------------------------------- command line
+
+_EXAMPLES = """\
+examples:
+  python -m launch.pretrain --config configs/demo_cpu.yaml --run-dir runs/demo
+  python -m launch.pretrain --config configs/gpt2-124m.yaml --run-dir runs/gpt2 \\
+      --set reweight.strategy=linupper --set reweight.temperature=0.4 \\
+      --set data.weights='{code: 2.0, prose: 1.0}' --set checkpoint.keep=null
+  python -m launch.pretrain --config configs/llama-7b.yaml --dry-run --world-size 64
+
+--set values are YAML: 3, 1e-4, true, null, [a, b], {k: v}. Every field of the config
+(see configs/*.yaml and launch/config.py) can be set; a wrong key or type is refused
+with the valid alternatives.
+"""
+
+
+def parse_args(argv: Optional[typing.Sequence[str]] = None) -> argparse.Namespace:
+    """Command line of `python -m launch.pretrain`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.pretrain",
+        description="Pretrain a GPT/Llama model with loss-based sample reweighting.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo_cpu.yaml")
+    parser.add_argument(
+        "--run-dir", help="where logs, metrics and checkpoints go (required unless --dry-run)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="override a config field, e.g. --set train.steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and print layout, parameter count and memory; no training",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="number of processes to check a --dry-run against (default: $WORLD_SIZE or 1)",
+    )
+    args = parser.parse_args(argv)
+    if args.run_dir is None and not args.dry_run:
+        parser.error("--run-dir is required (or pass --dry-run)")
+    if args.world_size is None:
+        args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return args
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, world_size: int, check_files: bool = True) -> None:
+    """Refuse configs that cannot run at `world_size`, listing every problem at once."""
+    problems = _layout_problems(cfg, world_size)
+    problems += _value_problems(cfg)
+    problems += _data_problems(cfg.data)
+    if check_files:
+        problems += data_file_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _next_multiple(value: int, of: int) -> int:
+    return of * max(1, math.ceil(value / of))
+
+
+def _layout_problems(cfg: Config, world_size: int) -> list[str]:
+    model, par, train = cfg.model, cfg.parallel, cfg.train
+    problems = []
+    if min(par.tp, par.pp, par.cp) < 1:
+        return [f"parallel.tp/pp/cp must be >= 1, got tp={par.tp} pp={par.pp} cp={par.cp}"]
+    mp = par.model_parallel_size
+    if world_size < 1 or world_size % mp:
+        problems.append(
+            f"world size {world_size} is not divisible by TP*PP*CP = {par.tp}*{par.pp}*{par.cp}"
+            f" = {mp}: launch a multiple of {mp} processes or change parallel.tp/pp/cp"
+        )
+    if model.num_attention_heads < 1 or model.hidden_size % model.num_attention_heads:
+        problems.append(
+            f"model.hidden_size={model.hidden_size} is not divisible by"
+            f" model.num_attention_heads={model.num_attention_heads}: choose a head count"
+            f" among {_divisors(model.hidden_size)}"
+        )
+    elif model.num_attention_heads % par.tp:
+        problems.append(
+            f"model.num_attention_heads={model.num_attention_heads} is not divisible by"
+            f" parallel.tp={par.tp}: choose parallel.tp among {_divisors(model.num_attention_heads)}"
+        )
+    groups = model.num_query_groups
+    if groups < 1 or model.num_attention_heads % groups:
+        problems.append(
+            f"model.num_attention_heads={model.num_attention_heads} is not divisible by"
+            f" model.num_query_groups={groups}: choose num_query_groups among"
+            f" {_divisors(model.num_attention_heads)}"
+        )
+    elif groups != model.num_attention_heads and groups % par.tp and par.tp % groups:
+        problems.append(
+            f"model.num_query_groups={groups} and parallel.tp={par.tp} must divide one another"
+            f" (each TP rank holds whole K/V groups, or a whole group is shared by TP ranks):"
+            f" change parallel.tp or model.num_query_groups"
+        )
+    if model.num_layers < 1 or model.num_layers % par.pp:
+        problems.append(
+            f"model.num_layers={model.num_layers} is not divisible by parallel.pp={par.pp}:"
+            f" choose parallel.pp among {_divisors(max(model.num_layers, 1))}"
+        )
+    if par.cp > 1 and model.seq_length % (2 * par.cp):
+        step = 2 * par.cp
+        problems.append(
+            f"model.seq_length={model.seq_length} is not divisible by 2*parallel.cp = {step}"
+            f" (context parallelism splits each sequence into 2*CP load-balanced chunks):"
+            f" set model.seq_length to a multiple of {step}"
+            f" (e.g. {_next_multiple(model.seq_length, step)})"
+        )
+    if par.sequence_parallel and par.tp == 1:
+        problems.append(
+            "parallel.sequence_parallel=true needs parallel.tp > 1 (it shards activations"
+            " over the tensor-parallel group): set parallel.tp >= 2 or"
+            " parallel.sequence_parallel=false"
+        )
+    if train.micro_batch_size < 1 or train.global_batch_size < 1:
+        problems.append("train.micro_batch_size and train.global_batch_size must be >= 1")
+    elif world_size >= 1 and world_size % mp == 0:
+        dp = par.data_parallel_size(world_size)
+        step = train.micro_batch_size * dp
+        if train.global_batch_size % step:
+            problems.append(
+                f"train.global_batch_size={train.global_batch_size} is not divisible by"
+                f" micro_batch_size*DP = {train.micro_batch_size}*{dp} = {step}: set"
+                f" train.global_batch_size to a multiple of {step}"
+                f" (e.g. {_next_multiple(train.global_batch_size, step)})"
+            )
+    if cfg.engine == "deepspeed":
+        if par.pp > 1 or par.cp > 1:
+            problems.append(
+                f"engine=deepspeed runs only parallel.pp=1 and parallel.cp=1 (got pp={par.pp},"
+                f" cp={par.cp}); pipeline and context parallelism need engine=megatron"
+            )
+        if par.distributed_optimizer:
+            problems.append(
+                "parallel.distributed_optimizer is Megatron's optimizer sharding; with"
+                " engine=deepspeed set it to false and use deepspeed.zero_stage >= 1"
+            )
+    return problems
+
+
+def _value_problems(cfg: Config) -> list[str]:
+    model, train, optim, rw = cfg.model, cfg.train, cfg.optim, cfg.reweight
+    at_least_one = {
+        "model.hidden_size": model.hidden_size,
+        "model.seq_length": model.seq_length,
+        "model.ffn_hidden_size": model.ffn_hidden_size,
+        "model.make_vocab_size_divisible_by": model.make_vocab_size_divisible_by,
+        "train.steps": train.steps,
+        "train.log_interval": train.log_interval,
+        "train.eval_interval": train.eval_interval,
+        "checkpoint.interval": cfg.checkpoint.interval,
+    }
+    if model.vocab_size is not None:
+        at_least_one["model.vocab_size"] = model.vocab_size
+    if cfg.checkpoint.keep is not None:
+        at_least_one["checkpoint.keep"] = cfg.checkpoint.keep
+    problems = [f"{key}={value} must be >= 1" for key, value in at_least_one.items() if value < 1]
+    non_negative = {
+        "train.eval_iters": train.eval_iters,
+        "optim.warmup_steps": optim.warmup_steps,
+        "optim.min_lr": optim.min_lr,
+        "optim.weight_decay": optim.weight_decay,
+        "optim.clip_grad": optim.clip_grad,
+        "reweight.warmup_steps": rw.warmup_steps,
+        "reweight.anneal_steps": rw.anneal_steps,
+        "data.num_workers": cfg.data.num_workers,
+    }
+    problems += [f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0]
+    for key, value in {
+        "model.hidden_dropout": model.hidden_dropout,
+        "model.attention_dropout": model.attention_dropout,
+        "optim.beta1": optim.beta1,
+        "optim.beta2": optim.beta2,
+    }.items():
+        if not 0 <= value < 1:
+            problems.append(f"{key}={value} must be in [0, 1)")
+    if model.position_embedding == "learned_absolute" and (
+        model.max_position_embeddings < model.seq_length
+    ):
+        problems.append(
+            f"model.max_position_embeddings={model.max_position_embeddings} is below"
+            f" model.seq_length={model.seq_length}: raise it or set it to null"
+        )
+    if optim.lr <= 0 or optim.eps <= 0:
+        problems.append(f"optim.lr={optim.lr} and optim.eps={optim.eps} must be > 0")
+    elif optim.min_lr > optim.lr:
+        problems.append(
+            f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr"
+        )
+    for key, value in {
+        "reweight.temperature": rw.temperature,
+        "reweight.warmup_temperature": rw.warmup_temperature,
+    }.items():
+        if value is not None and value <= 0:
+            problems.append(
+                f"{key}={value} must be > 0 (small = sharp weights, large = near uniform;"
+                " 1.0 is a good start)"
+            )
+    if rw.delta <= 0:
+        problems.append(f"reweight.delta={rw.delta} must be > 0 (1.0 is the paper's value)")
+    if rw.anneal_steps > 0 and rw.warmup_temperature is None:
+        problems.append(
+            "reweight.anneal_steps > 0 anneals from reweight.warmup_temperature to"
+            " reweight.temperature: set reweight.warmup_temperature (e.g. 100) or"
+            " reweight.anneal_steps=0"
+        )
+    return problems
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    if (data.blend is None) == (data.prefixes is None):
+        return ["set exactly one of data.blend (a data_prep blend.json) and data.prefixes"]
+    problems = []
+    if data.prefixes is not None:
+        if not data.prefixes:
+            problems.append("data.prefixes is empty: list at least one dataset prefix")
+        if isinstance(data.weights, dict):
+            problems.append(
+                "data.weights is a mapping but data.prefixes is set: give a list with one"
+                " weight per prefix"
+            )
+        elif data.weights is not None and len(data.weights) != len(data.prefixes):
+            problems.append(
+                f"data.weights has {len(data.weights)} entries for {len(data.prefixes)}"
+                " data.prefixes: give one weight per prefix"
+            )
+    elif isinstance(data.weights, list):
+        problems.append(
+            "data.weights is a list but data.blend is set: give a mapping domain -> weight,"
+            " e.g. {code: 2.0, prose: 1.0}"
+        )
+    weights = data.weights.values() if isinstance(data.weights, dict) else data.weights or []
+    if any(w < 0 for w in weights) or (data.weights and sum(weights) <= 0):
+        problems.append("data.weights must be >= 0 with a positive sum")
+    shares = data.split.split(",")
+    if len(shares) != 3 or not all(_is_number(s) and float(s) >= 0 for s in shares):
+        problems.append(
+            f"data.split={data.split!r} must be three shares train,valid,test, e.g. '99,1,0'"
+        )
+    if data.tokenizer_model is None:
+        problems.append(
+            "data.tokenizer_model is null: give the SentencePiece model the data was"
+            " tokenized with"
+        )
+    return problems
+
+
+def data_file_problems(cfg: Config) -> list[str]:
+    """Every missing or unreadable data file, as messages; empty when all are present."""
+    data = cfg.data
+    problems = []
+    for name, blend in (("data.blend", data.blend), ("data.valid_blend", data.valid_blend)):
+        if blend is None:
+            continue
+        try:
+            prefixes = read_blend(blend).prefixes
+        except ConfigError as error:
+            problems.append(f"{name}: {error}")
+            continue
+        problems += _missing_dataset_files(prefixes, f"{name} {blend}")
+    if data.prefixes is not None:
+        problems += _missing_dataset_files(data.prefixes, "data.prefixes")
+    if data.tokenizer_model is not None and not Path(data.tokenizer_model).is_file():
+        problems.append(
+            f"data.tokenizer_model {data.tokenizer_model} not found: train one with"
+            " `python -m data_prep train-tokenizer` or fix the path"
+        )
+    elif cfg.model.vocab_size is not None and data.tokenizer_model is not None:
+        tokenizer_vocab = tokenizer_vocab_size(data.tokenizer_model)
+        if tokenizer_vocab > cfg.model.vocab_size:
+            problems.append(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's"
+                f" {tokenizer_vocab} tokens: set model.vocab_size=null to use the tokenizer's"
+            )
+    return problems
+
+
+def _missing_dataset_files(prefixes: list[str], source: str) -> list[str]:
+    missing = [
+        f"{prefix}{suffix}"
+        for prefix in prefixes
+        for suffix in (".bin", ".idx")
+        if not Path(f"{prefix}{suffix}").is_file()
+    ]
+    if not missing:
+        return []
+    return [
+        f"{source}: missing {', '.join(missing)}: run `python -m data_prep tokenize` or fix"
+        " the path"
+    ]
+
+
+# --------------------------------------------------------------------------- data and vocabulary
+
+
+class Blend(NamedTuple):
+    """Datasets to mix: parallel lists, weights normalised to sum to 1."""
+
+    prefixes: list[str]
+    weights: list[float]
+    domains: list[str]
+
+
+def read_blend(path: str, weights: Optional[dict[str, float]] = None) -> Blend:
+    """Read a data_prep blend file; `weights` (domain -> weight) replaces its own weights.
+    Domains weighted 0 are left out. Prefixes come back relative to the working directory."""
+    try:
+        blend = json.loads(Path(path).read_text())
+        domains = blend["domains"]
+    except FileNotFoundError:
+        raise ConfigError(f"blend file {path} not found: run `python -m data_prep tokenize`") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ConfigError(f"blend file {path} is not a data_prep blend ({error!r})") from None
+    if weights is not None:
+        unknown = sorted(set(weights) - set(domains))
+        missing = sorted(set(domains) - set(weights))
+        if unknown or missing:
+            raise ConfigError(
+                f"data.weights must name each domain of {path} once: unknown {unknown},"
+                f" missing {missing}; the domains are {', '.join(sorted(domains))}"
+            )
+    chosen = {
+        name: float(weights[name] if weights is not None else info["weight"])
+        for name, info in sorted(domains.items())
+    }
+    chosen = {name: w for name, w in chosen.items() if w > 0}
+    total = sum(chosen.values())
+    folder = Path(path).parent
+    return Blend(
+        prefixes=[str(folder / domains[name]["prefix"]) for name in chosen],
+        weights=[w / total for w in chosen.values()],
+        domains=list(chosen),
+    )
+
+
+def resolve_blend(cfg: Config) -> Blend:
+    """The training mixture: the blend file (optionally re-weighted by data.weights) or
+    data.prefixes weighted by data.weights, else by their token counts (what concatenating
+    them would give). Domains of plain prefixes are their file names."""
+    data = cfg.data
+    if data.blend is not None:
+        return read_blend(data.blend, data.weights)
+    if data.weights is not None:
+        weights = [float(w) for w in data.weights]
+    else:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        weights = [float(IndexedDataset(p).sequence_lengths.sum()) for p in data.prefixes]
+    total = sum(weights)
+    return Blend(
+        prefixes=list(data.prefixes),
+        weights=[w / total for w in weights],
+        domains=[Path(p).name for p in data.prefixes],
+    )
+
+
+def resolve_valid_blend(cfg: Config) -> Optional[Blend]:
+    """The held-out per-domain validation sets, or None (then data.split carves one out)."""
+    return None if cfg.data.valid_blend is None else read_blend(cfg.data.valid_blend)
+
+
+def tokenizer_vocab_size(tokenizer_model: str) -> int:
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=tokenizer_model).vocab_size()
+
+
+def resolve_vocab_size(cfg: Config) -> int:
+    """model.vocab_size, or the tokenizer's when it is null."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    if cfg.data.tokenizer_model is None or not Path(cfg.data.tokenizer_model).is_file():
+        raise ConfigError(
+            f"model.vocab_size is null and the tokenizer {cfg.data.tokenizer_model} is not"
+            " there to read it from: set data.tokenizer_model or model.vocab_size"
+        )
+    return tokenizer_vocab_size(cfg.data.tokenizer_model)
+
+
+def padded_vocab_size(cfg: Config, vocab_size: int) -> int:
+    """Megatron's rule: round up to make_vocab_size_divisible_by * TP so that every
+    tensor-parallel shard of the embedding has the same, well-aligned size."""
+    return _next_multiple(vocab_size, cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp)

@@ -1,0 +1,210 @@
+"""What a config would do, without a GPU: layout, parameter count, memory, data.
+
+Run before a cluster job (`python -m launch.pretrain --config C --dry-run --world-size N`)
+so an impossible layout or a missing file costs seconds, not a queue wait.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from launch.config import (
+    Config,
+    ConfigError,
+    data_file_problems,
+    padded_vocab_size,
+    read_blend,
+    resolve_vocab_size,
+    validate,
+)
+
+GiB = 2**30
+
+
+class ParameterCount(NamedTuple):
+    """Parameters of a Megatron-Core GPTModel, counted once (tied weights once)."""
+
+    word_embedding: int  # padded vocabulary x hidden
+    position_embedding: int  # 0 with rotary embeddings
+    per_layer: int
+    final_norm: int
+    output: int  # 0 when the output layer shares the word embeddings
+    num_layers: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.word_embedding
+            + self.position_embedding
+            + self.num_layers * self.per_layer
+            + self.final_norm
+            + self.output
+        )
+
+
+def count_parameters(cfg: Config, vocab_size: int) -> ParameterCount:
+    """Exact count for GPTModel built from these options (QKV with grouped K/V heads,
+    two MLP matrices for GELU and three for SwiGLU, biases only with add_bias_linear)."""
+    m = cfg.model
+    hidden, heads, groups = m.hidden_size, m.num_attention_heads, m.num_query_groups
+    head_dim = hidden // heads
+    vocab = padded_vocab_size(cfg, vocab_size)
+    norm = 2 * hidden if m.normalization == "LayerNorm" else hidden  # LayerNorm has a bias
+    bias = int(m.add_bias_linear)
+
+    qkv_out = head_dim * (heads + 2 * groups)
+    attention = hidden * qkv_out + bias * qkv_out + heads * head_dim * hidden + bias * hidden
+    fc1_out = m.ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
+    mlp = hidden * fc1_out + bias * fc1_out + m.ffn_hidden_size * hidden + bias * hidden
+    learned_positions = m.position_embedding == "learned_absolute"
+    return ParameterCount(
+        word_embedding=vocab * hidden,
+        position_embedding=m.max_position_embeddings * hidden if learned_positions else 0,
+        per_layer=2 * norm + attention + mlp,
+        final_norm=norm,
+        output=vocab * hidden if m.untie_embeddings else 0,
+        num_layers=m.num_layers,
+    )
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes per GPU on the largest pipeline stage."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return sum(self)
+
+
+MEMORY_ASSUMPTIONS = (
+    "bf16: 2+2 bytes weights+grads, 12 optimizer (fp32 master, Adam m, v); fp32: 4+4+8;"
+    " activations ~34*s*b*h bytes per layer in bf16 (Korthikanti et al. 2022, flash/SDPA"
+    " attention, no recomputation; /TP with sequence parallelism, /CP) for min(PP,"
+    " micro-batches) micro-batches in flight, plus fp32 logits; no fragmentation or buffers"
+)
+
+
+def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> MemoryEstimate:
+    m, par = cfg.model, cfg.parallel
+    dp = par.data_parallel_size(world_size)
+    layers_per_stage = m.num_layers // par.pp
+    if par.pp == 1:
+        stage = params.total
+    else:  # Megatron keeps a copy of tied word embeddings on the last stage
+        first = params.word_embedding + params.position_embedding
+        last = params.final_norm + (params.output or params.word_embedding)
+        stage = layers_per_stage * params.per_layer + max(first, last)
+    stage_params = stage / par.tp
+
+    fp32 = m.precision == "fp32"  # "auto" is estimated as on GPU: bf16
+    weight_bytes, grad_bytes, optimizer_bytes = (4, 4, 8) if fp32 else (2, 2, 12)
+    zero = cfg.deepspeed.zero_stage if cfg.engine == "deepspeed" else 0
+    optimizer_shards = dp if (par.distributed_optimizer or zero >= 1) else 1
+
+    micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    tokens = m.seq_length // par.cp * cfg.train.micro_batch_size
+    activation_scale = 2 if fp32 else 1
+    per_layer = 34 * tokens * m.hidden_size * activation_scale
+    per_layer /= par.tp if par.sequence_parallel else 1
+    logits = 4 * tokens * (params.word_embedding // m.hidden_size) / par.tp
+    in_flight = min(par.pp, micro_batches)
+    return MemoryEstimate(
+        weights=stage_params * weight_bytes / (dp if zero == 3 else 1),
+        grads=stage_params * grad_bytes / (dp if zero >= 2 else 1),
+        optimizer=stage_params * optimizer_bytes / optimizer_shards,
+        activations=in_flight * layers_per_stage * per_layer + logits,
+    )
+
+
+def dry_run_report(cfg: Config, world_size: int) -> str:
+    """A readable account of the run; raises ConfigError for a layout that cannot run,
+    and lists missing data files under 'problems' (an empty list means ready to run)."""
+    validate(cfg, world_size, check_files=False)
+    m, par, train, rw = cfg.model, cfg.parallel, cfg.train, cfg.reweight
+    dp = par.data_parallel_size(world_size)
+    micro_batches = train.global_batch_size // (train.micro_batch_size * dp)
+    lines = [
+        f"engine: {cfg.engine}" + (f" (ZeRO stage {cfg.deepspeed.zero_stage})" if cfg.engine == "deepspeed" else ""),
+        f"layout: world size {world_size} = TP {par.tp} x PP {par.pp} x CP {par.cp} x DP {dp}"
+        f" (sequence_parallel={_yaml(par.sequence_parallel)},"
+        f" distributed_optimizer={_yaml(par.distributed_optimizer)})",
+        f"batch: global {train.global_batch_size} = micro {train.micro_batch_size} x DP {dp}"
+        f" x {micro_batches} micro-batches per step; {train.global_batch_size * m.seq_length:,}"
+        f" tokens per step (seq {m.seq_length}); {train.steps:,} steps"
+        f" = {train.steps * train.global_batch_size * m.seq_length:,} tokens",
+        f"model: {m.num_layers} layers x {m.hidden_size} hidden, {m.num_attention_heads} heads"
+        f" ({m.num_query_groups} K/V groups), ffn {m.ffn_hidden_size} {m.activation},"
+        f" {m.normalization}, {m.position_embedding} positions,"
+        f" {'untied' if m.untie_embeddings else 'tied'} embeddings,"
+        f" {'with' if m.add_bias_linear else 'no'} linear biases, precision {m.precision}",
+    ]
+    try:
+        vocab = resolve_vocab_size(cfg)
+    except ConfigError as error:
+        lines.append(f"vocab: unknown, so no parameter count or memory estimate: {error}")
+    else:
+        source = "model.vocab_size" if m.vocab_size is not None else cfg.data.tokenizer_model
+        params = count_parameters(cfg, vocab)
+        memory = estimate_memory(cfg, params, world_size)
+        lines += [
+            f"vocab: {vocab} (from {source}), padded to {padded_vocab_size(cfg, vocab)}",
+            f"parameters: {params.total:,} = embeddings {params.word_embedding:,}"
+            f" + positions {params.position_embedding:,}"
+            f" + {params.num_layers} layers x {params.per_layer:,} + final norm"
+            f" {params.final_norm:,} + output layer {params.output:,}",
+            f"memory per GPU: ~{memory.total / GiB:.1f} GiB = weights {memory.weights / GiB:.2f}"
+            f" + grads {memory.grads / GiB:.2f} + optimizer {memory.optimizer / GiB:.2f}"
+            f" + activations {memory.activations / GiB:.2f} GiB",
+            f"  assuming {MEMORY_ASSUMPTIONS}",
+        ]
+    lines.append(f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
+                 f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch")
+    lines += _describe_data(cfg)
+    problems = data_file_problems(cfg)
+    if problems:
+        lines.append(f"problems: {len(problems)}")
+        lines += [f"  - {problem}" for problem in problems]
+    else:
+        lines.append("problems: none, ready to run")
+    return "\n".join(lines)
+
+
+def _yaml(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+def _describe_reweighting(cfg: Config) -> str:
+    rw = cfg.reweight
+    if rw.strategy == "uniform":
+        return "uniform (the ordinary Megatron loss)"
+    target = f"{rw.strategy}, temperature {rw.temperature}, delta {rw.delta}"
+    if rw.warmup_steps == 0:
+        return target
+    start = "uniform weights" if rw.warmup_temperature is None else f"temperature {rw.warmup_temperature}"
+    anneal = f", then annealed over {rw.anneal_steps} steps" if rw.anneal_steps else ""
+    return f"{target}; {start} for the first {rw.warmup_steps} steps{anneal}"
+
+
+def _describe_data(cfg: Config) -> list[str]:
+    data = cfg.data
+    lines = []
+    for name, path in (("train", data.blend), ("valid", data.valid_blend)):
+        if path is None:
+            continue
+        try:
+            blend = read_blend(path, data.weights if name == "train" else None)
+        except ConfigError:
+            lines.append(f"data {name}: {path} (not readable, see problems)")
+            continue
+        mix = ", ".join(f"{d} {w:.3f}" for d, w in zip(blend.domains, blend.weights))
+        lines.append(f"data {name}: {path}: {mix}")
+    if data.prefixes is not None:
+        lines.append(f"data train: {len(data.prefixes)} prefixes, weights {data.weights or 'by token count'}")
+    if data.valid_blend is None:
+        lines.append(f"data valid: split {data.split} of the training data")
+    lines.append(f"tokenizer: {data.tokenizer_model}")
+    return lines

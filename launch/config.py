@@ -716,15 +716,20 @@ def resolve_blend(cfg: Config) -> Blend:
     if data.weights is not None:
         weights = [float(w) for w in data.weights]
     else:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        weights = [float(IndexedDataset(p).sequence_lengths.sum()) for p in data.prefixes]
+        weights = [float(_token_count(prefix)) for prefix in data.prefixes]
     total = sum(weights)
     return Blend(
         prefixes=list(data.prefixes),
         weights=[w / total for w in weights],
         domains=[Path(p).name for p in data.prefixes],
     )
+
+
+def _token_count(prefix: str) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)  # must outlive the read: its lengths are a view of a memory map
+    return int(dataset.sequence_lengths.sum())
 
 
 def resolve_valid_blend(cfg: Config) -> Optional[Blend]:

@@ -1,0 +1,392 @@
+"""The run configuration: loading, overrides, validation, blends and the dry-run report."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from launch.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    parse_args,
+    resolve_blend,
+    resolve_valid_blend,
+    to_dict,
+    validate,
+)
+from launch.dry_run import count_parameters, dry_run_report
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def demo(*overrides: str) -> Config:
+    return load_config(REPO / "configs/demo_cpu.yaml", overrides)
+
+
+def plausible_world_size(cfg: Config) -> int:
+    """Model-parallel size times the largest data-parallel size (of 8, 4, 2, 1) the batch allows."""
+    for dp in (8, 4, 2, 1):
+        if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0:
+            return cfg.parallel.model_parallel_size * dp
+    raise AssertionError("no data-parallel size divides the global batch")
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_validates_and_dry_runs(path):
+    cfg = load_config(path)
+    world_size = plausible_world_size(cfg)
+    validate(cfg, world_size, check_files=False)
+    report = dry_run_report(cfg, world_size)
+    assert f"world size {world_size}" in report
+    assert "parameters:" in report or "vocab: unknown" in report
+
+
+def test_paper_configs_have_the_reference_shapes_and_parameter_counts():
+    gpt2 = load_config(REPO / "configs/gpt2-124m.yaml")
+    assert count_parameters(gpt2, gpt2.model.vocab_size).total == 124_082_688  # GPT-2 small, 512 positions
+    llama = load_config(REPO / "configs/llama-7b.yaml")
+    assert count_parameters(llama, llama.model.vocab_size).total == 6_738_415_616  # Llama-2 7B
+    assert llama.model.ffn_hidden_size == 11008 and llama.parallel.tp == 2
+    mid = load_config(REPO / "configs/gpt2-36x768.yaml")  # inherits the rest from gpt2-124m
+    assert (mid.model.num_layers, mid.model.num_attention_heads, mid.train.micro_batch_size) == (36, 24, 12)
+    assert (mid.reweight.strategy, mid.reweight.temperature, mid.optim.lr) == ("linupper", 0.4, 5e-4)
+
+
+# --------------------------------------------------------------------------- loading and --set
+
+
+@pytest.mark.parametrize(
+    "override, read",
+    [
+        ("train.steps=7", lambda c: c.train.steps == 7),
+        ("optim.lr=3e-4", lambda c: c.optim.lr == 3e-4),  # YAML reads 3e-4 as a string
+        ("optim.lr=1", lambda c: c.optim.lr == 1.0 and isinstance(c.optim.lr, float)),
+        ("logging.tensorboard=false", lambda c: c.logging.tensorboard is False),
+        ("checkpoint.keep=null", lambda c: c.checkpoint.keep is None),
+        ("data.prefixes=[a/x, b/y]", lambda c: c.data.prefixes == ["a/x", "b/y"]),
+        ("data.weights={code: 2, prose: 0.5}", lambda c: c.data.weights == {"code": 2.0, "prose": 0.5}),
+        ("data.weights.code=3", lambda c: c.data.weights == {"code": 3.0}),
+        ("engine=deepspeed", lambda c: c.engine == "deepspeed"),
+        ("deepspeed.zero_stage=3", lambda c: c.deepspeed.zero_stage == 3),
+    ],
+)
+def test_set_overrides_parse_values_as_yaml(override, read):
+    assert read(demo(override))
+
+
+def test_later_overrides_win_and_derived_sizes_follow_them():
+    cfg = demo("train.steps=5", "train.steps=6", "model.hidden_size=96", "model.activation=swiglu")
+    assert cfg.train.steps == 6
+    assert cfg.model.ffn_hidden_size == 256  # Llama rule: 8/3 * 96 = 256, rounded up to 256
+    assert cfg.model.max_position_embeddings == cfg.model.seq_length
+    assert cfg.model.num_query_groups == cfg.model.num_attention_heads
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.step=3", "unknown key 'train.step'; did you mean 'train.steps'? valid keys in train: steps,"),
+        ("trian.steps=3", "unknown key 'trian'; did you mean 'train'?"),
+        ("train.steps=many", "train.steps: expected int, got 'many' (str)"),
+        ("train.steps=2.5", "train.steps: expected int"),
+        ("model.untie_embeddings=1", "model.untie_embeddings: expected bool"),
+        ("reweight.strategy=linuper", "is not one of 'uniform', 'linupper'"),
+        ("reweight.strategy=linuper", "did you mean 'linupper'?"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: 4 is not one of 0, 1, 2, 3"),
+        ("data.prefixes=[a, 3]", "data.prefixes[1]: expected str"),
+        ("train.steps.max=3", "train.steps is a value, not a section"),
+        ("train.steps", "--set expects KEY=VALUE"),
+        ("model=3", "model must be a mapping with keys num_layers, hidden_size"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_are_refused_with_the_alternatives(override, message):
+    with pytest.raises(ConfigError) as error:
+        demo(override)
+    assert message in str(error.value)
+
+
+def test_unknown_keys_in_yaml_are_refused_too(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", "optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'.*valid keys in optim: name, lr"):
+        load_config(path)
+
+
+def test_base_files_are_merged_under_the_including_file(tmp_path):
+    (tmp_path / "sizes").mkdir()
+    write_yaml(tmp_path / "sizes/base.yaml", "model:\n  num_layers: 2\n  hidden_size: 64\ntrain:\n  steps: 9\n")
+    child = write_yaml(tmp_path / "child.yaml", "base: sizes/base.yaml\nmodel:\n  num_layers: 3\n")
+    cfg = load_config(child, ["train.seed=5"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.steps, cfg.train.seed) == (3, 64, 9, 5)
+
+
+def test_a_base_loop_is_refused(tmp_path):
+    write_yaml(tmp_path / "a.yaml", "base: b.yaml\n")
+    write_yaml(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="include each other in a loop"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_saved_config_reads_back_identically(tmp_path):
+    cfg = load_config(REPO / "configs/llama-7b.yaml", ["data.weights={a: 1.0}"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert load_config(saved) == cfg == from_dict(to_dict(cfg))
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        demo().train.steps = 3
+
+
+def test_command_line():
+    args = parse_args(["--config", "c.yaml", "--run-dir", "r", "--set", "a.b=1", "c.d=2", "--set", "e=3"])
+    assert (args.config, args.run_dir, args.overrides, args.dry_run) == ("c.yaml", "r", ["a.b=1", "c.d=2", "e=3"], False)
+    assert parse_args(["--config", "c.yaml", "--dry-run", "--world-size", "64"]).world_size == 64
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "c.yaml"])  # a training run needs --run-dir
+
+
+def test_help_teaches_with_examples(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--set reweight.strategy=linupper" in help_text and "--dry-run" in help_text
+
+
+# --------------------------------------------------------------------------- validation rules
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        ([], 3, "train.global_batch_size=16 is not divisible by micro_batch_size*DP = 4*3 = 12"),
+        (["parallel.tp=2", "parallel.pp=2"], 6, "world size 6 is not divisible by TP*PP*CP = 2*2*1 = 4"),
+        (["train.global_batch_size=30"], 2, "train.global_batch_size=30 is not divisible by micro_batch_size*DP = 4*2 = 8: set train.global_batch_size to a multiple of 8 (e.g. 32)"),
+        (["parallel.tp=3"], 3, "model.num_attention_heads=4 is not divisible by parallel.tp=3: choose parallel.tp among 1, 2, 4"),
+        (["model.num_query_groups=3"], 1, "model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
+        (["model.num_attention_heads=8", "model.num_query_groups=2", "parallel.tp=8"], 8, ""),  # 2 groups shared by 8 ranks: fine
+        (["model.num_attention_heads=12", "model.hidden_size=384", "model.num_query_groups=4", "parallel.tp=6"], 6, "model.num_query_groups=4 and parallel.tp=6 must divide one another"),
+        (["model.hidden_size=130"], 1, "model.hidden_size=130 is not divisible by model.num_attention_heads=4"),
+        (["parallel.pp=3"], 3, "model.num_layers=4 is not divisible by parallel.pp=3: choose parallel.pp among 1, 2, 4"),
+        (["parallel.cp=3"], 3, "model.seq_length=128 is not divisible by 2*parallel.cp = 6"),
+        (["parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel=true needs parallel.tp > 1"),
+        (["engine=deepspeed", "parallel.pp=2"], 2, "engine=deepspeed runs only parallel.pp=1 and parallel.cp=1"),
+        (["engine=deepspeed", "parallel.distributed_optimizer=true"], 2, "use deepspeed.zero_stage >= 1"),
+        (["reweight.temperature=0"], 2, "reweight.temperature=0.0 must be > 0"),
+        (["reweight.warmup_temperature=-1"], 2, "reweight.warmup_temperature=-1.0 must be > 0"),
+        (["reweight.anneal_steps=10"], 2, "set reweight.warmup_temperature"),
+        (["optim.min_lr=1"], 2, "optim.min_lr=1.0 exceeds optim.lr=0.001"),
+        (["data.prefixes=[a]"], 2, "set exactly one of data.blend"),
+        (["data.weights=[1, 2]"], 2, "data.weights is a list but data.blend is set"),
+        (["data.blend=null", "data.prefixes=[a, b]", "data.weights=[1]"], 2, "data.weights has 1 entries for 2 data.prefixes"),
+        (["data.split=99/1"], 2, "data.split='99/1' must be three shares"),
+        (["model.max_position_embeddings=64"], 2, "model.max_position_embeddings=64 is below model.seq_length=128"),
+        (["train.steps=0"], 2, "train.steps=0 must be >= 1"),
+    ],
+)
+def test_impossible_configs_are_refused_saying_what_to_change(overrides, world_size, message):
+    cfg = demo(*overrides)
+    if not message:
+        validate(cfg, world_size, check_files=False)
+        return
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, world_size, check_files=False)
+    assert message in str(error.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        validate(demo("parallel.pp=3", "reweight.temperature=0"), 3, check_files=False)
+    assert "parallel.pp=3" in str(error.value) and "reweight.temperature" in str(error.value)
+
+
+def test_missing_data_files_are_named_with_the_fix(tmp_path):
+    cfg = demo(f"data.blend={tmp_path}/none.blend.json", f"data.tokenizer_model={tmp_path}/none.model")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, 2)
+    assert "none.blend.json not found: run `python -m data_prep tokenize`" in str(error.value)
+    assert "none.model not found: train one with `python -m data_prep train-tokenizer`" in str(error.value)
+    validate(cfg, 2, check_files=False)
+
+
+# --------------------------------------------------------------------------- blends
+
+
+def write_dataset(prefix: Path, documents: list[list[int]]) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for document in documents:
+        builder.add_document(np.array(document), [len(document)])
+    builder.finalize(f"{prefix}.idx")
+
+
+def write_tokenizer(path_prefix: Path) -> Path:
+    import sentencepiece
+
+    lines = [f"sample {i} of a tiny corpus with words like reweighting and tokens" for i in range(200)]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(path_prefix), vocab_size=60, model_type="bpe"
+    )
+    return Path(f"{path_prefix}.model")
+
+
+@pytest.fixture
+def blend_dir(tmp_path):
+    """A data_prep-style blend: prefixes relative to the blend file, natural weights 0.75/0.25."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_dataset(data / "train_code", [[1, 2, 3]] * 3)
+    write_dataset(data / "train_prose", [[4, 5, 6]])
+    domains = {
+        "code": {"prefix": "train_code", "documents": 3, "tokens": 9, "weight": 0.75},
+        "prose": {"prefix": "train_prose", "documents": 1, "tokens": 3, "weight": 0.25},
+    }
+    tokenizer = write_tokenizer(data / "tokenizer")
+    (data / "train.blend.json").write_text(json.dumps({"tokenizer_model": str(tokenizer), "domains": domains}))
+    return data
+
+
+def test_blend_prefixes_resolve_relative_to_the_blend_file(blend_dir):
+    cfg = demo(f"data.blend={blend_dir}/train.blend.json", "data.valid_blend=null")
+    blend = resolve_blend(cfg)
+    assert blend.domains == ["code", "prose"]
+    assert blend.prefixes == [str(blend_dir / "train_code"), str(blend_dir / "train_prose")]
+    assert blend.weights == [0.75, 0.25]
+    assert resolve_valid_blend(cfg) is None
+
+
+def test_domain_weights_override_the_blend_and_zero_drops_a_domain(blend_dir):
+    base = [f"data.blend={blend_dir}/train.blend.json"]
+    assert resolve_blend(demo(*base, "data.weights={code: 1, prose: 3}")).weights == [0.25, 0.75]
+    assert resolve_blend(demo(*base, "data.weights={code: 0, prose: 3}")).domains == ["prose"]
+    with pytest.raises(ConfigError, match=r"unknown \['cod'\], missing \['code'\]"):
+        resolve_blend(demo(*base, "data.weights={cod: 1, prose: 3}"))
+
+
+def test_plain_prefixes_are_weighted_by_tokens_unless_given(blend_dir):
+    prefixes = f"data.prefixes=[{blend_dir}/train_code, {blend_dir}/train_prose]"
+    blend = resolve_blend(demo("data.blend=null", prefixes))
+    assert (blend.domains, blend.weights) == (["train_code", "train_prose"], [0.75, 0.25])
+    assert resolve_blend(demo("data.blend=null", prefixes, "data.weights=[1, 1]")).weights == [0.5, 0.5]
+
+
+def test_a_complete_config_is_ready_to_run(blend_dir):
+    cfg = demo(
+        f"data.blend={blend_dir}/train.blend.json",
+        f"data.valid_blend={blend_dir}/train.blend.json",
+        f"data.tokenizer_model={blend_dir}/tokenizer.model",
+    )
+    validate(cfg, 2)
+    report = dry_run_report(cfg, 2)
+    assert "vocab: 60 (from" in report and "padded to 128" in report
+    assert "data train:" in report and "code 0.750, prose 0.250" in report
+    assert report.endswith("problems: none, ready to run")
+    with pytest.raises(ConfigError, match="model.vocab_size=50 is smaller than the tokenizer's 60"):
+        validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=50)), 2)
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_report_shows_layout_batch_parameters_and_memory():
+    cfg = load_config(REPO / "configs/gpt2-124m.yaml", ["parallel.tp=2"])
+    report = dry_run_report(cfg, 16)
+    assert "world size 16 = TP 2 x PP 1 x CP 1 x DP 8" in report
+    assert "global 384 = micro 8 x DP 8 x 6 micro-batches per step; 196,608 tokens per step" in report
+    assert "padded to 50432" in report  # a multiple of 128 * TP
+    assert "memory per GPU: ~" in report and "assuming bf16" in report
+    assert "uniform weights for the first 1000 steps" in report
+    assert "problems: 3" in report and "train.blend.json not found" in report
+
+
+def test_sharding_the_optimizer_shrinks_the_memory_estimate():
+    from launch.dry_run import estimate_memory
+
+    def memory(*overrides):
+        cfg = load_config(REPO / "configs/gpt2-124m.yaml", overrides)
+        return estimate_memory(cfg, count_parameters(cfg, cfg.model.vocab_size), 8)
+
+    plain, sharded = memory(), memory("parallel.distributed_optimizer=true")
+    assert sharded.optimizer == pytest.approx(plain.optimizer / 8) and sharded.weights == plain.weights
+    zero3 = memory("engine=deepspeed", "deepspeed.zero_stage=3")
+    assert zero3.weights == pytest.approx(plain.weights / 8) and zero3.grads == pytest.approx(plain.grads / 8)
+
+
+MEGATRON_PARAMETER_COUNT = """
+import json, socket, sys
+import torch, torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+parallel_state.initialize_model_parallel()
+counts = []
+for m in json.loads(sys.argv[1]):
+    config = TransformerConfig(
+        num_layers=m["num_layers"], hidden_size=m["hidden_size"],
+        num_attention_heads=m["num_attention_heads"], num_query_groups=m["num_query_groups"],
+        ffn_hidden_size=m["ffn_hidden_size"], normalization=m["normalization"],
+        gated_linear_unit=m["activation"] == "swiglu",
+        activation_func=F.silu if m["activation"] == "swiglu" else F.gelu,
+        add_bias_linear=m["add_bias_linear"], use_cpu_initialization=True,
+    )
+    model = GPTModel(
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization=m["normalization"]),
+        vocab_size=m["padded_vocab_size"], max_sequence_length=m["max_position_embeddings"],
+        position_embedding_type=m["position_embedding"],
+        share_embeddings_and_output_weights=not m["untie_embeddings"],
+    )
+    counts.append(sum(p.numel() for p in model.parameters()))
+print(json.dumps(counts))
+"""
+
+
+def test_parameter_count_matches_a_real_megatron_gpt_model():
+    from launch.config import padded_vocab_size
+
+    gpt2_like = demo("model.vocab_size=1000")
+    llama_like = demo(
+        "model.vocab_size=1000", "model.position_embedding=rope", "model.normalization=RMSNorm",
+        "model.activation=swiglu", "model.num_query_groups=2", "model.add_bias_linear=false",
+        "model.untie_embeddings=true",
+    )
+    configs = [gpt2_like, llama_like]
+    models = [dict(to_dict(c)["model"], padded_vocab_size=padded_vocab_size(c, 1000)) for c in configs]
+    result = subprocess.run(
+        [sys.executable, "-c", MEGATRON_PARAMETER_COUNT, json.dumps(models)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    real = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [count_parameters(c, 1000).total for c in configs] == real
+
+
+# --------------------------------------------------------------------------- launch scripts
+
+
+@pytest.mark.parametrize("script", ["launch/run.sh", "launch/slurm/pretrain.sbatch"])
+def test_launch_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(REPO / script)], check=True)

@@ -1,0 +1,316 @@
+"""Build the CPU demo data from text that every Python installation carries.
+
+    python -m launch.demo_data --out data/demo
+
+Five domains, written as JSONL with SlimPajama's domain field so that data_prep splits them
+exactly as it splits SlimPajama:
+
+    code         standard-library modules (.py sources)
+    docs         docstrings of other standard-library modules, extracted with `ast`
+    prose        the reference-manual topics that pydoc shows (`pydoc_data.topics`)
+    licenses     licence texts of the installation and its site-packages
+    boilerplate  near-duplicate web-crawl junk (cookie banners, legal footers, subscribe
+                 prompts): deliberately redundant, the low-loss data that loss-based
+                 reweighting should learn to down-weight
+
+Every domain keeps 5% of its documents (chosen by hash) for validation. Then data_prep
+trains a 2048-token tokenizer and writes one indexed dataset per domain plus a blend file
+for each split. The corpus is deterministic (sorted files, fixed seed, capped sizes: a few
+MB) and the build is idempotent: a finished directory is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import os
+import random
+import site
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pydoc_data.topics
+
+SEED = 0
+DOMAIN_KEY = "meta.redpajama_set_name"
+VALID_FRACTION = 0.05
+VOCAB_SIZE = 2048
+CHUNK_CHARS = 4000  # long documents are cut into pieces of at most this many characters
+BUDGET_CHARS = {  # per domain, so the whole corpus stays a few MB
+    "code": 1_200_000,
+    "docs": 500_000,
+    "prose": 500_000,
+    "licenses": 300_000,
+    "boilerplate": 500_000,
+}
+# Parts of the standard library that are test data, generated tables or prose (not code).
+SKIPPED_STDLIB_DIRS = {
+    "test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data",
+    "ensurepip", "lib2to3", "turtledemo",
+}
+
+
+# --------------------------------------------------------------------------- the domains
+
+
+def chunk(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
+    """Cut at line boundaries into pieces of at most max_chars (a longer line is cut too)."""
+    pieces, current = [], ""
+    for line in text.splitlines(keepends=True):
+        for start in range(0, len(line), max_chars):
+            part = line[start : start + max_chars]
+            if len(current) + len(part) > max_chars:
+                pieces.append(current)
+                current = ""
+            current += part
+    pieces.append(current)
+    return [piece.strip("\n") for piece in pieces if piece.strip()]
+
+
+def take(documents, budget: int) -> list[str]:
+    """Documents (each cut into chunks) in order until `budget` characters are reached."""
+    taken, used = [], 0
+    for document in documents:
+        for piece in chunk(document):
+            if used >= budget:
+                return taken
+            taken.append(piece)
+            used += len(piece)
+    return taken
+
+
+def stdlib_modules() -> list[Path]:
+    """Standard-library sources in a fixed shuffled order (sorted first, so it is reproducible)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(
+        path
+        for path in root.rglob("*.py")
+        if not SKIPPED_STDLIB_DIRS & set(path.relative_to(root).parts[:-1])
+    )
+    random.Random(SEED).shuffle(paths)
+    return paths
+
+
+def read_source(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def code_documents(modules: list[Path]):
+    for path in modules:
+        source = read_source(path)
+        if source:
+            yield source
+
+
+def docstring_documents(modules: list[Path]):
+    """One document per module: the docstrings of the module, its classes and functions."""
+    for path in modules:
+        source = read_source(path)
+        try:
+            tree = ast.parse(source or "")
+        except SyntaxError:
+            continue
+        docstrings = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                if docstring:
+                    name = path.stem if isinstance(node, ast.Module) else f"{path.stem}.{node.name}"
+                    docstrings.append(f"{name}\n\n{docstring}")
+        if docstrings:
+            yield "\n\n".join(docstrings)
+
+
+def prose_documents():
+    topics = pydoc_data.topics.topics
+    for name in sorted(topics):
+        yield topics[name]
+
+
+def licence_documents():
+    """Licence files of the Python installation and its site-packages, each text once."""
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    roots += sorted({Path(p) for p in (*site.getsitepackages(), sysconfig.get_paths()["purelib"])})
+    candidates = [roots[0] / "LICENSE.txt"]
+    for root in roots[1:]:
+        for dist_info in sorted(root.glob("*.dist-info")):
+            candidates += sorted(
+                path
+                for path in dist_info.rglob("*")
+                if path.is_file() and any(w in path.name.upper() for w in ("LICENSE", "LICENCE", "COPYING"))
+            )
+    seen = set()
+    for path in candidates:
+        text = read_source(path) if path.is_file() else None
+        if text and text not in seen:
+            seen.add(text)
+            yield text
+
+
+SITES = ["example-news.com", "dailyshopper.net", "techreviewhub.io", "recipes-for-all.org",
+         "cityguide.info", "gadgetdeals.store", "travelnotes.blog", "healthtips.site"]
+COMPANIES = ["Example Media Group", "Shopper Holdings Ltd.", "Hub Digital Inc.",
+             "Open Recipes Foundation", "City Guides LLC", "Deals & Co."]
+TEMPLATES = [
+    "We use cookies to improve your experience on {site}. By clicking \"Accept all\", you agree"
+    " to the storing of cookies on your device to enhance site navigation, analyse site usage"
+    " and assist in our marketing efforts. Manage preferences | Accept all | Reject all",
+    "Copyright (c) {year} {company}. All rights reserved. Terms of Service | Privacy Policy |"
+    " Cookie Policy | Contact us | Sitemap | Careers",
+    "Click here to subscribe to our newsletter and get {percent}% off your first order! Enter"
+    " your email address below. No spam, unsubscribe at any time. Subscribe",
+    "Sign in to {site} to continue. Forgot your password? Create an account. Continue with"
+    " email | Continue as guest",
+    "Share this article: Facebook | Twitter | LinkedIn | Email | Print. Related posts: Top"
+    " {count} tips you need to know in {year}. Read more >>",
+    "Page {page} of {pages}. << Previous | 1 | 2 | 3 | ... | Next >>",
+    "This website uses JavaScript. Please enable JavaScript in your browser settings and"
+    " reload the page to continue to {site}.",
+    "Loading... Please wait. If you are not redirected within {count} seconds, click here.",
+    "Advertisement. Sponsored content from {company}. Limited offer: save {percent}% today"
+    " only! Shop now. Free shipping on orders over ${count}.",
+]
+
+
+def boilerplate_documents(count: int = 4000):
+    """Pages of web-crawl junk: a few templates with small random fills, in random order."""
+    rng = random.Random(SEED)
+    for _ in range(count):
+        fill = {
+            "site": rng.choice(SITES),
+            "company": rng.choice(COMPANIES),
+            "year": rng.randint(2012, 2024),
+            "percent": rng.choice([5, 10, 15, 20, 25, 30, 50]),
+            "count": rng.randint(3, 20),
+            "page": rng.randint(1, 9),
+            "pages": rng.randint(10, 40),
+        }
+        parts = rng.sample(TEMPLATES, k=rng.randint(2, 5))
+        yield "\n\n".join(part.format(**fill) for part in parts)
+
+
+def corpus_documents() -> dict[str, list[str]]:
+    """Domain -> documents, deterministic for a given Python installation."""
+    modules = stdlib_modules()
+    sources = {
+        "code": code_documents(modules[0::2]),  # code and docs read disjoint modules
+        "docs": docstring_documents(modules[1::2]),
+        "prose": prose_documents(),
+        "licenses": licence_documents(),
+        "boilerplate": boilerplate_documents(),
+    }
+    return {domain: take(documents, BUDGET_CHARS[domain]) for domain, documents in sources.items()}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def split_valid(documents: list[str], fraction: float = VALID_FRACTION) -> tuple[list[str], list[str]]:
+    """(train, valid): the `fraction` of documents with the smallest hashes, at least one,
+    is held out; equal texts hash alike, so none lands on both sides."""
+    digests = {text: hashlib.sha256(text.encode()).hexdigest() for text in documents}
+    ranked = sorted(set(documents), key=digests.__getitem__)
+    held_out = set(ranked[: max(1, math.ceil(fraction * len(ranked)))])
+    train = [text for text in documents if text not in held_out]
+    valid = [text for text in documents if text in held_out]
+    return train, valid
+
+
+def write_jsonl(path: Path, documents: dict[str, list[str]]) -> None:
+    """Written under a temporary name and renamed, so a file that exists is complete."""
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as out:
+        for domain, texts in documents.items():
+            for text in texts:
+                record = {"text": text, "meta": {"redpajama_set_name": domain}}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(partial, path)
+
+
+def write_corpus(out: Path) -> None:
+    """train.jsonl and valid.jsonl under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    train, valid = {}, {}
+    for domain, documents in corpus_documents().items():
+        train[domain], valid[domain] = split_valid(documents)
+    write_jsonl(out / "valid.jsonl", valid)
+    write_jsonl(out / "train.jsonl", train)
+
+
+def data_prep(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "data_prep", *args], check=True)
+
+
+def train_tokenizer(out: Path) -> None:
+    """tokenizer.model, trained under a temporary prefix and renamed when complete."""
+    partial = out / "tokenizer.partial"
+    data_prep(
+        "train-tokenizer", "--input", str(out / "train.jsonl"), "--vocab-size", str(VOCAB_SIZE),
+        "--output-prefix", str(partial), "--seed", str(SEED),
+    )
+    os.replace(f"{partial}.vocab", out / "tokenizer.vocab")
+    os.replace(f"{partial}.model", out / "tokenizer.model")
+
+
+def tokenize(out: Path, split: str) -> None:
+    data_prep(
+        "tokenize", "--input", str(out / f"{split}.jsonl"), "--output-prefix", str(out / split),
+        "--tokenizer-model", str(out / "tokenizer.model"), "--domain-key", DOMAIN_KEY,
+    )
+
+
+def is_complete(out: Path) -> bool:
+    """data_prep writes P.stats.json last, so its presence marks a finished dataset."""
+    names = ["train.jsonl", "valid.jsonl", "tokenizer.model", "train.stats.json",
+             "valid.stats.json", "train.blend.json", "valid.blend.json"]
+    return all((out / name).is_file() for name in names)
+
+
+def build_demo_data(out: Path) -> None:
+    """Every step whose output is missing; data_prep itself skips finished datasets."""
+    if is_complete(out):
+        print(f"{out} is complete; nothing to do (delete it to rebuild)")
+        return
+    if not ((out / "train.jsonl").is_file() and (out / "valid.jsonl").is_file()):
+        print(f"writing the corpus to {out}")
+        write_corpus(out)
+    if not (out / "tokenizer.model").is_file():
+        train_tokenizer(out)
+    for split in ("train", "valid"):
+        tokenize(out, split)
+
+
+def summary(out: Path) -> str:
+    lines = [f"{'split':<6} {'domain':<12} {'documents':>10} {'tokens':>10} {'weight':>7}"]
+    for split in ("train", "valid"):
+        blend = json.loads((out / f"{split}.blend.json").read_text())
+        for domain, info in blend["domains"].items():
+            lines.append(
+                f"{split:<6} {domain:<12} {info['documents']:>10,} {info['tokens']:>10,}"
+                f" {info['weight']:>7.3f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.demo_data",
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python -m launch.demo_data --out data/demo",
+    )
+    parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output directory")
+    args = parser.parse_args(argv)
+    build_demo_data(args.out)
+    print(summary(args.out))
+
+
+if __name__ == "__main__":
+    main()

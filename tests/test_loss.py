@@ -7,6 +7,9 @@ import math
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_patches.loss import ReweightedLoss
+from megatron_patches.parallel import destroy_parallel, initialize_parallel
+from megatron_patches.reweighting import ReweightSchedule
 from multiprocess import run_distributed
 
 HOST_READS = {
@@ -33,12 +36,14 @@ class HostReadDetector(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _loss_worker(strategy):
-    from megatron_patches.loss import ReweightedLoss
-    from megatron_patches.parallel import destroy_parallel, initialize_parallel
-    from megatron_patches.reweighting import ReweightSchedule
-
+def _loss_worker(strategies):
     initialize_parallel()  # DP = 2
+    results = {strategy: _run_loss(strategy) for strategy in strategies}
+    destroy_parallel()
+    return results
+
+
+def _run_loss(strategy):
     rank = torch.distributed.get_rank()
     g = torch.Generator().manual_seed(rank)
     token_losses = torch.rand(3, 8, generator=g).requires_grad_()
@@ -56,7 +61,6 @@ def _loss_worker(strategy):
     sanity = HostReadDetector()
     with sanity:
         loss.item()
-    destroy_parallel()
     return dict(
         host_reads=detector.calls,
         detector_works=sanity.calls == ["item"],
@@ -67,8 +71,10 @@ def _loss_worker(strategy):
 
 
 def test_reweighted_loss_makes_no_host_sync_and_skips_bad_samples():
-    for strategy in ("uniform", "linupper"):
-        ranks = run_distributed(_loss_worker, 2, strategy)
+    strategies = ("uniform", "linupper")
+    by_rank = run_distributed(_loss_worker, 2, strategies)
+    for strategy in strategies:
+        ranks = [r[strategy] for r in by_rank]
         for result in ranks:
             assert result["detector_works"]
             assert result["host_reads"] == []

@@ -153,7 +153,9 @@ class ReweightConfig:
     delta: float = 1.0  # losses are normalised to [-delta, delta]
     warmup_steps: int = 0
     warmup_temperature: Optional[float] = None  # null = uniform weights during warm-up
-    anneal_steps: int = 0  # 0 = switch at once; else anneal the temperature linearly
+    # After warm-up, 1/temperature moves linearly from the warm-up's (0 when uniform) to the
+    # target's over anneal_steps steps; 0 = switch at once.
+    anneal_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """Read `path` (and its `base:` chain), apply `--set` style overrides, type-check."""
     raw = _read_yaml_with_base(Path(path), seen=())
     for override in overrides:
@@ -451,7 +453,8 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
     elif model.num_attention_heads % par.tp:
         problems.append(
             f"model.num_attention_heads={model.num_attention_heads} is not divisible by"
-            f" parallel.tp={par.tp}: choose parallel.tp among {_divisors(model.num_attention_heads)}"
+            f" parallel.tp={par.tp}: choose parallel.tp among"
+            f" {_divisors(model.num_attention_heads)}"
         )
     groups = model.num_query_groups
     if groups < 1 or model.num_attention_heads % groups:
@@ -571,12 +574,6 @@ def _value_problems(cfg: Config) -> list[str]:
             )
     if rw.delta <= 0:
         problems.append(f"reweight.delta={rw.delta} must be > 0 (1.0 is the paper's value)")
-    if rw.anneal_steps > 0 and rw.warmup_temperature is None:
-        problems.append(
-            "reweight.anneal_steps > 0 anneals from reweight.warmup_temperature to"
-            " reweight.temperature: set reweight.warmup_temperature (e.g. 100) or"
-            " reweight.anneal_steps=0"
-        )
     return problems
 
 
@@ -681,7 +678,9 @@ def read_blend(path: str, weights: Optional[dict[str, float]] = None) -> Blend:
         blend = json.loads(Path(path).read_text())
         domains = blend["domains"]
     except FileNotFoundError:
-        raise ConfigError(f"blend file {path} not found: run `python -m data_prep tokenize`") from None
+        raise ConfigError(
+            f"blend file {path} not found: run `python -m data_prep tokenize`"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ConfigError(f"blend file {path} is not a data_prep blend ({error!r})") from None
     if weights is not None:
@@ -728,7 +727,7 @@ def resolve_blend(cfg: Config) -> Blend:
 def _token_count(prefix: str) -> int:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    dataset = IndexedDataset(prefix)  # must outlive the read: its lengths are a view of a memory map
+    dataset = IndexedDataset(prefix)  # kept alive while read: its lengths view a memory map
     return int(dataset.sequence_lengths.sum())
 
 

@@ -135,6 +135,10 @@ def prose_documents():
         yield topics[name]
 
 
+def _is_licence(name: str) -> bool:
+    return any(word in name.upper() for word in ("LICENSE", "LICENCE", "COPYING"))
+
+
 def licence_documents():
     """Licence files of the Python installation and its site-packages, each text once."""
     roots = [Path(sysconfig.get_paths()["stdlib"])]
@@ -143,13 +147,11 @@ def licence_documents():
     for root in roots[1:]:
         for dist_info in sorted(root.glob("*.dist-info")):
             candidates += sorted(
-                path
-                for path in dist_info.rglob("*")
-                if path.is_file() and any(w in path.name.upper() for w in ("LICENSE", "LICENCE", "COPYING"))
+                path for path in dist_info.rglob("*") if path.is_file() and _is_licence(path.name)
             )
     seen = set()
     for path in candidates:
-        text = read_source(path) if path.is_file() else None
+        text = read_source(path)
         if text and text not in seen:
             seen.add(text)
             yield text
@@ -213,7 +215,9 @@ def corpus_documents() -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- files
 
 
-def split_valid(documents: list[str], fraction: float = VALID_FRACTION) -> tuple[list[str], list[str]]:
+def split_valid(
+    documents: list[str], fraction: float = VALID_FRACTION
+) -> tuple[list[str], list[str]]:
     """(train, valid): the `fraction` of documents with the smallest hashes, at least one,
     is held out; equal texts hash alike, so none lands on both sides."""
     digests = {text: hashlib.sha256(text.encode()).hexdigest() for text in documents}

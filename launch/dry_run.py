@@ -128,7 +128,8 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
     dp = par.data_parallel_size(world_size)
     micro_batches = train.global_batch_size // (train.micro_batch_size * dp)
     lines = [
-        f"engine: {cfg.engine}" + (f" (ZeRO stage {cfg.deepspeed.zero_stage})" if cfg.engine == "deepspeed" else ""),
+        f"engine: {cfg.engine}"
+        + (f" (ZeRO stage {cfg.deepspeed.zero_stage})" if cfg.engine == "deepspeed" else ""),
         f"layout: world size {world_size} = TP {par.tp} x PP {par.pp} x CP {par.cp} x DP {dp}"
         f" (sequence_parallel={_yaml(par.sequence_parallel)},"
         f" distributed_optimizer={_yaml(par.distributed_optimizer)})",
@@ -182,9 +183,13 @@ def _describe_reweighting(cfg: Config) -> str:
     if rw.strategy == "uniform":
         return "uniform (the ordinary Megatron loss)"
     target = f"{rw.strategy}, temperature {rw.temperature}, delta {rw.delta}"
-    if rw.warmup_steps == 0:
+    if rw.warmup_steps == 0 and rw.anneal_steps == 0:
         return target
-    start = "uniform weights" if rw.warmup_temperature is None else f"temperature {rw.warmup_temperature}"
+    start = (
+        "uniform weights"
+        if rw.warmup_temperature is None
+        else f"temperature {rw.warmup_temperature}"
+    )
     anneal = f", then annealed over {rw.anneal_steps} steps" if rw.anneal_steps else ""
     return f"{target}; {start} for the first {rw.warmup_steps} steps{anneal}"
 
@@ -203,7 +208,8 @@ def _describe_data(cfg: Config) -> list[str]:
         mix = ", ".join(f"{d} {w:.3f}" for d, w in zip(blend.domains, blend.weights))
         lines.append(f"data {name}: {path}: {mix}")
     if data.prefixes is not None:
-        lines.append(f"data train: {len(data.prefixes)} prefixes, weights {data.weights or 'by token count'}")
+        weights = data.weights or "by token count"
+        lines.append(f"data train: {len(data.prefixes)} prefixes, weights {weights}")
     if data.valid_blend is None:
         lines.append(f"data valid: split {data.split} of the training data")
     lines.append(f"tokenizer: {data.tokenizer_model}")

@@ -1,4 +1,4 @@
-"""The demo corpus: its domains, its validation split, its redundancy, and the datasets built from it."""
+"""The demo corpus: domains, validation split, redundancy, and the datasets built from it."""
 
 import json
 from collections import defaultdict

@@ -18,7 +18,13 @@ from launch.config import (
     validate,
 )
 
-GiB = 2**30
+
+
+def _size(num_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes / 2**10:.2f} KiB"
 
 
 class ParameterCount(NamedTuple):
@@ -81,10 +87,10 @@ class MemoryEstimate(NamedTuple):
 
 
 MEMORY_ASSUMPTIONS = (
-    "bf16: 2+2 bytes weights+grads, 12 optimizer (fp32 master, Adam m, v); fp32: 4+4+8;"
-    " activations ~34*s*b*h bytes per layer in bf16 (Korthikanti et al. 2022, flash/SDPA"
-    " attention, no recomputation; /TP with sequence parallelism, /CP) for min(PP,"
-    " micro-batches) micro-batches in flight, plus fp32 logits; no fragmentation or buffers"
+    "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 2 for grads, 12 for"
+    " the optimizer (fp32 master, Adam m, v), fp32 4+4+8; activations 34*seq*batch*hidden bytes per layer"
+    " in bf16 (Korthikanti et al. 2022; SDPA/flash attention, no recomputation; /TP with"
+    " sequence parallelism) for min(PP, micro-batches) micro-batches, plus fp32 logits"
 )
 
 
@@ -157,10 +163,10 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
             f" + positions {params.position_embedding:,}"
             f" + {params.num_layers} layers x {params.per_layer:,} + final norm"
             f" {params.final_norm:,} + output layer {params.output:,}",
-            f"memory per GPU: ~{memory.total / GiB:.1f} GiB = weights {memory.weights / GiB:.2f}"
-            f" + grads {memory.grads / GiB:.2f} + optimizer {memory.optimizer / GiB:.2f}"
-            f" + activations {memory.activations / GiB:.2f} GiB",
-            f"  assuming {MEMORY_ASSUMPTIONS}",
+            f"memory per GPU: ~{_size(memory.total)} = weights {_size(memory.weights)}"
+            f" + grads {_size(memory.grads)} + optimizer {_size(memory.optimizer)}"
+            f" + activations {_size(memory.activations)}",
+            f"  assumptions: {MEMORY_ASSUMPTIONS}",
         ]
     lines.append(f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
                  f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch")

@@ -383,7 +383,7 @@ def test_dry_run_report_shows_layout_batch_parameters_and_memory():
     assert "global 384 = micro 8 x DP 8 x 6 micro-batches per step" in report
     assert "196,608 tokens per step" in report
     assert "padded to 50432" in report  # a multiple of 128 * TP
-    assert "memory per GPU: ~" in report and "assuming bf16" in report
+    assert "memory per GPU: ~" in report and "assumptions: bf16" in report
     assert "uniform weights for the first 1000 steps" in report
     assert "problems: 3" in report and "train.blend.json not found" in report
 

@@ -177,7 +177,8 @@ def weight_statistics(
     if domains is not None and num_domains > 0:
         ids = torch.where(valid, domains.to(torch.int64), num_domains)  # invalid → overflow bin
         stats["domain_weight_share"] = torch.zeros(num_domains + 1, dtype=torch.float64, device=p.device).index_add_(0, ids, p)[:num_domains]
-        counts = torch.bincount(ids, minlength=num_domains + 1)[:num_domains].to(torch.float64)
+        # index_add_, not bincount: CUDA bincount reads the ids' min and max on the host.
+        counts = torch.zeros(num_domains + 1, dtype=torch.float64, device=p.device).index_add_(0, ids, torch.ones_like(p))[:num_domains]
         stats["domain_sample_share"] = counts / n_safe
     return stats
 

@@ -88,9 +88,10 @@ class MemoryEstimate(NamedTuple):
 
 MEMORY_ASSUMPTIONS = (
     "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 2 for grads, 12 for"
-    " the optimizer (fp32 master, Adam m, v), fp32 4+4+8; activations 34*seq*batch*hidden bytes per layer"
-    " in bf16 (Korthikanti et al. 2022; SDPA/flash attention, no recomputation; /TP with"
-    " sequence parallelism) for min(PP, micro-batches) micro-batches, plus fp32 logits"
+    " the optimizer (fp32 master, Adam m, v), fp32 4+4+8; activations per layer"
+    " seq*batch*hidden*(10+24/TP) bytes in bf16, 34/TP with sequence parallelism (Korthikanti"
+    " et al. 2022; SDPA/flash attention, no recomputation), for min(PP, micro-batches)"
+    " micro-batches, plus fp32 logits"
 )
 
 
@@ -113,9 +114,9 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
 
     micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     tokens = m.seq_length // par.cp * cfg.train.micro_batch_size
-    activation_scale = 2 if fp32 else 1
-    per_layer = 34 * tokens * m.hidden_size * activation_scale
-    per_layer /= par.tp if par.sequence_parallel else 1
+    # Korthikanti et al.: without sequence parallelism norms and dropouts stay unsharded.
+    bytes_per_token = 34 / par.tp if par.sequence_parallel else 10 + 24 / par.tp
+    per_layer = bytes_per_token * tokens * m.hidden_size * (2 if fp32 else 1)
     logits = 4 * tokens * (params.word_embedding // m.hidden_size) / par.tp
     in_flight = min(par.pp, micro_batches)
     return MemoryEstimate(
@@ -130,7 +131,7 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
     """A readable account of the run; raises ConfigError for a layout that cannot run,
     and lists missing data files under 'problems' (an empty list means ready to run)."""
     validate(cfg, world_size, check_files=False)
-    m, par, train, rw = cfg.model, cfg.parallel, cfg.train, cfg.reweight
+    m, par, train = cfg.model, cfg.parallel, cfg.train
     dp = par.data_parallel_size(world_size)
     micro_batches = train.global_batch_size // (train.micro_batch_size * dp)
     lines = [

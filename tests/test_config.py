@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -468,3 +469,55 @@ def test_parameter_count_matches_a_real_megatron_gpt_model():
 @pytest.mark.parametrize("script", ["launch/run.sh", "launch/slurm/pretrain.sbatch"])
 def test_launch_scripts_parse(script):
     subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+
+
+def fake_command(folder: Path, name: str, body: str = "printf '<%s>' \"$@\"") -> None:
+    """An executable that prints its arguments, each in <>, so quoting is visible."""
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+    (folder / name).chmod(0o755)
+
+
+def run_script(script: str, args: list[str], env: dict) -> str:
+    env = {"PATH": os.environ["PATH"], **env}
+    done = subprocess.run(
+        ["bash", str(REPO / script), *args], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+def test_run_sh_starts_torchrun_or_a_dry_run(tmp_path):
+    fake_command(tmp_path, "python")
+    env = {"PYTHON": str(tmp_path / "python"), "NGPU": "4", "CONFIG": "configs/gpt2-124m.yaml"}
+    train = run_script("launch/run.sh", ["--set", "a=b c"], env)
+    assert train == (
+        "<-m><torch.distributed.run><--standalone><--nproc-per-node><4><-m><launch.pretrain>"
+        "<--config><configs/gpt2-124m.yaml><--run-dir><runs/gpt2-124m><--set><a=b c>"
+    )
+    dry = run_script("launch/run.sh", [], {**env, "DRY_RUN": "1"})
+    assert dry == (
+        "<-m><launch.pretrain><--config><configs/gpt2-124m.yaml><--dry-run><--world-size><4>"
+    )
+
+
+def test_slurm_script_starts_one_torchrun_per_node_with_c10d_rendezvous(tmp_path):
+    bin_dir = tmp_path / "bin"
+    fake_command(bin_dir, "scontrol", "printf 'node-a\\nnode-b\\n'")
+    fake_command(bin_dir, "srun")
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "42",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "GPUS_PER_NODE": "4",
+        "IMAGE": "pretrain.sqsh",
+    }
+    out = run_script("launch/slurm/pretrain.sbatch", ["--config", "c.yaml", "--set", "a=b c"], env)
+    assert "<--ntasks-per-node=1><--kill-on-bad-exit=1><--container-image><pretrain.sqsh>" in out
+    assert f"<--container-mounts><{tmp_path}:{tmp_path}>" in out
+    assert out.endswith(
+        "<python><-m><torch.distributed.run><--nnodes><2><--nproc-per-node><4>"
+        "<--rdzv-backend><c10d><--rdzv-endpoint><node-a:29500><--rdzv-id><42>"
+        "<-m><launch.pretrain><--config><c.yaml><--set><a=b c>"
+    )

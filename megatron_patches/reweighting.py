@@ -69,7 +69,10 @@ def global_sample_weights(
     """
     check_strategy(strategy, temperature)
     losses = losses.detach().to(torch.float64)
-    valid = valid.to(torch.bool)
+    # Re-checked here so that no caller can let a NaN or an empty sample through.
+    valid = valid.to(torch.bool) & torch.isfinite(losses)
+    if token_counts is not None:
+        valid = valid & (token_counts > 0)
     # Neutral stand-ins keep invalid entries out of min/max without a host-side branch.
     l_min = torch.where(valid, losses, math.inf).amin()
     l_max = torch.where(valid, losses, -math.inf).amax()

@@ -1,0 +1,90 @@
+"""Training and validation data through Megatron-Core's datasets.
+
+The training mixture is a `BlendedDataset` of one `GPTDataset` per domain (Megatron's
+deterministic shuffling and blending), and each sample carries the id of its domain so
+the loss can report per-domain weight shares.  Samples are read in Megatron's pretraining
+order: global batch k holds dataset indices [k·G, (k+1)·G) whatever the data-parallel
+size, each micro-step takes the next DP·micro_batch_size of them, and each DP rank its
+contiguous slice.  The data position is therefore just the step number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import sentencepiece
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from launch.config import Blend, Config
+
+
+@dataclass(frozen=True)
+class SentencePieceSpecialTokens:
+    """What Megatron's GPTDataset asks of a tokenizer: the EOD id, the pad id, the vocabulary size."""
+
+    eod: int
+    pad: int
+    vocab_size: int
+
+    @classmethod
+    def from_model(cls, model_file: str) -> "SentencePieceSpecialTokens":
+        sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size())
+
+
+def _dataset_config(cfg: Config, cache_dir: Path, **blend) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.model.seq_length,
+        path_to_cache=str(cache_dir),
+        tokenizer=SentencePieceSpecialTokens.from_model(cfg.data.tokenizer_model),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        **blend,
+    )
+
+
+def _build(config: GPTDatasetConfig, sizes: list[Optional[int]]):
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def build_train_dataset(cfg: Config, blend: Blend, cache_dir: Path):
+    """The blended training set, large enough for every step of the run."""
+    config = _dataset_config(cfg, cache_dir, blend=(blend.prefixes, blend.weights), split="100,0,0")
+    train, _, _ = _build(config, [cfg.train.steps * cfg.train.global_batch_size, None, None])
+    return train
+
+
+def build_validation_datasets(cfg: Config, valid_blend: Blend, cache_dir: Path) -> dict[str, GPTDataset]:
+    """One held-out dataset per domain, each with eval_iters global batches of samples."""
+    size = cfg.train.eval_iters * cfg.train.global_batch_size
+    datasets = {}
+    for domain, prefix in zip(valid_blend.domains, valid_blend.prefixes):
+        config = _dataset_config(cfg, cache_dir, blend=([prefix], None), split="100,0,0")
+        datasets[domain], _, _ = _build(config, [size, None, None])
+    return datasets
+
+
+def micro_batches(dataset, cfg: Config, step: int, num_steps: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches for `num_steps` global batches starting at `step`.
+
+    A sample's domain is its `dataset_id` in the blend, i.e. its index in `Blend.domains`
+    (0 for a single dataset).
+    """
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    for index in range(step * gbs, (step + num_steps) * gbs, dp * mbs):
+        first = index + dp_rank * mbs
+        samples = [dataset[i % len(dataset)] for i in range(first, first + mbs)]
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = get_batch_on_this_cp_rank(batch)
+        batch["domains"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples])
+        yield batch

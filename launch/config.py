@@ -146,7 +146,8 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class ReweightConfig:
-    """Loss-based sample reweighting (Sow et al., ICLR 2025); see shared METHOD notes."""
+    """Loss-based sample reweighting (Sow et al., ICLR 2025); the math is in
+    megatron_patches/reweighting.py."""
 
     strategy: Literal["uniform", "linupper", "quadratic", "extremes", "upper"] = "uniform"
     temperature: float = 1.0  # r > 0: small = sharp weights, large = near uniform

@@ -543,6 +543,11 @@ def _value_problems(cfg: Config) -> list[str]:
         "data.num_workers": cfg.data.num_workers,
     }
     problems += [f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0]
+    if optim.warmup_steps >= train.steps:
+        problems.append(
+            f"optim.warmup_steps={optim.warmup_steps} must be below train.steps={train.steps}:"
+            f" lower the LR warm-up (e.g. --set optim.warmup_steps={train.steps // 10})"
+        )
     for key, value in {
         "model.hidden_dropout": model.hidden_dropout,
         "model.attention_dropout": model.attention_dropout,

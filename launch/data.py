@@ -31,11 +31,17 @@ class SentencePieceSpecialTokens:
     eod: int
     pad: int
     vocab_size: int
+    model_file: str
 
     @classmethod
     def from_model(cls, model_file: str) -> "SentencePieceSpecialTokens":
         sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size())
+        return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size(), model_file=model_file)
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of the key of Megatron's cached sample indices."""
+        return {"class": type(self).__name__, "eod": self.eod, "pad": self.pad, "vocab_size": self.vocab_size}
 
 
 def _dataset_config(cfg: Config, cache_dir: Path, **blend) -> GPTDatasetConfig:
@@ -56,20 +62,31 @@ def _build(config: GPTDatasetConfig, sizes: list[Optional[int]]):
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 
+def _split(cfg: Config) -> str:
+    """Held-out files leave all of the training files to training; else carve data.split."""
+    return "100,0,0" if cfg.data.valid_blend else cfg.data.split
+
+
 def build_train_dataset(cfg: Config, blend: Blend, cache_dir: Path):
     """The blended training set, large enough for every step of the run."""
-    config = _dataset_config(cfg, cache_dir, blend=(blend.prefixes, blend.weights), split="100,0,0")
-    train, _, _ = _build(config, [cfg.train.steps * cfg.train.global_batch_size, None, None])
+    config = _dataset_config(cfg, cache_dir, blend=(blend.prefixes, blend.weights), split=_split(cfg))
+    train, _, _ = _build(config, [cfg.train.steps * cfg.train.global_batch_size, 0, 0])
     return train
 
 
-def build_validation_datasets(cfg: Config, valid_blend: Blend, cache_dir: Path) -> dict[str, GPTDataset]:
-    """One held-out dataset per domain, each with eval_iters global batches of samples."""
+def build_validation_datasets(cfg: Config, blend: Blend, cache_dir: Path) -> dict[str, GPTDataset]:
+    """One held-out dataset per domain with eval_iters global batches of samples: from the
+    held-out blend when there is one, else each domain's `data.split` validation share."""
     size = cfg.train.eval_iters * cfg.train.global_batch_size
+    split = _split(cfg)
+    position = 0 if cfg.data.valid_blend else 1
     datasets = {}
-    for domain, prefix in zip(valid_blend.domains, valid_blend.prefixes):
-        config = _dataset_config(cfg, cache_dir, blend=([prefix], None), split="100,0,0")
-        datasets[domain], _, _ = _build(config, [size, None, None])
+    for domain, prefix in zip(blend.domains, blend.prefixes):
+        sizes = [0, 0, 0]
+        sizes[position] = size
+        built = _build(_dataset_config(cfg, cache_dir, blend=([prefix], None), split=split), sizes)
+        if built[position] is not None:
+            datasets[domain] = built[position]
     return datasets
 
 

@@ -1,0 +1,40 @@
+"""Entry point: `torchrun --nproc-per-node N -m launch.pretrain --config C --run-dir D [--set k=v ...]`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from launch.config import ConfigError, data_file_problems, load_config, parse_args, to_dict, validate
+from launch.dry_run import dry_run_report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(dry_run_report(cfg, args.world_size))
+            return 1 if data_file_problems(cfg) else 0
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
+    except ConfigError as error:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses; one says why
+            print(f"config error: {error}", file=sys.stderr)
+        return 2
+    if cfg.engine == "deepspeed":
+        from launch.deepspeed_trainer import DeepSpeedTrainer as Trainer
+    else:
+        from launch.trainer import Trainer
+    run_dir = Path(args.run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Trainer(cfg, run_dir).train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

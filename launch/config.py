@@ -105,6 +105,9 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 100
     eval_iters: int = 10
+    # Stop after this many steps of one invocation, with a checkpoint, e.g. to fit a
+    # cluster time limit; the next invocation with the same run dir goes on. null = run to the end.
+    exit_after: Optional[int] = None
 
 
 @dataclass(frozen=True)

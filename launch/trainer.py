@@ -103,7 +103,8 @@ class Trainer:
         t = self.cfg.train
         interval = torch.zeros(len(STEP_STATISTICS) + 2 * len(self.blend.domains), dtype=torch.float64)
         interval_steps, interval_time, interval_grad_norm = 0, 0.0, 0.0
-        while self.step < t.steps:
+        stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
+        while self.step < stop:
             start = time.perf_counter()
             statistics, grad_norm = self._train_step()
             self.step += 1
@@ -118,7 +119,7 @@ class Trainer:
                 interval_steps, interval_time, interval_grad_norm = 0, 0.0, 0.0
             if self.valid_data and (self.step % t.eval_interval == 0 or last):
                 self._evaluate()
-            if self.step % self.cfg.checkpoint.interval == 0 or last:
+            if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
                 self._save()
         self.log.close()
 

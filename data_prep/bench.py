@@ -1,0 +1,204 @@
+"""Benchmark: `python -m data_prep.bench [--workers 2] [--size-mb 32]`.
+
+Measures, side by side on one generated corpus (Python standard library sources and pydoc
+topics as JSONL, made in a temporary directory) and one tokenizer trained on it:
+
+* the limit: SentencePiece's own batch encoding of the documents, already decoded in memory,
+  with as many threads as workers (no reading, parsing or writing);
+* `data_prep tokenize` end to end (reading, parsing, encoding, writing the dataset);
+* a Megatron-LM `tools/preprocess_data.py`-style pipeline (see `megatron_lm_style_preprocess`).
+
+Each is run `--repeats` times and the best time kept (other work on the machine only ever
+slows a run down). The two datasets must be byte-identical; the exit status says whether.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import multiprocessing
+import os
+import sysconfig
+import tempfile
+import time
+
+import sentencepiece as spm
+
+from .tokenize import TokenizeJob, default_workers, tokenize
+from .tokenizer import train_tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2, help="worker processes / threads (default: 2)")
+    parser.add_argument("--size-mb", type=float, default=32, help="corpus size in MB of text (default: 32)")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="(default: bpe)")
+    parser.add_argument("--vocab-size", type=int, default=16000, help="(default: 16000)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each pipeline, best kept (default: 2)")
+    args = parser.parse_args(argv)
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # slow import, outside timing
+
+    with tempfile.TemporaryDirectory(prefix="data_prep_bench_") as tmp:
+        corpus = os.path.join(tmp, "corpus.jsonl")
+        documents = write_corpus(corpus, int(args.size_mb * 1e6))
+        model = os.path.join(tmp, "tok")
+        train_tokenizer([corpus], model, args.vocab_size, args.model_type, sample_docs=2000)
+        model += ".model"
+        with open(corpus, encoding="utf-8") as lines:
+            texts = [json.loads(line)["text"] for line in lines]
+        processor = spm.SentencePieceProcessor(model_file=model)
+
+        def raw_encode() -> int:
+            encoded = processor.encode(texts, add_eos=True, return_type="numpy", num_threads=args.workers)
+            return sum(map(len, encoded))
+
+        def data_prep() -> int:
+            job = TokenizeJob([corpus], os.path.join(tmp, "data_prep"), model, workers=args.workers, force=True)
+            return tokenize(job)[0]["tokens"]
+
+        def baseline() -> int:
+            return megatron_lm_style_preprocess(corpus, model, os.path.join(tmp, "megatron"), args.workers)
+
+        timings = {name: [] for name in ("raw", "data_prep", "baseline")}
+        tokens = {}
+        for _ in range(args.repeats):
+            for name, run in (("raw", raw_encode), ("data_prep", data_prep), ("baseline", baseline)):
+                started = time.perf_counter()
+                tokens[name] = run()
+                timings[name].append(time.perf_counter() - started)
+
+        identical = all(
+            filecmp.cmp(os.path.join(tmp, "data_prep" + suffix), os.path.join(tmp, "megatron" + suffix), shallow=False)
+            for suffix in (".bin", ".idx")
+        ) and len(set(tokens.values())) == 1
+        readable = len(IndexedDataset(os.path.join(tmp, "data_prep"))) == documents
+
+    best = {name: min(times) for name, times in timings.items()}
+    speed = {name: tokens[name] / best[name] for name in best}
+    cpus = default_workers()
+    print(
+        f"corpus: {args.size_mb:g} MB of JSONL, {documents:,} documents, {tokens['raw']:,} tokens; "
+        f"{args.model_type} tokenizer with {args.vocab_size:,} pieces; {args.workers} workers on "
+        f"{cpus} usable CPUs; best of {args.repeats}\n"
+    )
+    rows = [
+        (f"SentencePiece batch encode, {args.workers} threads (limit)", "raw"),
+        (f"data_prep tokenize, {args.workers} workers", "data_prep"),
+        (f"Megatron-LM preprocess_data-style, {args.workers} workers", "baseline"),
+    ]
+    print(f"| {'pipeline':<52} | {'seconds':>7} | {'tokens/s':>10} | {'of limit':>8} |")
+    print(f"|{'-' * 54}|{'-' * 8}:|{'-' * 11}:|{'-' * 9}:|")
+    for label, name in rows:
+        print(f"| {label:<52} | {best[name]:>7.2f} | {speed[name]:>10,.0f} | {speed[name] / speed['raw']:>8.0%} |")
+    print(
+        f"\ndata_prep / limit: {speed['data_prep'] / speed['raw']:.0%}; "
+        f"speed-up over the Megatron-LM-style baseline: {speed['data_prep'] / speed['baseline']:.2f}x; "
+        f"identical tokens: {'yes' if identical else 'NO'}; readable by IndexedDataset: {'yes' if readable else 'NO'}"
+    )
+    return 0 if identical and readable else 1
+
+
+def write_corpus(path: str, size_bytes: int) -> int:
+    """JSONL of ~4 kB documents from the standard library's sources and pydoc topics, repeated
+    as needed to reach `size_bytes` of text; the domain is in meta.redpajama_set_name."""
+    documents = 0
+    written = 0
+    with open(path, "w", encoding="utf-8") as out:
+        while written < size_bytes:
+            for text, domain in _stdlib_documents():
+                out.write(json.dumps({"text": text, "meta": {"redpajama_set_name": domain}}) + "\n")
+                documents += 1
+                written += len(text.encode("utf-8"))
+                if written >= size_bytes:
+                    break
+    return documents
+
+
+def _stdlib_documents():
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name], "python-docs"
+    root = sysconfig.get_paths()["stdlib"]
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if d != "site-packages")
+        domain = "python-tests" if f"{os.sep}test" in directory[len(root):] else "python-stdlib"
+        for name in sorted(names):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(directory, name), encoding="utf-8") as source:
+                    text = source.read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            yield from ((piece, domain) for piece in _split(text, 4000))
+
+
+def _split(text: str, size: int):
+    """Pieces of about `size` characters, cut at blank lines."""
+    piece: list[str] = []
+    length = 0
+    for line in text.splitlines(keepends=True):
+        piece.append(line)
+        length += len(line)
+        if length >= size and not line.strip():
+            yield "".join(piece)
+            piece, length = [], 0
+    if "".join(piece).strip():
+        yield "".join(piece)
+
+
+# ---------------------------------------------------------------- baseline
+
+_baseline_processor: spm.SentencePieceProcessor | None = None
+
+
+class _MegatronStyleEncoder:
+    """Per-worker tokenizer and per-line encoding, like preprocess_data.py's `Encoder`."""
+
+    def __init__(self, model_path: str, json_key: str):
+        self.model_path, self.json_key = model_path, json_key
+
+    def initializer(self) -> None:
+        global _baseline_processor
+        _baseline_processor = spm.SentencePieceProcessor(model_file=self.model_path)
+
+    def encode(self, json_line: str) -> tuple[list[int], int]:
+        text = json.loads(json_line)[self.json_key]
+        ids = _baseline_processor.encode_as_ids(text)
+        if ids:  # --append-eod
+            ids.append(_baseline_processor.eos_id())
+        return ids, len(json_line)
+
+
+def megatron_lm_style_preprocess(input_path: str, model_path: str, output_prefix: str, workers: int) -> int:
+    """Reproduces the structure of Megatron-LM's `tools/preprocess_data.py` (GPTSentencePiece
+    tokenizer, --append-eod, one JSON key), which ships only in the Megatron-LM repository:
+    `multiprocessing.Pool.imap` with chunksize 25 over the file's lines, `json.loads` and a
+    per-document encode in each worker, and `IndexedDatasetBuilder.add_item` + `end_document`
+    per document in the parent. Returns the number of tokens written."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    vocab_size = spm.SentencePieceProcessor(model_file=model_path).vocab_size()
+    encoder = _MegatronStyleEncoder(model_path, "text")
+    tokens = 0
+    with open(input_path, encoding="utf-8") as lines:
+        pool = multiprocessing.Pool(workers, initializer=encoder.initializer)
+        encoded_docs = pool.imap(encoder.encode, lines, 25)
+        builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=DType.optimal_dtype(vocab_size))
+        for ids, _ in encoded_docs:
+            builder.add_item(torch.IntTensor(ids))
+            builder.end_document()
+            tokens += len(ids)
+        builder.finalize(output_prefix + ".idx")
+        pool.close()
+        pool.join()
+    return tokens
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

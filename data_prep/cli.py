@@ -1,0 +1,194 @@
+"""Command line: `python -m data_prep {train-tokenizer,tokenize,inspect} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+from .errors import DataPrepError
+from .inspect import inspect_dataset
+from .readers import SUFFIXES, describe_skipped
+from .tokenize import TokenizeJob, default_workers, tokenize
+from .tokenizer import train_tokenizer
+
+DESCRIPTION = """\
+Turn raw corpora (JSONL, optionally gzip/zstd compressed, or plain text) into a SentencePiece
+tokenizer and Megatron-Core indexed datasets, one per domain if you like."""
+
+EPILOG = """\
+examples:
+  python -m data_prep train-tokenizer --input data/raw --vocab-size 32000 --output-prefix data/tok
+  python -m data_prep tokenize --input 'data/raw/*.jsonl.zst' --tokenizer-model data/tok.model \\
+      --output-prefix data/train --domain-key meta.redpajama_set_name
+  python -m data_prep inspect data/train
+
+Run `python -m data_prep COMMAND --help` for each command's options."""
+
+TRAIN_EPILOG = """\
+The model keeps text exactly (identity normalization, whitespace kept, digits split) and has
+byte fallback on, so any text round-trips. The same inputs and --seed give the same model.
+
+examples:
+  python -m data_prep train-tokenizer --input data/raw --vocab-size 32000 --output-prefix data/tok
+  python -m data_prep train-tokenizer --input a.jsonl.zst b.jsonl.zst --vocab-size 8000 \\
+      --model-type unigram --sample-docs 20000 --output-prefix data/tok8k"""
+
+TOKENIZE_EPILOG = f"""\
+Inputs are files ({', '.join(SUFFIXES)}), directories (searched recursively) or glob patterns
+(quote them). JSONL lines are documents with their text under --json-key; in .txt files each
+line is a document. Every document becomes one sequence ending with the tokenizer's EOS id.
+
+Bad lines (malformed JSON, missing or non-string key, invalid UTF-8, empty document):
+  --on-error fail   stop at the first one, print file:line and the reason, exit 1, write nothing
+  --on-error skip   skip and count them; the counts go to the summary and P.stats.json
+
+Outputs are written under P.incomplete/ and moved into place at the end, P.stats.json last,
+so an interrupted run never leaves a dataset that looks finished. Rerunning a finished run
+with the same inputs and settings does nothing; --force rebuilds.
+
+examples:
+  # one dataset: data/train.bin, data/train.idx, data/train.stats.json
+  python -m data_prep tokenize --input corpus.jsonl --tokenizer-model data/tok.model \\
+      --output-prefix data/train
+
+  # SlimPajama: data/train_<domain>.bin/.idx per domain plus data/train.blend.json
+  python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\
+      --tokenizer-model data/tok.model --output-prefix data/train \\
+      --domain-key meta.redpajama_set_name --on-error skip --workers 32"""
+
+INSPECT_EPILOG = """\
+examples:
+  python -m data_prep inspect data/train
+  python -m data_prep inspect data/train --samples 3 --max-chars 1000"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DataPrepError as exc:
+        print(f"data_prep: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("data_prep: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train-tokenizer", help="train a SentencePiece model (P.model, P.vocab)",
+        description="Train a SentencePiece model on a random sample of documents.",
+        epilog=TRAIN_EPILOG, formatter_class=formatter,
+    )
+    train.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
+                       help="input files, directories or glob patterns")
+    train.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N")
+    train.add_argument("--output-prefix", required=True, metavar="P", help="writes P.model and P.vocab")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="(default: bpe)")
+    train.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
+    train.add_argument("--sample-docs", type=_positive_int, default=100_000, metavar="N",
+                       help="train on a uniform random sample of N documents (default: 100000)")
+    train.add_argument("--seed", type=int, default=0, help="sampling and training seed (default: 0)")
+    train.set_defaults(run=_train_tokenizer)
+
+    tok = commands.add_parser(
+        "tokenize", help="tokenize corpora into Megatron indexed datasets (P.bin, P.idx)",
+        description="Tokenize documents into Megatron-Core indexed datasets, one sequence per document.",
+        epilog=TOKENIZE_EPILOG, formatter_class=formatter,
+    )
+    tok.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR_OR_GLOB")
+    tok.add_argument("--output-prefix", required=True, metavar="P")
+    tok.add_argument("--tokenizer-model", required=True, metavar="M", help="SentencePiece .model file")
+    tok.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
+    tok.add_argument("--domain-key", metavar="DOTTED.KEY",
+                     help="split by this JSON field (e.g. meta.redpajama_set_name): P_<domain>.bin/.idx "
+                          "per domain and P.blend.json with natural weights")
+    tok.add_argument("--workers", type=_positive_int, default=default_workers(), metavar="N",
+                     help="encoding processes (default: the usable CPU cores, here %(default)s)")
+    tok.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                     help="what to do with a bad input line (default: fail)")
+    tok.add_argument("--force", action="store_true", help="rebuild even if the outputs exist")
+    tok.set_defaults(run=_tokenize)
+
+    show = commands.add_parser(
+        "inspect", help="summarise a tokenized dataset and decode a sample",
+        description="Documents, tokens, length percentiles, per-domain counts and decoded samples.",
+        epilog=INSPECT_EPILOG, formatter_class=formatter,
+    )
+    show.add_argument("prefix", metavar="P", help="dataset prefix given to tokenize --output-prefix")
+    show.add_argument("--tokenizer-model", metavar="M",
+                      help="model to decode with (default: the one recorded in P.stats.json)")
+    show.add_argument("--samples", type=int, default=1, metavar="N", help="documents to decode (default: 1)")
+    show.add_argument("--max-chars", type=_positive_int, default=400, metavar="N",
+                      help="characters shown per document (default: 400)")
+    show.add_argument("--seed", type=int, default=0, help="which documents are sampled (default: 0)")
+    show.set_defaults(run=_inspect)
+    return parser
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    summary = train_tokenizer(
+        args.input, args.output_prefix, args.vocab_size, args.model_type,
+        args.json_key, args.sample_docs, args.seed,
+    )
+    print(
+        f"wrote {args.output_prefix}.model and .vocab: {args.model_type}, {args.vocab_size:,} pieces, "
+        f"trained on {summary.lines:,} lines of {summary.sampled:,} sampled documents "
+        f"(of {summary.documents:,})"
+    )
+    if summary.skipped:
+        print(describe_skipped(summary.skipped))
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    job = TokenizeJob(
+        inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
+        json_key=args.json_key, domain_key=args.domain_key, on_error=args.on_error,
+        workers=args.workers, force=args.force,
+    )
+    stats, fresh = tokenize(job)
+    if not fresh:
+        print(
+            f"up to date: {args.output_prefix} was finished by a run with the same inputs and settings "
+            f"({stats['documents']:,} documents, {stats['tokens']:,} tokens); pass --force to rebuild"
+        )
+        return 0
+    directory = os.path.dirname(args.output_prefix)
+    for dataset in stats["datasets"]:
+        name = dataset["domain"] if dataset["domain"] is not None else "wrote"
+        print(f"{name:<16} {os.path.join(directory, dataset['prefix'])}.{{bin,idx}}  "
+              f"{dataset['documents']:>12,} documents {dataset['tokens']:>15,} tokens")
+    print(
+        f"{'total':<16} {stats['documents']:,} documents, {stats['tokens']:,} tokens ({stats['dtype']}) "
+        f"from {stats['input_bytes'] / 1e6:,.1f} MB in {stats['seconds']:.1f} s: "
+        f"{stats['documents'] / stats['seconds']:,.0f} documents/s, {stats['tokens_per_second']:,} tokens/s"
+    )
+    skipped = Counter({kind: n for kind, n in stats["skipped"].items() if n})
+    if skipped:
+        print(f"{describe_skipped(skipped)} (first: {next(iter(stats['first_skipped'].values()))})")
+    written = [f"{args.output_prefix}.stats.json"]
+    if args.domain_key:
+        written.insert(0, f"{args.output_prefix}.blend.json")
+    print(f"{'see':<16} {', '.join(written)}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    print(inspect_dataset(args.prefix, args.tokenizer_model, args.samples, args.max_chars, args.seed))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

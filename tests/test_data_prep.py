@@ -1,0 +1,478 @@
+"""data_prep: what users rely on, through the real CLI (subprocesses) and real file formats."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import zstandard
+
+from data_prep import indexed
+from data_prep.tokenize import _imap_bounded
+from data_prep.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an were are which this be or "
+    "has had not but first one their its new after who they have two been more also other data "
+    "model train token loss weight sample python def return import class self"
+).split()
+
+
+def make_text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory) -> str:
+    """A tiny BPE model (vocab 400), trained once per session on generated text."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    rng = random.Random(0)
+    corpus = directory / "corpus.jsonl"
+    with corpus.open("w") as out:
+        for _ in range(1000):
+            lines = [make_text(rng, rng.randint(5, 30)) + "." for _ in range(3)]
+            out.write(json.dumps({"text": "\n".join(lines)}) + "\n")
+    train_tokenizer([str(corpus)], str(directory / "tok"), vocab_size=400)
+    return str(directory / "tok.model")
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def IndexedDataset():
+    """Megatron-Core's reader, exactly what training uses (imported once: it pulls in torch)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *args], cwd=cwd, env=_env(), capture_output=True, text=True
+    )
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def write_jsonl(path: Path, records: list, opener=open) -> Path:
+    with opener(path, "wt", encoding="utf-8") as out:
+        for record in records:
+            out.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return path
+
+
+def documents(dataset) -> list[list[int]]:
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def sample_texts(count: int = 40, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    texts = [make_text(rng, rng.randint(1, 80)) for _ in range(count)]
+    # Things a real corpus has: indentation, newlines, tabs, characters the tokenizer never saw.
+    texts += ["def f(x):\n    return x  # ok\n\n\tdone", "Grüße, 世界! 🙂 naïve café", "a\r\nb"]
+    return texts
+
+
+# ---------------------------------------------------------------- round trip and format
+
+
+def test_tokens_read_back_equal_sentencepiece_encoding_plus_eos(tmp_path, tokenizer, processor, IndexedDataset):
+    texts = sample_texts()
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
+    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out/train",
+                     "--tokenizer-model", tokenizer, "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    dataset = IndexedDataset(str(tmp_path / "out/train"))
+    assert dataset.index.dtype == np.uint16  # smallest dtype for a 400-piece vocabulary
+    eos = processor.eos_id()
+    assert documents(dataset) == [processor.encode(t) + [eos] for t in texts]
+    # byte fallback and identity normalization: text comes back exactly
+    assert [processor.decode(doc[:-1]) for doc in documents(dataset)] == texts
+
+    stats = json.loads((tmp_path / "out/train.stats.json").read_text())
+    assert stats["documents"] == len(texts)
+    assert stats["tokens"] == sum(len(processor.encode(t)) + 1 for t in texts)
+    assert "total" in result.stdout and "tokens/s" in result.stdout
+
+
+def test_index_is_byte_identical_to_megatron_builder(tmp_path, monkeypatch):
+    """Also across the writer's internal blocks, where the byte offsets carry over."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    monkeypatch.setattr(indexed, "_BLOCK", 3)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 400, size=int(rng.integers(1, 50))) for _ in range(11)]
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "megatron.bin"), dtype=np.uint16)
+    for doc in docs:
+        builder.add_item(torch.IntTensor(doc))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "megatron.idx"))
+
+    writer = indexed.IndexedDatasetWriter(str(tmp_path / "ours"), np.uint16)
+    writer.append(np.concatenate(docs[:4]), np.array([len(d) for d in docs[:4]]))
+    writer.append(np.concatenate(docs[4:]), np.array([len(d) for d in docs[4:]]))
+    writer.finish()
+
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"megatron{suffix}").read_bytes()
+
+
+def test_compressed_and_text_inputs_give_the_same_dataset(tmp_path, tokenizer):
+    texts = [t.replace("\r", "") for t in sample_texts()]
+    lines = [json.dumps({"text": t}) for t in texts]
+    write_jsonl(tmp_path / "plain.jsonl", lines)
+    write_jsonl(tmp_path / "in.jsonl.gz", lines, opener=gzip.open)
+    # several zstd frames, as produced by concatenating compressed shards
+    frames = [zstandard.ZstdCompressor().compress("".join(l + "\n" for l in part).encode())
+              for part in (lines[:10], lines[10:])]
+    (tmp_path / "in.jsonl.zst").write_bytes(b"".join(frames))
+    (tmp_path / "docs.txt").write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+    write_jsonl(tmp_path / "flat.jsonl", [{"text": t.replace("\n", " ")} for t in texts])
+
+    outputs = {}
+    for name in ("plain.jsonl", "in.jsonl.gz", "in.jsonl.zst", "docs.txt", "flat.jsonl"):
+        result = run_cli("tokenize", "--input", name, "--output-prefix", f"out_{name}",
+                         "--tokenizer-model", tokenizer, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        outputs[name] = [(tmp_path / f"out_{name}{s}").read_bytes() for s in (".bin", ".idx")]
+    assert outputs["plain.jsonl"] == outputs["in.jsonl.gz"] == outputs["in.jsonl.zst"]
+    assert outputs["docs.txt"] == outputs["flat.jsonl"]
+
+
+def test_worker_count_does_not_change_the_output(tmp_path, tokenizer):
+    rng = random.Random(2)
+    # about 3 MB: several 1 MiB chunks, so the workers really share the work
+    write_jsonl(tmp_path / "big.jsonl", [{"text": make_text(rng, 600)} for _ in range(1400)])
+    files = []
+    for workers in ("1", "3"):
+        result = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", f"w{workers}",
+                         "--tokenizer-model", tokenizer, "--workers", workers, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        files.append([(tmp_path / f"w{workers}{s}").read_bytes() for s in (".bin", ".idx")])
+    assert files[0] == files[1]
+
+
+def test_at_most_a_window_of_chunks_is_read_ahead():
+    """Bounded memory: the reader never runs more than `window` chunks ahead of the writer."""
+    import multiprocessing
+
+    pulled = 0
+
+    def arguments():
+        nonlocal pulled
+        for item in range(50):
+            pulled += 1
+            yield (item,)
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = []
+        for result in _imap_bounded(pool, abs, arguments(), window=4):
+            results.append(result)
+            assert pulled - len(results) < 4
+    assert results == list(range(50))
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD_LINES = [
+    ("malformed_json", '{"text": "unterminated', "malformed JSON"),
+    ("missing_key", '{"body": "no text key"}', "missing key 'text'"),
+    ("not_a_string", '{"text": ["a", "list"]}', "is not a string (list)"),
+    ("invalid_utf8", b'{"text": "bad \xff byte"}', "invalid UTF-8"),
+    ("invalid_utf8", '{"text": "lone \\ud800 surrogate"}', "lone surrogate"),
+    ("empty_document", '{"text": "  \\n "}', "empty document"),
+]
+
+
+def write_with_bad_line(path: Path, bad: str | bytes) -> list[str]:
+    """Good documents on lines 1, 2 and 4, the bad line on line 3; returns the good texts."""
+    good = ["first good document", "second good document", "third good document"]
+    lines = [json.dumps({"text": good[0]}).encode(), json.dumps({"text": good[1]}).encode(),
+             bad if isinstance(bad, bytes) else bad.encode(), json.dumps({"text": good[2]}).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return good
+
+
+@pytest.mark.parametrize("kind, line, reason", BAD_LINES)
+def test_bad_line_fails_naming_file_line_and_reason_and_writes_nothing(tmp_path, tokenizer, kind, line, reason):
+    write_with_bad_line(tmp_path / "in.jsonl", line)
+    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out",
+                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "in.jsonl:3:" in result.stderr and reason in result.stderr
+    assert "--on-error skip" in result.stderr  # says what to change
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("kind, line, reason", BAD_LINES)
+def test_bad_line_is_skipped_and_counted(tmp_path, tokenizer, processor, IndexedDataset, kind, line, reason):
+    good = write_with_bad_line(tmp_path / "in.jsonl", line)
+    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--on-error", "skip",
+                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 line:" in result.stdout
+    stats = json.loads((tmp_path / "out.stats.json").read_text())
+    assert stats["skipped"] == {k: int(k == kind) for k in stats["skipped"]}
+    assert stats["first_skipped"][kind].startswith("in.jsonl:3:")
+    eos = processor.eos_id()
+    assert documents(IndexedDataset(str(tmp_path / "out"))) == [processor.encode(t) + [eos] for t in good]
+
+
+def test_every_kind_of_bad_line_is_counted_separately(tmp_path, tokenizer):
+    lines = [json.dumps({"text": "fine"}).encode()]
+    lines += [line if isinstance(line, bytes) else line.encode() for _, line, _ in BAD_LINES]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--on-error", "skip",
+                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("skipped 6 lines: 1 malformed JSON, 2 invalid UTF-8, 1 missing key, 1 non-string value, "
+            "1 empty document") in result.stdout
+    stats = json.loads((tmp_path / "out.stats.json").read_text())
+    assert stats["skipped"] == {"malformed_json": 1, "invalid_utf8": 2, "missing_key": 1,
+                                "not_a_string": 1, "empty_document": 1}
+    assert stats["documents"] == 1 and stats["lines"] == 7
+
+
+def test_only_bad_lines_is_an_error_not_an_empty_dataset(tmp_path, tokenizer):
+    (tmp_path / "in.jsonl").write_text('{"text": ""}\nnot json\n')
+    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--on-error", "skip",
+                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "no documents" in result.stderr and "skipped 2 lines" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+# ---------------------------------------------------------------- domains
+
+
+def test_domain_split_writes_one_dataset_per_domain_and_a_blend_file(tmp_path, tokenizer, processor, IndexedDataset):
+    rng = random.Random(3)
+    records = [
+        {"text": make_text(rng, rng.randint(3, 60)), "meta": {"redpajama_set_name": domain}}
+        for domain in rng.choices(["RedPajamaC4", "RedPajamaGithub", "Red Pajama/Books"], k=60)
+    ]
+    write_jsonl(tmp_path / "a.jsonl.zst", records[:30], opener=zstandard.open)
+    write_jsonl(tmp_path / "b.jsonl.gz", records[30:], opener=gzip.open)
+    result = run_cli("tokenize", "--input", "a.jsonl.zst", "b.jsonl.gz", "--output-prefix", "data/train",
+                     "--tokenizer-model", tokenizer, "--domain-key", "meta.redpajama_set_name", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    blend = json.loads((tmp_path / "data/train.blend.json").read_text())
+    assert blend["tokenizer_model"] == tokenizer
+    assert set(blend["domains"]) == {"RedPajamaC4", "RedPajamaGithub", "Red Pajama/Books"}
+    assert blend["domains"]["Red Pajama/Books"]["prefix"] == "train_Red_Pajama_Books"
+    assert not (tmp_path / "data/train.bin").exists()
+    eos = processor.eos_id()
+    total = sum(entry["tokens"] for entry in blend["domains"].values())
+    for domain, entry in blend["domains"].items():
+        dataset = IndexedDataset(str(tmp_path / "data" / entry["prefix"]))  # relative to the blend file
+        expected = [processor.encode(r["text"]) + [eos] for r in records if r["meta"]["redpajama_set_name"] == domain]
+        assert documents(dataset) == expected  # input order kept within a domain
+        assert entry["documents"] == len(expected)
+        assert entry["tokens"] == sum(map(len, expected))
+        assert entry["weight"] == pytest.approx(entry["tokens"] / total)
+    assert sum(entry["weight"] for entry in blend["domains"].values()) == pytest.approx(1.0)
+
+
+def test_domain_names_that_sanitise_alike_get_distinct_files(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "one", "d": "a b"}, {"text": "two", "d": "a_b"}])
+    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "p", "--domain-key", "d",
+                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    blend = json.loads((tmp_path / "p.blend.json").read_text())
+    prefixes = {domain: entry["prefix"] for domain, entry in blend["domains"].items()}
+    assert prefixes["a b"] == "p_a_b" and prefixes["a_b"].startswith("p_a_b-")
+    assert all((tmp_path / f"{prefix}.idx").exists() for prefix in prefixes.values())
+
+
+# ---------------------------------------------------------------- interruption and reruns
+
+
+def big_input(path: Path, megabytes: int) -> None:
+    rng = random.Random(4)
+    paragraph = make_text(rng, 1000)
+    count = megabytes * 1_000_000 // len(paragraph)
+    path.write_text("".join(json.dumps({"text": f"{i} {paragraph}"}) + "\n" for i in range(count)))
+
+
+def start_and_interrupt(tmp_path: Path, tokenizer: str, sig: int) -> subprocess.Popen:
+    """Start a run and send `sig` once its first tokens are on disk (in the staging area)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", "tokenize", "--input", "big.jsonl", "--output-prefix", "out",
+         "--tokenizer-model", tokenizer, "--workers", "1"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    staged = tmp_path / "out.incomplete" / "out.bin"
+    deadline = time.monotonic() + 60
+    while not (staged.exists() and staged.stat().st_size > 0):
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    return process
+
+
+def assert_no_dataset(tmp_path: Path, IndexedDataset) -> None:
+    for name in ("out.bin", "out.idx", "out.stats.json"):
+        assert not (tmp_path / name).exists()
+    with pytest.raises(AssertionError):
+        IndexedDataset(str(tmp_path / "out"))
+
+
+# Megatron's IndexedDataset.__del__ complains about the reader it could not build.
+ignore_half_built_reader = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@ignore_half_built_reader
+def test_killed_run_leaves_no_dataset_and_the_rerun_completes(tmp_path, tokenizer, IndexedDataset):
+    big_input(tmp_path / "big.jsonl", 6)
+    process = start_and_interrupt(tmp_path, tokenizer, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+    assert_no_dataset(tmp_path, IndexedDataset)
+
+    rerun = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", "out",
+                    "--tokenizer-model", tokenizer, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    lines = (tmp_path / "big.jsonl").read_text().count("\n")
+    assert len(IndexedDataset(str(tmp_path / "out"))) == lines
+    assert not (tmp_path / "out.incomplete").exists()
+
+
+@ignore_half_built_reader
+def test_ctrl_c_stops_cleanly_and_removes_partial_output(tmp_path, tokenizer, IndexedDataset):
+    big_input(tmp_path / "big.jsonl", 6)
+    process = start_and_interrupt(tmp_path, tokenizer, signal.SIGINT)
+    assert process.returncode == 130
+    assert "interrupted" in process.stderr.read()
+    assert_no_dataset(tmp_path, IndexedDataset)
+    assert not (tmp_path / "out.incomplete").exists()
+
+
+def test_rerun_skips_finished_outputs_and_force_rebuilds(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in sample_texts(10)])
+    args = ["tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--tokenizer-model", tokenizer]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    outputs = [tmp_path / name for name in ("out.bin", "out.idx", "out.stats.json")]
+    before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in outputs]
+
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in outputs] == before
+
+    forced = run_cli(*args, "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and "up to date" not in forced.stdout
+    assert [p.stat().st_mtime_ns for p in outputs] != [mtime for mtime, _ in before]
+    assert [p.read_bytes() for p in outputs[:2]] == [content for _, content in before[:2]]
+
+    # Changed inputs: the old outputs are never silently replaced.
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in sample_texts(12)])
+    changed = run_cli(*args, cwd=tmp_path)
+    assert changed.returncode == 1 and "changed: inputs" in changed.stderr and "--force" in changed.stderr
+    assert run_cli(*args, "--force", cwd=tmp_path).returncode == 0
+
+
+def test_outputs_of_unknown_origin_are_not_overwritten(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "some text"}])
+    (tmp_path / "out.bin").write_bytes(b"precious")
+    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out",
+                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    assert result.returncode == 1 and "--force" in result.stderr
+    assert (tmp_path / "out.bin").read_bytes() == b"precious"
+
+
+# ---------------------------------------------------------------- inspect, tokenizer, CLI
+
+
+def test_inspect_reports_counts_percentiles_domains_and_a_decoded_sample(tmp_path, tokenizer):
+    records = [{"text": f"doc {i} " + "model " * i, "src": "web" if i % 3 else "code"} for i in range(1, 31)]
+    write_jsonl(tmp_path / "in.jsonl", records)
+    assert run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "p", "--domain-key", "src",
+                   "--tokenizer-model", tokenizer, cwd=tmp_path).returncode == 0
+    stats = json.loads((tmp_path / "p.stats.json").read_text())
+
+    result = run_cli("inspect", "p", "--samples", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = result.stdout
+    assert "documents   30" in report
+    assert f"tokens      {stats['tokens']:,} (uint16" in report
+    assert "p50" in report and "p99" in report
+    assert "ends in EOS 30 of 30 documents" in report
+    domain_rows = [line.split() for line in report.splitlines() if line.startswith((" " * 12 + "web", " " * 12 + "code"))]
+    assert sorted(domain_rows) == sorted(
+        [d["domain"], f"{d['documents']:,}", f"{d['tokens']:,}", f"{d['tokens'] / stats['tokens']:.1%}"]
+        for d in stats["datasets"]
+    )
+    samples = [line for line in report.splitlines() if line.startswith("    │ ")]
+    assert samples and all(line[6:].startswith("doc ") for line in samples)
+
+
+def test_trained_tokenizer_is_deterministic_and_falls_back_to_bytes(tmp_path):
+    rng = random.Random(5)
+    write_jsonl(tmp_path / "in.jsonl", [{"text": make_text(rng, 50)} for _ in range(300)])
+    models = []
+    for _ in range(2):
+        result = run_cli("train-tokenizer", "--input", ".", "--vocab-size", "350", "--output-prefix",
+                         "a", "--sample-docs", "200", "--seed", "7", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "a.vocab").exists() and not (tmp_path / "a.incomplete.model").exists()
+        models.append((tmp_path / "a.model").read_bytes())
+    assert models[0] == models[1]
+
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "a.model"))
+    assert processor.vocab_size() == 350
+    unseen = "Ω字🙂"
+    assert processor.decode(processor.encode(unseen)) == unseen
+    assert "<0xE5>" in processor.encode(unseen, out_type=str)  # UTF-8 bytes of 字
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "missing.jsonl"], "does not exist"),
+        (["--input", "in.jsonl", "--tokenizer-model", "nope.model"], "train-tokenizer"),
+        (["--input", "in.txt", "--domain-key", "meta.source"], "--domain-key reads a JSON field"),
+        (["--input", "in.parquet"], "must end in one of"),
+        (["--input", "*.csv"], "matches no input files"),
+    ],
+)
+def test_usage_errors_say_what_to_change(tmp_path, tokenizer, args, message):
+    (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "in.txt").write_text("x\n")
+    (tmp_path / "in.parquet").write_text("x")
+    if "--tokenizer-model" not in args:
+        args = [*args, "--tokenizer-model", tokenizer]
+    result = run_cli("tokenize", *args, "--output-prefix", "out", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("data_prep: error:") and message in result.stderr
+
+
+def test_help_teaches_with_examples(tmp_path):
+    for command in ([], ["tokenize"], ["train-tokenizer"], ["inspect"]):
+        result = run_cli(*command, "--help", cwd=tmp_path)
+        assert result.returncode == 0
+        assert "examples:" in result.stdout and "python -m data_prep" in result.stdout
+    assert "--on-error skip" in run_cli("tokenize", "--help", cwd=tmp_path).stdout

@@ -19,7 +19,7 @@ import json
 import os
 import random
 import shutil
-import warnings
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -90,6 +90,12 @@ def _sharded_state(model, optimizer, rng: Optional[dict], is_loading: bool) -> d
     return state
 
 
+def _warn(message: str) -> None:
+    """Printed rather than warned: what happens to a run must not hide behind warning filters."""
+    if dist.get_rank() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _write_json_atomically(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -138,7 +144,7 @@ class Checkpointer:
             if (path / STATE_FILE).is_file() and (path / "metadata.json").is_file():
                 complete.append(path)
             elif not complete:
-                warnings.warn(f"checkpoint {path} is incomplete (no {STATE_FILE} or metadata.json); using an earlier one")
+                _warn(f"checkpoint {path} is incomplete (no {STATE_FILE} or metadata.json); using an earlier one")
         return complete
 
     def latest(self) -> Optional[Path]:
@@ -155,8 +161,7 @@ class Checkpointer:
         if not same_layout:
             # RNG streams belong to model-parallel ranks; a new layout starts fresh ones.
             del state["rng_state"]
-            if dist.get_rank() == 0:
-                warnings.warn(f"resharding checkpoint from layout {trainer_state['layout']} to {_layout()}; RNG states re-seeded")
+            _warn(f"resharding checkpoint from layout {trainer_state['layout']} to {_layout()}; RNG states re-seeded")
         loaded = dist_checkpointing.load(state, str(path))
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])

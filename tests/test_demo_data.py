@@ -14,13 +14,6 @@ REPO = Path(__file__).resolve().parent.parent
 DOMAINS = {"code", "docs", "prose", "licenses", "boilerplate"}
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    demo_data.build_demo_data(out)
-    return out
-
-
 def read_jsonl(path: Path) -> dict[str, list[str]]:
     by_domain = defaultdict(list)
     for line in path.read_text(encoding="utf-8").splitlines():

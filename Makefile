@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: test test-fast demo demo-data clean
+DEMO_RUNS := runs/demo
+PRETRAIN := $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml
+
+.PHONY: venv test test-fast demo demo-data bench-data clean
 
 # The stamp is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +25,17 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not e2e'
+
+# The demo corpus: Python's own sources, docs and licences, plus a redundant domain.
+demo-data: $(VENV)/.installed
+	$(PY) -m launch.demo_data --out data/demo
+
+# The main job on the embedded default: a uniform baseline and linupper reweighting,
+# two CPU processes each, then the per-domain comparison and runs/demo/report.png.
+demo: demo-data
+	$(PRETRAIN) --run-dir $(DEMO_RUNS)/uniform --set reweight.strategy=uniform
+	$(PRETRAIN) --run-dir $(DEMO_RUNS)/linupper --set reweight.strategy=linupper
+	$(PY) -m launch.report $(DEMO_RUNS)/uniform $(DEMO_RUNS)/linupper --out $(DEMO_RUNS)/report.png
 
 clean:
 	rm -rf $(VENV) runs data/demo

@@ -21,9 +21,10 @@ def reduce_to_rank0(values: torch.Tensor, contributes: bool) -> Optional[list[fl
     all-reduce in which only the chosen ranks put non-zero values moves them there in one
     collective (called only at log time, so its host sync does not slow the steps).
     """
-    values = values.to(torch.float64).clone() if contributes else torch.zeros_like(values, dtype=torch.float64)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    values = values.to(device)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    values = values.to(device=device, dtype=torch.float64, copy=True)
+    if not contributes:
+        values.zero_()
     dist.all_reduce(values)
     return values.tolist() if dist.get_rank() == 0 else None
 

@@ -101,7 +101,8 @@ class Trainer:
 
     def train(self) -> None:
         t = self.cfg.train
-        interval = torch.zeros(len(STEP_STATISTICS) + 2 * len(self.blend.domains), dtype=torch.float64)
+        # Summed on the device and read only at log steps: no host sync per step.
+        interval = self._no_statistics()
         interval_steps, interval_time, interval_grad_norm = 0, 0.0, 0.0
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
         while self.step < stop:
@@ -155,11 +156,14 @@ class Trainer:
 
     # ---- metrics --------------------------------------------------------------------------
 
+    def _no_statistics(self) -> torch.Tensor:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        return torch.zeros(len(STEP_STATISTICS) + 2 * len(self.blend.domains), dtype=torch.float64, device=device)
+
     def _step_statistics(self, reports: list[dict]) -> torch.Tensor:
-        """Mean over micro-batches of the loss report, as one host vector (zeros off the last stage)."""
-        size = len(STEP_STATISTICS) + 2 * len(self.blend.domains)
+        """Mean over micro-batches of the loss report as one vector (zeros off the last stage)."""
         if not reports:
-            return torch.zeros(size, dtype=torch.float64)
+            return self._no_statistics()
         rows = [
             torch.cat(
                 [
@@ -170,7 +174,7 @@ class Trainer:
             )
             for r in reports
         ]
-        return torch.stack(rows).mean(0).cpu()
+        return torch.stack(rows).mean(0)
 
     def _is_reporter(self) -> bool:
         """The one rank whose loss report is logged: last stage, first TP/CP/DP rank."""

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N")
     train.add_argument("--output-prefix", required=True, metavar="P", help="writes P.model and P.vocab")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="(default: bpe)")
-    train.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
+    train.add_argument("--json-key", default="text", help="JSON field holding the text; dots reach into nested objects (default: text)")
     train.add_argument("--sample-docs", type=_positive_int, default=100_000, metavar="N",
                        help="train on a uniform random sample of N documents (default: 100000)")
     train.add_argument("--seed", type=int, default=0, help="sampling and training seed (default: 0)")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR_OR_GLOB")
     tok.add_argument("--output-prefix", required=True, metavar="P")
     tok.add_argument("--tokenizer-model", required=True, metavar="M", help="SentencePiece .model file")
-    tok.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
+    tok.add_argument("--json-key", default="text", help="JSON field holding the text; dots reach into nested objects (default: text)")
     tok.add_argument("--domain-key", metavar="DOTTED.KEY",
                      help="split by this JSON field (e.g. meta.redpajama_set_name): P_<domain>.bin/.idx "
                           "per domain and P.blend.json with natural weights")

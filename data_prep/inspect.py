@@ -22,6 +22,8 @@ from .tokenizer import load_tokenizer
 def inspect_dataset(
     prefix: str, tokenizer_model: str | None = None, samples: int = 1, max_chars: int = 400, seed: int = 0
 ) -> str:
+    for suffix in (".bin", ".idx", ".blend.json", ".stats.json"):
+        prefix = prefix.removesuffix(suffix)  # accept a file name too
     stats = _read_json(prefix + ".stats.json") or {}
     datasets = _open_all(prefix)
     lengths = np.concatenate([dataset.lengths for dataset in datasets.values()])
@@ -55,7 +57,7 @@ def inspect_dataset(
         counts = {kind: stats["skipped"].get(kind, 0) for kind in BAD_LINE_KINDS}
         total = sum(counts.values())
         detail = ", ".join(f"{n:,} {KIND_LABELS[kind]}" for kind, n in counts.items() if n)
-        lines.append(_row("skipped", f"{total:,} input lines" + (f": {detail}" if detail else "")))
+        lines.append(_row("skipped", f"{total:,} input lines: {detail}" if total else "no input lines"))
     lines += _samples(datasets, processor, samples, max_chars, random.Random(seed))
     if processor is None:
         lines.append(f"(token ids shown: tokenizer {model_path!r} not found; pass --tokenizer-model)")

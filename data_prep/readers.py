@@ -39,7 +39,7 @@ KIND_LABELS = {
     EMPTY_DOCUMENT: "empty document",
 }
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -127,41 +127,81 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[Chu
     Memory is bounded by the chunk size (or the longest line, if longer).
     """
     line = 1
-    carry = b""
+    unfinished: list[bytes] = []  # blocks of a line whose end has not been read yet
     with open_decompressed(path) as (stream, raw):
-        while True:
-            try:
-                block = stream.read(chunk_bytes)
-            except (EOFError, OSError, zstandard.ZstdError) as exc:
-                raise DataPrepError(
-                    f"{path}: corrupt or truncated compressed data after line {line - 1} ({exc}); "
-                    "re-download the file or leave it out"
-                ) from exc
-            if not block:
-                break
-            data = carry + block
-            cut = data.rfind(b"\n") + 1
+        while block := _read(stream, chunk_bytes, path, line):
+            cut = block.rfind(b"\n") + 1
             if cut == 0:
-                carry = data
+                unfinished.append(block)
                 continue
-            carry = data[cut:]
-            chunk = Chunk(path, line, data[:cut])
+            chunk = Chunk(path, line, b"".join([*unfinished, block[:cut]]))
+            unfinished = [block[cut:]]
             line += chunk.data.count(b"\n")
             yield chunk, raw.tell()
-        if carry:
-            yield Chunk(path, line, carry), raw.tell()
+        if any(unfinished):  # a last line without a newline
+            yield Chunk(path, line, b"".join(unfinished)), raw.tell()
 
 
-def lookup(record: object, dotted_key: str) -> object:
-    """`record["a"]["b"]` for "a.b"; KeyError if any level is missing or not an object."""
+def _read(stream: BinaryIO, size: int, path: str, line: int) -> bytes:
+    try:
+        return stream.read(size)
+    except (EOFError, OSError, zstandard.ZstdError) as exc:
+        raise DataPrepError(
+            f"{path}: cannot read past line {line - 1} ({exc}); if the file is truncated or "
+            "corrupt, download it again or leave it out"
+        ) from exc
+
+
+def parse_chunk(
+    chunk: Chunk, json_key: str, domain_key: str | None, stop_at_first_bad: bool
+) -> ParsedChunk:
+    """Documents of a chunk in order; bad lines are counted (first one of each kind kept)."""
+    parsed = ParsedChunk()
+    plain_text = is_plain_text(chunk.path)
+    lines = chunk.data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the chunk's final newline ends a line, it does not start one
+    parsed.lines = len(lines)
+    for number, raw in enumerate(lines, start=chunk.first_line):
+        try:
+            text, domain = _parse_line(raw, plain_text, json_key, domain_key)
+        except _Bad as bad:
+            parsed.skipped[bad.kind] += 1
+            parsed.first_bad.setdefault(bad.kind, BadLine(chunk.path, number, bad.kind, bad.reason))
+            if stop_at_first_bad:
+                break
+            continue
+        parsed.texts.append(text)
+        parsed.domains.append(domain)
+    return parsed
+
+
+def describe_skipped(skipped: Counter) -> str:
+    """ "skipped 3 lines: 2 malformed JSON, 1 empty document" """
+    total = sum(skipped.values())
+    parts = [f"{skipped[kind]:,} {KIND_LABELS[kind]}" for kind in BAD_LINE_KINDS if skipped[kind]]
+    return f"skipped {total:,} line{'s' if total != 1 else ''}: {', '.join(parts)}"
+
+
+class _Bad(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def _string_field(record: object, dotted_key: str) -> str:
+    """`record["a"]["b"]` for "a.b", which must be a string."""
+    value = record
     for part in dotted_key.split("."):
-        if not isinstance(record, dict) or part not in record:
-            raise KeyError(dotted_key)
-        record = record[part]
-    return record
+        if not isinstance(value, dict) or part not in value:
+            raise _Bad(MISSING_KEY, f"missing key {dotted_key!r}")
+        value = value[part]
+    if not isinstance(value, str):
+        raise _Bad(NOT_A_STRING, f"key {dotted_key!r} is not a string ({type(value).__name__})")
+    return value
 
 
-def parse_line(raw: bytes, plain_text: bool, json_key: str, domain_key: str | None) -> tuple[str, str]:
+def _parse_line(raw: bytes, plain_text: bool, json_key: str, domain_key: str | None) -> tuple[str, str]:
     """One input line -> (text, domain); raises _Bad(kind, reason) for a bad line."""
     try:
         line = raw.decode("utf-8")
@@ -188,50 +228,3 @@ def parse_line(raw: bytes, plain_text: bool, json_key: str, domain_key: str | No
     if not text or text.isspace():
         raise _Bad(EMPTY_DOCUMENT, "empty document (no text, or only whitespace)")
     return text, domain
-
-
-def parse_chunk(
-    chunk: Chunk, json_key: str, domain_key: str | None, stop_at_first_bad: bool
-) -> ParsedChunk:
-    """Documents of a chunk in order; bad lines are counted (first one of each kind kept)."""
-    parsed = ParsedChunk()
-    plain_text = is_plain_text(chunk.path)
-    lines = chunk.data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()  # the chunk's final newline ends a line, it does not start one
-    parsed.lines = len(lines)
-    for number, raw in enumerate(lines, start=chunk.first_line):
-        try:
-            text, domain = parse_line(raw, plain_text, json_key, domain_key)
-        except _Bad as bad:
-            parsed.skipped[bad.kind] += 1
-            parsed.first_bad.setdefault(bad.kind, BadLine(chunk.path, number, bad.kind, bad.reason))
-            if stop_at_first_bad:
-                break
-            continue
-        parsed.texts.append(text)
-        parsed.domains.append(domain)
-    return parsed
-
-
-def describe_skipped(skipped: Counter) -> str:
-    """ "skipped 3 lines: 2 malformed JSON, 1 empty document" """
-    total = sum(skipped.values())
-    parts = [f"{skipped[kind]:,} {KIND_LABELS[kind]}" for kind in BAD_LINE_KINDS if skipped[kind]]
-    return f"skipped {total:,} line{'s' if total != 1 else ''}: {', '.join(parts)}"
-
-
-class _Bad(Exception):
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
-
-
-def _string_field(record: object, key: str) -> str:
-    try:
-        value = lookup(record, key)
-    except KeyError:
-        raise _Bad(MISSING_KEY, f"missing key {key!r}") from None
-    if not isinstance(value, str):
-        raise _Bad(NOT_A_STRING, f"key {key!r} is not a string ({type(value).__name__})")
-    return value

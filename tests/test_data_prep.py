@@ -19,6 +19,7 @@ import sentencepiece as spm
 import zstandard
 
 from data_prep import indexed
+from data_prep.readers import read_chunks
 from data_prep.tokenize import _imap_bounded
 from data_prep.tokenizer import train_tokenizer
 
@@ -163,7 +164,7 @@ def test_compressed_and_text_inputs_give_the_same_dataset(tmp_path, tokenizer):
 
 def test_worker_count_does_not_change_the_output(tmp_path, tokenizer):
     rng = random.Random(2)
-    # about 3 MB: several 1 MiB chunks, so the workers really share the work
+    # about 3 MB: several 512 KiB chunks, so the workers really share the work
     write_jsonl(tmp_path / "big.jsonl", [{"text": make_text(rng, 600)} for _ in range(1400)])
     files = []
     for workers in ("1", "3"):
@@ -172,6 +173,18 @@ def test_worker_count_does_not_change_the_output(tmp_path, tokenizer):
         assert result.returncode == 0, result.stderr
         files.append([(tmp_path / f"w{workers}{s}").read_bytes() for s in (".bin", ".idx")])
     assert files[0] == files[1]
+
+
+def test_chunks_are_whole_lines_numbered_from_one_even_when_a_line_spans_many_reads(tmp_path):
+    lines = [b"short", b"x" * 10_000, b"", b"last line without newline"]
+    (tmp_path / "in.txt").write_bytes(b"\n".join(lines))
+    chunks = [chunk for chunk, _ in read_chunks(str(tmp_path / "in.txt"), chunk_bytes=1000)]
+    assert b"".join(chunk.data for chunk in chunks) == b"\n".join(lines)
+    assert all(chunk.data.endswith(b"\n") for chunk in chunks[:-1])
+    first_lines = [1]
+    for chunk in chunks[:-1]:
+        first_lines.append(first_lines[-1] + chunk.data.count(b"\n"))
+    assert [chunk.first_line for chunk in chunks] == first_lines
 
 
 def test_at_most_a_window_of_chunks_is_read_ahead():

@@ -148,8 +148,11 @@ def _encode_into(
         context.Pool(job.workers, _start_worker, (job.tokenizer_model,)) as pool,
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None) as bar,
     ):
-        tasks = ((chunk, job.json_key, job.domain_key, fail, dtype) for chunk in _chunks(paths, bar))
-        for encoded in _imap_bounded(pool, encode_chunk, tasks, window=2 * job.workers + 2):
+        tasks = (
+            ((chunk, job.json_key, job.domain_key, fail, dtype), done)
+            for chunk, done in _chunks(paths)
+        )
+        for encoded, done in _imap_bounded(pool, encode_chunk, tasks, window=2 * job.workers + 2):
             if fail and encoded.first_bad:
                 bad = next(iter(encoded.first_bad.values()))
                 raise DataPrepError(
@@ -167,32 +170,34 @@ def _encode_into(
                 f"{datasets.documents / elapsed:,.0f} docs/s, {datasets.tokens / elapsed:,.0f} tokens/s",
                 refresh=False,
             )
+            bar.update(done - bar.n)
     if not datasets.documents:
         found = f"; {describe_skipped(skipped)}" if skipped else " (the inputs are empty)"
         raise DataPrepError(f"no documents in {', '.join(paths)}{found}")
     return lines, skipped, first_skipped
 
 
-def _chunks(paths: list[str], bar: tqdm) -> Iterator[Chunk]:
-    """All chunks of all inputs; advances the progress bar by on-disk (compressed) bytes."""
+def _chunks(paths: list[str]) -> Iterator[tuple[Chunk, int]]:
+    """All chunks of all inputs, each with the on-disk (compressed) bytes read up to its end."""
     done = 0
     for path in paths:
         for chunk, position in read_chunks(path):
-            bar.update(done + position - bar.n)
-            yield chunk
+            yield chunk, done + position
         done += os.path.getsize(path)
 
 
-def _imap_bounded(pool, function, argument_tuples, window: int):
-    """Ordered results like Pool.imap, with at most `window` tasks in flight (Pool.imap would
-    read the whole input ahead into memory when the workers are slower than the reader)."""
+def _imap_bounded(pool, function, tagged_arguments, window: int):
+    """(result, tag) for each (arguments, tag), in order like Pool.imap, but with at most
+    `window` tasks in flight: Pool.imap reads all its input ahead when the workers are slower."""
     pending: deque = deque()
-    for arguments in argument_tuples:
-        pending.append(pool.apply_async(function, arguments))
+    for arguments, tag in tagged_arguments:
+        pending.append((pool.apply_async(function, arguments), tag))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            result, tag = pending.popleft()
+            yield result.get(), tag
     while pending:
-        yield pending.popleft().get()
+        result, tag = pending.popleft()
+        yield result.get(), tag
 
 
 class _DomainDatasets:

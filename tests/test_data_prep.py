@@ -193,18 +193,18 @@ def test_at_most_a_window_of_chunks_is_read_ahead():
 
     pulled = 0
 
-    def arguments():
+    def tasks():
         nonlocal pulled
         for item in range(50):
             pulled += 1
-            yield (item,)
+            yield (-item,), item
 
     with multiprocessing.get_context("fork").Pool(2) as pool:
         results = []
-        for result in _imap_bounded(pool, abs, arguments(), window=4):
-            results.append(result)
+        for result, tag in _imap_bounded(pool, abs, tasks(), window=4):
+            results.append((result, tag))
             assert pulled - len(results) < 4
-    assert results == list(range(50))
+    assert results == [(item, item) for item in range(50)]
 
 
 # ---------------------------------------------------------------- bad input

@@ -9,7 +9,7 @@ from collections import Counter
 
 from .errors import DataPrepError
 from .inspect import inspect_dataset
-from .readers import SUFFIXES, describe_skipped
+from .readers import describe_skipped
 from .tokenize import TokenizeJob, default_workers, tokenize
 from .tokenizer import train_tokenizer
 
@@ -35,10 +35,11 @@ examples:
   python -m data_prep train-tokenizer --input a.jsonl.zst b.jsonl.zst --vocab-size 8000 \\
       --model-type unigram --sample-docs 20000 --output-prefix data/tok8k"""
 
-TOKENIZE_EPILOG = f"""\
-Inputs are files ({', '.join(SUFFIXES)}), directories (searched recursively) or glob patterns
-(quote them). JSONL lines are documents with their text under --json-key; in .txt files each
-line is a document. Every document becomes one sequence ending with the tokenizer's EOS id.
+TOKENIZE_EPILOG = """\
+Inputs are .jsonl or .txt files, each optionally compressed (.gz, .zst), directories (searched
+recursively) or glob patterns (quote them). A JSONL line is a document with its text under
+--json-key; in .txt files each line is a document. Every document becomes one sequence ending
+with the tokenizer's EOS id.
 
 Bad lines (malformed JSON, missing or non-string key, invalid UTF-8, empty document):
   --on-error fail   stop at the first one, print file:line and the reason, exit 1, write nothing
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data_prep: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("data_prep: interrupted; nothing was written", file=sys.stderr)
+        print("data_prep: interrupted; unfinished output removed", file=sys.stderr)
         return 130
 
 
@@ -90,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
                        help="input files, directories or glob patterns")
-    train.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N")
+    train.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N",
+                       help="pieces in the model, counting the 256 byte pieces and <unk>, <s>, </s>")
     train.add_argument("--output-prefix", required=True, metavar="P", help="writes P.model and P.vocab")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="(default: bpe)")
-    train.add_argument("--json-key", default="text", help="JSON field holding the text; dots reach into nested objects (default: text)")
+    train.add_argument("--json-key", default="text", metavar="KEY",
+                     help="JSON field holding the text; dots reach into nested objects (default: text)")
     train.add_argument("--sample-docs", type=_positive_int, default=100_000, metavar="N",
                        help="train on a uniform random sample of N documents (default: 100000)")
     train.add_argument("--seed", type=int, default=0, help="sampling and training seed (default: 0)")
@@ -104,10 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize documents into Megatron-Core indexed datasets, one sequence per document.",
         epilog=TOKENIZE_EPILOG, formatter_class=formatter,
     )
-    tok.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR_OR_GLOB")
-    tok.add_argument("--output-prefix", required=True, metavar="P")
+    tok.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR_OR_GLOB",
+                     help="input files, directories or glob patterns")
+    tok.add_argument("--output-prefix", required=True, metavar="P",
+                     help="writes P.bin, P.idx, P.stats.json (with --domain-key: P_<domain>.bin/.idx "
+                          "and P.blend.json instead of P.bin/.idx)")
     tok.add_argument("--tokenizer-model", required=True, metavar="M", help="SentencePiece .model file")
-    tok.add_argument("--json-key", default="text", help="JSON field holding the text; dots reach into nested objects (default: text)")
+    tok.add_argument("--json-key", default="text", metavar="KEY",
+                     help="JSON field holding the text; dots reach into nested objects (default: text)")
     tok.add_argument("--domain-key", metavar="DOTTED.KEY",
                      help="split by this JSON field (e.g. meta.redpajama_set_name): P_<domain>.bin/.idx "
                           "per domain and P.blend.json with natural weights")
@@ -115,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encoding processes (default: the usable CPU cores, here %(default)s)")
     tok.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                      help="what to do with a bad input line (default: fail)")
-    tok.add_argument("--force", action="store_true", help="rebuild even if the outputs exist")
+    tok.add_argument("--force", action="store_true",
+                     help="replace existing outputs, even those of a finished identical run")
     tok.set_defaults(run=_tokenize)
 
     show = commands.add_parser(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections import Counter
@@ -80,6 +81,8 @@ def train_tokenizer(
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
+        os.replace(partial + ".vocab", output_prefix + ".vocab")
+        os.replace(partial + ".model", output_prefix + ".model")  # the model last: it is the result
     except (RuntimeError, ValueError) as exc:
         raise DataPrepError(
             f"SentencePiece could not train a {vocab_size}-piece {model_type} model on "
@@ -87,8 +90,10 @@ def train_tokenizer(
             "Change --vocab-size (byte fallback needs room for 256 byte pieces plus the "
             "characters of the text) or give more text (--sample-docs, more inputs)."
         ) from exc
-    os.replace(partial + ".vocab", output_prefix + ".vocab")
-    os.replace(partial + ".model", output_prefix + ".model")
+    finally:
+        for suffix in (".model", ".vocab"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial + suffix)
     return TrainingSummary(documents, len(sample), len(lines), skipped)
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -36,6 +36,7 @@ from .readers import (
     read_chunks,
 )
 from .tokenizer import load_tokenizer
+from .workers import OrderedPool
 
 MAX_DOMAINS = 256  # two open files each; more usually means --domain-key names the wrong field
 # fork where there is one: workers start in milliseconds, and callers of main() need no
@@ -145,14 +146,11 @@ def _encode_into(
     context = multiprocessing.get_context(_START_METHOD)
     total_bytes = sum(os.path.getsize(path) for path in paths)
     with (
-        context.Pool(job.workers, _start_worker, (job.tokenizer_model,)) as pool,
+        OrderedPool(context, job.workers, _start_worker, (job.tokenizer_model,)) as pool,
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None) as bar,
     ):
-        tasks = (
-            ((chunk, job.json_key, job.domain_key, fail, dtype), done)
-            for chunk, done in _chunks(paths)
-        )
-        for encoded, done in _imap_bounded(pool, encode_chunk, tasks, window=2 * job.workers + 2):
+        tasks = (((chunk, job.json_key, job.domain_key, fail, dtype), done) for chunk, done in _chunks(paths))
+        for encoded, done in pool.imap(encode_chunk, tasks, window=2 * job.workers + 2):
             if fail and encoded.first_bad:
                 bad = next(iter(encoded.first_bad.values()))
                 raise DataPrepError(
@@ -184,20 +182,6 @@ def _chunks(paths: list[str]) -> Iterator[tuple[Chunk, int]]:
         for chunk, position in read_chunks(path):
             yield chunk, done + position
         done += os.path.getsize(path)
-
-
-def _imap_bounded(pool, function, tagged_arguments, window: int):
-    """(result, tag) for each (arguments, tag), in order like Pool.imap, but with at most
-    `window` tasks in flight: Pool.imap reads all its input ahead when the workers are slower."""
-    pending: deque = deque()
-    for arguments, tag in tagged_arguments:
-        pending.append((pool.apply_async(function, arguments), tag))
-        if len(pending) >= window:
-            result, tag = pending.popleft()
-            yield result.get(), tag
-    while pending:
-        result, tag = pending.popleft()
-        yield result.get(), tag
 
 
 class _DomainDatasets:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -20,7 +21,7 @@ import zstandard
 
 from data_prep import indexed
 from data_prep.readers import read_chunks
-from data_prep.tokenize import _imap_bounded
+from data_prep.workers import OrderedPool
 from data_prep.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,24 +188,38 @@ def test_chunks_are_whole_lines_numbered_from_one_even_when_a_line_spans_many_re
     assert [chunk.first_line for chunk in chunks] == first_lines
 
 
-def test_at_most_a_window_of_chunks_is_read_ahead():
-    """Bounded memory: the reader never runs more than `window` chunks ahead of the writer."""
-    import multiprocessing
-
+def test_pool_returns_results_in_order_and_reads_at_most_a_window_ahead():
+    """Bounded memory: the reader never runs more than `window` chunks ahead of the writer,
+    even when later tasks finish first."""
     pulled = 0
 
     def tasks():
         nonlocal pulled
-        for item in range(50):
+        for item in range(40):
             pulled += 1
-            yield (-item,), item
+            yield (0.02 * (item % 3 == 0), item), f"tag{item}"
 
-    with multiprocessing.get_context("fork").Pool(2) as pool:
+    with OrderedPool(multiprocessing.get_context(), 3, _no_setup) as pool:
         results = []
-        for result, tag in _imap_bounded(pool, abs, tasks(), window=4):
+        for result, tag in pool.imap(_sleep_then_return, tasks(), window=4):
             results.append((result, tag))
             assert pulled - len(results) < 4
-    assert results == [(item, item) for item in range(50)]
+    assert results == [(item, f"tag{item}") for item in range(40)]
+
+
+def test_a_dead_worker_is_an_error_not_a_hang():
+    with OrderedPool(multiprocessing.get_context(), 2, _no_setup) as pool:
+        with pytest.raises(RuntimeError, match="worker process died"):
+            list(pool.imap(os._exit, [((3,), None)], window=2))
+
+
+def _no_setup() -> None:
+    pass
+
+
+def _sleep_then_return(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
 
 
 # ---------------------------------------------------------------- bad input
@@ -330,23 +345,45 @@ def big_input(path: Path, megabytes: int) -> None:
     path.write_text("".join(json.dumps({"text": f"{i} {paragraph}"}) + "\n" for i in range(count)))
 
 
-def start_and_interrupt(tmp_path: Path, tokenizer: str, sig: int) -> subprocess.Popen:
-    """Start a run and send `sig` once its first tokens are on disk (in the staging area)."""
+def start_and_interrupt(tmp_path: Path, tokenizer: str, sig: int) -> tuple[subprocess.Popen, list[int]]:
+    """Start a run, send `sig` once its first tokens are on disk (in the staging area), and
+    return the process and its workers' pids."""
     process = subprocess.Popen(
         [sys.executable, "-m", "data_prep", "tokenize", "--input", "big.jsonl", "--output-prefix", "out",
-         "--tokenizer-model", tokenizer, "--workers", "1"],
+         "--tokenizer-model", tokenizer, "--workers", "2"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    staged = tmp_path / "out.incomplete" / "out.bin"
-    deadline = time.monotonic() + 60
-    while not (staged.exists() and staged.stat().st_size > 0):
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    assert process.poll() is None, "the run ended before it could be interrupted"
-    process.send_signal(sig)
-    process.wait(timeout=60)
-    return process
+    try:
+        staged = tmp_path / "out.incomplete" / "out.bin"
+        deadline = time.monotonic() + 60
+        while not (staged.exists() and staged.stat().st_size > 0):
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        workers = children(process.pid)
+        assert process.poll() is None and len(workers) == 2
+        process.send_signal(sig)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    return process, workers
+
+
+def children(pid: int) -> list[int]:
+    return [int(stat.split()[0]) for stat in map(_read_stat, Path("/proc").glob("[0-9]*/stat"))
+            if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid]
+
+
+def running(pid: int) -> bool:
+    stat = _read_stat(Path(f"/proc/{pid}/stat"))
+    return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"  # zombies have exited
+
+
+def _read_stat(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def assert_no_dataset(tmp_path: Path, IndexedDataset) -> None:
@@ -363,9 +400,16 @@ ignore_half_built_reader = pytest.mark.filterwarnings("ignore::pytest.PytestUnra
 @ignore_half_built_reader
 def test_killed_run_leaves_no_dataset_and_the_rerun_completes(tmp_path, tokenizer, IndexedDataset):
     big_input(tmp_path / "big.jsonl", 6)
-    process = start_and_interrupt(tmp_path, tokenizer, signal.SIGKILL)
+    process, workers = start_and_interrupt(tmp_path, tokenizer, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     assert_no_dataset(tmp_path, IndexedDataset)
+    deadline = time.monotonic() + 10  # orphaned workers notice and exit
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in workers if running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers outlived their killed parent"
 
     rerun = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", "out",
                     "--tokenizer-model", tokenizer, cwd=tmp_path)
@@ -378,11 +422,12 @@ def test_killed_run_leaves_no_dataset_and_the_rerun_completes(tmp_path, tokenize
 @ignore_half_built_reader
 def test_ctrl_c_stops_cleanly_and_removes_partial_output(tmp_path, tokenizer, IndexedDataset):
     big_input(tmp_path / "big.jsonl", 6)
-    process = start_and_interrupt(tmp_path, tokenizer, signal.SIGINT)
+    process, workers = start_and_interrupt(tmp_path, tokenizer, signal.SIGINT)
     assert process.returncode == 130
     assert "interrupted" in process.stderr.read()
     assert_no_dataset(tmp_path, IndexedDataset)
     assert not (tmp_path / "out.incomplete").exists()
+    assert not any(map(running, workers))
 
 
 def test_rerun_skips_finished_outputs_and_force_rebuilds(tmp_path, tokenizer):

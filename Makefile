@@ -37,5 +37,9 @@ demo: demo-data
 	$(PRETRAIN) --run-dir $(DEMO_RUNS)/linupper --set reweight.strategy=linupper
 	$(PY) -m launch.report $(DEMO_RUNS)/uniform $(DEMO_RUNS)/linupper --out $(DEMO_RUNS)/report.png
 
+# Preprocessing throughput: data_prep against raw SentencePiece and a Megatron-LM-style pipeline.
+bench-data: $(VENV)/.installed
+	$(PY) -m data_prep.bench
+
 clean:
 	rm -rf $(VENV) runs data/demo

@@ -176,6 +176,10 @@ def parse_chunk(
     return parsed
 
 
+def describe_inputs(paths: list[str]) -> str:
+    return ", ".join(paths) if len(paths) <= 3 else f"{len(paths):,} input files"
+
+
 def describe_skipped(skipped: Counter) -> str:
     """ "skipped 3 lines: 2 malformed JSON, 1 empty document" """
     total = sum(skipped.values())

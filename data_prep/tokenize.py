@@ -29,6 +29,7 @@ from .readers import (
     BAD_LINE_KINDS,
     BadLine,
     Chunk,
+    describe_inputs,
     describe_skipped,
     expand_inputs,
     is_plain_text,
@@ -77,8 +78,8 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
         return previous, False
 
     started = time.perf_counter()
+    datasets = _DomainDatasets(outputs, dtype, split=job.domain_key is not None)
     try:
-        datasets = _DomainDatasets(outputs, dtype, split=job.domain_key is not None)
         lines, skipped, first_skipped = _encode_into(datasets, job, paths, dtype)
         datasets.finish()
         stats = _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_skipped)
@@ -90,6 +91,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
         stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"])
         return outputs.commit(names, stats), True
     except BaseException:
+        datasets.close()
         outputs.abort()
         raise
 
@@ -171,7 +173,7 @@ def _encode_into(
             bar.update(done - bar.n)
     if not datasets.documents:
         found = f"; {describe_skipped(skipped)}" if skipped else " (the inputs are empty)"
-        raise DataPrepError(f"no documents in {', '.join(paths)}{found}")
+        raise DataPrepError(f"no documents in {describe_inputs(paths)}{found}")
     return lines, skipped, first_skipped
 
 
@@ -205,6 +207,10 @@ class _DomainDatasets:
     def finish(self) -> None:
         for writer in self.writers.values():
             writer.finish()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
 
     def file_names(self) -> list[str]:
         return [prefix + suffix for prefix in self.prefixes.values() for suffix in (".bin", ".idx")]

@@ -12,7 +12,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from .errors import DataPrepError
-from .readers import expand_inputs, parse_chunk, read_chunks
+from .readers import describe_inputs, describe_skipped, expand_inputs, parse_chunk, read_chunks
 
 
 def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
@@ -60,7 +60,8 @@ def train_tokenizer(
     paths = expand_inputs(inputs)
     sample, documents, skipped = _reservoir_sample(paths, json_key, sample_docs, random.Random(seed))
     if not sample:
-        raise DataPrepError(f"no documents to train on in {', '.join(paths)}")
+        found = f"; {describe_skipped(skipped)}" if skipped else ""
+        raise DataPrepError(f"no documents to train on in {describe_inputs(paths)}{found}")
     # SentencePiece trains on lines (it drops "sentences" over 4 kB), so feed lines, not documents.
     lines = [line for text in sample for line in text.split("\n") if line.strip()]
 

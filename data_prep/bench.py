@@ -30,13 +30,17 @@ from .tokenizer import train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=2, help="worker processes / threads (default: 2)")
-    parser.add_argument("--size-mb", type=float, default=32, help="corpus size in MB of text (default: 32)")
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.bench", description=__doc__.split("\n", 1)[1],
+        epilog="example: python -m data_prep.bench --workers 2 --size-mb 32 --model-type unigram",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="worker processes, and threads for the limit (default: 2)")
+    parser.add_argument("--size-mb", type=float, default=32, metavar="MB", help="corpus size in MB of text (default: 32)")
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="(default: bpe)")
-    parser.add_argument("--vocab-size", type=int, default=16000, help="(default: 16000)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each pipeline, best kept (default: 3)")
+    parser.add_argument("--vocab-size", type=int, default=16000, metavar="N", help="(default: 16000)")
+    parser.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each pipeline, best kept (default: 3)")
     args = parser.parse_args(argv)
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset  # slow import, outside timing

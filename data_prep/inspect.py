@@ -42,7 +42,9 @@ def inspect_dataset(
             f"min {lengths.min():,} · p50 {p50:,} · p90 {p90:,} · p99 {p99:,} · max {lengths.max():,} "
             "tokens (EOS included)",
         ))
-    model_path = tokenizer_model or stats.get("tokenizer_model")
+    # The path as given to tokenize may be relative to another working directory.
+    candidates = [tokenizer_model] if tokenizer_model else [stats.get("tokenizer_model"), stats.get("tokenizer_path")]
+    model_path = next((path for path in candidates if path and os.path.exists(path)), candidates[0])
     processor = load_tokenizer(model_path) if model_path and os.path.exists(model_path) else None
     if processor is not None:
         eos = processor.eos_id()

@@ -247,6 +247,7 @@ def _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_sk
     return {
         "run": run,
         "tokenizer_model": job.tokenizer_model,
+        "tokenizer_path": os.path.abspath(job.tokenizer_model),
         "vocab_size": processor.vocab_size(),
         "eos_id": processor.eos_id(),
         "dtype": dtype.name,

@@ -1,16 +1,17 @@
-"""Resumable, reshardable, atomic checkpoints with Megatron's `dist_checkpointing`.
+"""Resumable, atomic checkpoints: one directory discipline, one writer per engine.
 
 Layout of `<run_dir>/checkpoints/`:
 
-    step_00000100/          model and optimizer shards (dist_checkpointing: any TP/PP/DP
-                            layout can load them), RNG states per model-parallel rank,
-                            and trainer_state.json (step, LR scheduler, reweighting
-                            schedule, layout), written last
+    step_00000100/          the engine's shards (model, optimizer, RNG states) and
+                            trainer_state.json (step, LR scheduler, reweighting schedule,
+                            layout), written last
     step_00000200.tmp/      a save in progress; never loaded, removed by the next save
 
 A checkpoint is written under a `.tmp` name and renamed by rank 0 once every rank has
 finished, so a killed job never leaves one that looks complete.  The newest directory
-with a trainer_state.json is loaded; any newer one without it is reported and skipped.
+with a trainer_state.json and its shards is loaded; any newer one is reported and skipped.
+`MegatronCheckpointer` writes Megatron's `dist_checkpointing` shards, which any TP/PP/DP
+layout can load.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -34,7 +35,7 @@ STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
 
 
-def _layout() -> dict[str, int]:
+def current_layout() -> dict[str, int]:
     return dict(
         tp=ps.get_tensor_model_parallel_world_size(),
         pp=ps.get_pipeline_model_parallel_world_size(),
@@ -43,73 +44,54 @@ def _layout() -> dict[str, int]:
     )
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
         state["cuda"] = torch.cuda.get_rng_state()
         state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
-        from megatron.core import tensor_parallel
-
         torch.cuda.set_rng_state(state["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
-    """One RNG state per (PP, TP, CP) rank, replicated over DP (Megatron-LM's convention)."""
-    return ShardedObject(
-        "rng_state",
-        state,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(),
-    )
-
-
-# Fully sharded in model space: the distributed optimizer's state reshards across layouts.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
-
-
-def _sharded_state(model, optimizer, rng: Optional[dict], is_loading: bool) -> dict:
-    model_state = model.sharded_state_dict()
-    state = {
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA),
-    }
-    if rng is not None or is_loading:
-        state["rng_state"] = _rng_sharded_object(rng)
-    return state
-
-
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     """Printed rather than warned: what happens to a run must not hide behind warning filters."""
     if dist.get_rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
+def write_json_atomically(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
 
 
 class Checkpointer:
-    """Saves and restores the whole training state of one run directory."""
+    """Saves and restores the training state of one run directory; subclasses write the shards."""
 
     def __init__(self, root: Path, keep: Optional[int] = None):
         self.root = Path(root)
         self.keep = keep
 
-    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+    # What an engine provides.
+    def write_shards(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def read_shards(self, directory: Path, saved_layout: dict[str, int]) -> None:
+        raise NotImplementedError
+
+    def shards_complete(self, directory: Path) -> bool:
+        raise NotImplementedError
+
+    # The discipline every engine shares.
+    def save(self, step: int, trainer_state: dict) -> Path:
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
@@ -118,10 +100,10 @@ class Checkpointer:
                 shutil.rmtree(stale)
             tmp.mkdir()
         dist.barrier()
-        dist_checkpointing.save(_sharded_state(model, optimizer, _rng_state(), is_loading=False), str(tmp))
+        self.write_shards(tmp)
         dist.barrier()
         if dist.get_rank() == 0:
-            _write_json_atomically(tmp / STATE_FILE, {**trainer_state, "step": step, "layout": _layout()})
+            write_json_atomically(tmp / STATE_FILE, {**trainer_state, "step": step, "layout": current_layout()})
             if final.exists():  # the same step saved again (a rerun of a finished run)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -141,30 +123,71 @@ class Checkpointer:
         found.sort(key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
         complete = []
         for path in found:
-            if (path / STATE_FILE).is_file() and (path / "metadata.json").is_file():
+            if (path / STATE_FILE).is_file() and self.shards_complete(path):
                 complete.append(path)
             elif not complete:
-                _warn(f"checkpoint {path} is incomplete (no {STATE_FILE} or metadata.json); using an earlier one")
+                warn(f"checkpoint {path} is incomplete (no {STATE_FILE} or missing shards); using an earlier one")
         return complete
 
     def latest(self) -> Optional[Path]:
         complete = self.complete_checkpoints() if self.root.is_dir() else []
         return complete[0] if complete else None
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore model, optimizer and (same layout only) RNG; returns the trainer state."""
+    def load(self, path: Path) -> dict:
+        """Restore the engine's state from `path`; returns the trainer state saved with it."""
         trainer_state = json.loads((path / STATE_FILE).read_text())
-        same_layout = {k: v for k, v in trainer_state["layout"].items() if k != "dp"} == {
-            k: v for k, v in _layout().items() if k != "dp"
+        self.read_shards(path, trainer_state["layout"])
+        return trainer_state
+
+
+class MegatronCheckpointer(Checkpointer):
+    """Megatron-Core model and optimizer through `dist_checkpointing`: reshardable across layouts.
+
+    RNG states are kept per (PP, TP, CP) rank and replicated over DP (Megatron-LM's
+    convention); a checkpoint loaded into another model-parallel layout re-seeds them.
+    """
+
+    # Fully sharded in model space: the distributed optimizer's state reshards across layouts.
+    OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+    def __init__(self, root: Path, keep: Optional[int], model, optimizer):
+        super().__init__(root, keep)
+        self.model = model
+        self.optimizer = optimizer
+
+    def _sharded_state(self, rng: Optional[dict], is_loading: bool) -> dict:
+        model_state = self.model.sharded_state_dict()
+        state = {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=self.OPTIMIZER_METADATA),
         }
-        state = _sharded_state(model, optimizer, None, is_loading=True)
+        if rng is not None or is_loading:
+            state["rng_state"] = ShardedObject(
+                "rng_state",
+                rng,
+                (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()),
+                (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()),
+                replica_id=ps.get_data_parallel_rank(),
+            )
+        return state
+
+    def write_shards(self, directory: Path) -> None:
+        dist_checkpointing.save(self._sharded_state(rng_state(), is_loading=False), str(directory))
+
+    def shards_complete(self, directory: Path) -> bool:
+        return (directory / "metadata.json").is_file()
+
+    def read_shards(self, directory: Path, saved_layout: dict[str, int]) -> None:
+        same_layout = {k: v for k, v in saved_layout.items() if k != "dp"} == {
+            k: v for k, v in current_layout().items() if k != "dp"
+        }
+        state = self._sharded_state(None, is_loading=True)
         if not same_layout:
             # RNG streams belong to model-parallel ranks; a new layout starts fresh ones.
             del state["rng_state"]
-            _warn(f"resharding checkpoint from layout {trainer_state['layout']} to {_layout()}; RNG states re-seeded")
-        loaded = dist_checkpointing.load(state, str(path))
-        model.load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
+            warn(f"resharding checkpoint from layout {saved_layout} to {current_layout()}; RNG states re-seeded")
+        loaded = dist_checkpointing.load(state, str(directory))
+        self.model.load_state_dict(loaded["model"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
         if same_layout:
-            _set_rng_state(loaded["rng_state"])
-        return trainer_state
+            set_rng_state(loaded["rng_state"])

@@ -228,14 +228,14 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be one file name, got {base!r}")
-    return _deep_merge(_read_yaml_with_base(path.parent / base, (*seen, path)), raw)
+    return deep_merge(_read_yaml_with_base(path.parent / base, (*seen, path)), raw)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -514,6 +514,11 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
             problems.append(
                 "parallel.distributed_optimizer is Megatron's optimizer sharding; with"
                 " engine=deepspeed set it to false and use deepspeed.zero_stage >= 1"
+            )
+        if par.sequence_parallel:
+            problems.append(
+                "parallel.sequence_parallel=true needs engine=megatron: DeepSpeed does not reduce"
+                " the layer-norm gradients over the tensor-parallel group; set it to false"
             )
     return problems
 

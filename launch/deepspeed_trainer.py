@@ -13,28 +13,18 @@ schedule, and the optimizer needs no compiled DeepSpeed op.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import warnings
 from functools import partial
 from pathlib import Path
 
 import deepspeed
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from launch.checkpoint import PREFIX, STATE_FILE, Checkpointer, _rng_state, _set_rng_state, _write_json_atomically
-from launch.config import Config, ConfigError, _deep_merge, resolve_blend, resolve_valid_blend, to_dict
-from launch.data import build_train_dataset, build_validation_datasets, micro_batches
-from launch.metrics import MetricsLog
-from launch.model import build_model, use_bf16
+from launch.checkpoint import Checkpointer, current_layout, rng_state, set_rng_state
+from launch.config import Config, ConfigError, deep_merge
+from launch.data import micro_batches
+from launch.model import use_bf16
 from launch.trainer import Trainer
 from megatron_patches.deepspeed import MegatronMPU, forward_backward, optimizer_param_groups
-from megatron_patches.loss import ReweightedLoss
-from megatron_patches.parallel import initialize_parallel
-from megatron_patches.reweighting import ReweightSchedule
 
 # DeepSpeed's model-states files: `mp_rank_XX_...` per TP rank, `zero_pp_rank_N_mp_rank_XX_...` under ZeRO-3.
 MODEL_STATES = "*model_states.pt"
@@ -69,7 +59,7 @@ def deepspeed_config(cfg: Config, micro_batches_per_step: int) -> dict:
             raise ConfigError(
                 f"deepspeed.config sets {section!r}: the optimizer and LR schedule come from optim.* in the run config"
             )
-    merged = _deep_merge(settings, extra)
+    merged = deep_merge(settings, extra)
     conflicts = [key for key in _dotted_keys(step) if _lookup(merged, key) != _lookup(step, key)]
     if conflicts:
         raise ConfigError(
@@ -105,157 +95,57 @@ def build_engine(cfg: Config, model: torch.nn.Module, micro_batches_per_step: in
     return engine, optimizer
 
 
-def lr_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
-    """Warm-up then decay, and weight decay per parameter group: Megatron's scheduler, as in `Trainer`."""
-    o, t = cfg.optim, cfg.train
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0 if o.warmup_steps else o.lr,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=t.steps,
-        lr_decay_style=o.decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=t.steps,
-        wd_incr_style="constant",
-    )
-
-
-def _layout() -> dict[str, int]:
-    return dict(tp=ps.get_tensor_model_parallel_world_size(), dp=ps.get_data_parallel_world_size())
-
-
 class DeepSpeedCheckpointer(Checkpointer):
-    """`Checkpointer`'s directory discipline (`.tmp` name, rename by rank 0 after a barrier,
-    trainer_state.json last, newest complete one loaded) with DeepSpeed writing the shards.
+    """DeepSpeed writes the shards: the model states per TP rank (with our RNG state as client
+    state) and the ZeRO partitions per rank, which load only into the same TP and DP sizes."""
 
-    DeepSpeed's files: the model states per TP rank (with our RNG state as client state,
-    replicated over DP like Megatron's; per rank under ZeRO-3) and the ZeRO partitions per
-    rank.  ZeRO partitions load only into the same TP and DP sizes.
-    """
+    def __init__(self, root: Path, keep, engine):
+        super().__init__(root, keep)
+        self.engine = engine
 
-    def save(self, step: int, engine, trainer_state: dict) -> Path:
-        final = self.root / f"{PREFIX}{step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if dist.get_rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f"{PREFIX}*.tmp"):
-                shutil.rmtree(stale)
-        dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"rng_state": _rng_state()}, save_latest=False)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            _write_json_atomically(tmp / STATE_FILE, {**trainer_state, "step": step, "layout": _layout()})
-            if final.exists():  # the same step saved again (a rerun of a finished run)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        dist.barrier()
-        return final
+    def write_shards(self, directory: Path) -> None:
+        self.engine.save_checkpoint(
+            str(directory.parent), tag=directory.name, client_state={"rng_state": rng_state()}, save_latest=False
+        )
 
-    def complete_checkpoints(self) -> list[Path]:
-        """Finished DeepSpeed checkpoints, newest first."""
-        found = [p for p in self.root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp")]
-        found.sort(key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
-        complete = []
-        for path in found:
-            if (path / STATE_FILE).is_file() and any(path.glob(MODEL_STATES)):
-                complete.append(path)
-            elif not complete:
-                warnings.warn(f"checkpoint {path} is incomplete (no {STATE_FILE} or {MODEL_STATES}); using an earlier one")
-        return complete
+    def shards_complete(self, directory: Path) -> bool:
+        return any(directory.glob(MODEL_STATES))
 
-    def load(self, path: Path, engine) -> dict:
-        """Restore model, ZeRO optimizer state and RNG; returns the trainer state."""
-        if not any(path.glob(MODEL_STATES)):
-            raise RuntimeError(f"{path} is not a DeepSpeed checkpoint (no {MODEL_STATES}); engine=megatron wrote it?")
-        trainer_state = json.loads((path / STATE_FILE).read_text())
-        if trainer_state["layout"] != _layout():
+    def read_shards(self, directory: Path, saved_layout: dict[str, int]) -> None:
+        if not self.shards_complete(directory):
+            raise RuntimeError(f"{directory} is not a DeepSpeed checkpoint (no {MODEL_STATES}); engine=megatron wrote it?")
+        if saved_layout != current_layout():
             raise RuntimeError(
-                f"checkpoint {path} was written with layout {trainer_state['layout']} and this run is {_layout()}:"
+                f"checkpoint {directory} was written with layout {saved_layout} and this run is {current_layout()}:"
                 " ZeRO partitions load only into the same parallel.tp and number of processes"
             )
-        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-        _set_rng_state(client_state["rng_state"])
-        return trainer_state
+        _, client_state = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+        set_rng_state(client_state["rng_state"])
 
 
 class DeepSpeedTrainer(Trainer):
-    """`Trainer`'s loop, metrics and validation on a DeepSpeed engine.
+    """`Trainer`'s loop, metrics, validation and checkpoints on a DeepSpeed engine.
 
-    Only what touches the engine is redefined here: construction, the step, the
-    forward/backward of a global batch, and checkpoints.  The engine stands where Trainer
-    keeps Megatron's DDP wrapper (`self.ddp`): validation runs forward through it and
-    switches it between eval and train.
+    Only what touches the engine is redefined: its construction, the step and the
+    forward/backward of a global batch.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        p, t = cfg.parallel, cfg.train
-        if p.sequence_parallel:
-            raise ConfigError(
-                "parallel.sequence_parallel=true needs engine=megatron: DeepSpeed does not reduce the"
-                " layer-norm gradients over the tensor-parallel group; set it to false"
-            )
-        initialize_parallel(p.tp, p.pp, p.cp, seed=t.seed)
-        self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
-
-        self.model = build_model(cfg)
-        self.engine, self.optimizer = build_engine(cfg, self.model, self.micro_batches_per_step)
-        self.ddp = self.engine  # Trainer's validation runs forward through it and toggles eval/train
-        self.scheduler = lr_scheduler(cfg, self.optimizer)
-
-        r = cfg.reweight
-        self.blend = resolve_blend(cfg)
-        schedule = ReweightSchedule(r.strategy, r.temperature, r.warmup_steps, r.warmup_temperature, r.anneal_steps)
-        self.loss = ReweightedLoss(schedule, delta=r.delta, num_domains=len(self.blend.domains))
-
-        cache = Path(cfg.data.cache_dir or self.run_dir / "data_cache")
-        self.train_data = build_train_dataset(cfg, self.blend, cache)
-        valid_blend = resolve_valid_blend(cfg) or self.blend
-        self.valid_data = build_validation_datasets(cfg, valid_blend, cache) if t.eval_interval > 0 else {}
-
-        self.checkpointer = DeepSpeedCheckpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
-        self.step = self._resume()
-        self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step)
+    def _build_engine(self) -> None:
+        self.wrapped_model, self.optimizer = build_engine(self.cfg, self.model, self.micro_batches_per_step)
+        self.checkpointer = DeepSpeedCheckpointer(self.run_dir / "checkpoints", self.cfg.checkpoint.keep, self.wrapped_model)
 
     def _train_step(self) -> tuple[torch.Tensor, float]:
         reports = self._forward_backward(
             micro_batches(self.train_data, self.cfg, self.step), self.loss, self.micro_batches_per_step, forward_only=False
         )
-        self.engine.step()  # reduces what is left, clips, steps, zeroes the gradients
+        self.wrapped_model.step()  # reduces what is left, clips, steps, zeroes the gradients
         self.scheduler.step(increment=1)
         self.loss.schedule.advance()
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.wrapped_model.get_global_grad_norm()
         # ZeRO stage 0 clips with a plain torch optimizer and keeps no norm: logged as NaN.
         return self._step_statistics(reports), float("nan") if grad_norm is None else float(grad_norm)
 
     def _forward_backward(self, batches, loss_fn, num_microbatches: int, forward_only: bool) -> list[dict]:
-        return forward_backward(self.engine, partial(self._forward_step, loss_fn), batches, num_microbatches, forward_only)
-
-    def _save(self) -> None:
-        state = {
-            "scheduler": self.scheduler.state_dict(),
-            "reweight_schedule": self.loss.schedule.state_dict(),
-            "consumed_samples": self.step * self.cfg.train.global_batch_size,
-            "config": to_dict(self.cfg),
-        }
-        path = self.checkpointer.save(self.step, self.engine, state)
-        if dist.get_rank() == 0:
-            print(f"step {self.step:>6} | saved checkpoint {path}", flush=True)
-
-    def _resume(self) -> int:
-        path = self.checkpointer.latest()
-        if path is None and self.cfg.checkpoint.load:
-            path = Path(self.cfg.checkpoint.load)
-        if path is None:
-            return 0
-        state = self.checkpointer.load(path, self.engine)
-        self.scheduler.load_state_dict(state["scheduler"])  # after DeepSpeed restored the param groups
-        self.loss.schedule.load_state_dict(state["reweight_schedule"])
-        if dist.get_rank() == 0:
-            print(f"resumed from {path} at step {state['step']}", flush=True)
-        return state["step"]
+        return forward_backward(
+            self.wrapped_model, partial(self._forward_step, loss_fn), batches, num_microbatches, forward_only
+        )

@@ -21,9 +21,7 @@ def main(argv=None) -> int:
             return 1 if data_file_problems(cfg) else 0
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
     except ConfigError as error:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses; one says why
-            print(f"config error: {error}", file=sys.stderr)
-        return 2
+        return _refuse(error)
     if cfg.engine == "deepspeed":
         from launch.deepspeed_trainer import DeepSpeedTrainer as Trainer
     else:
@@ -32,8 +30,18 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    Trainer(cfg, run_dir).train()
+    try:
+        trainer = Trainer(cfg, run_dir)
+    except ConfigError as error:  # found while building, e.g. a DeepSpeed JSON at odds with the config
+        return _refuse(error)
+    trainer.train()
     return 0
+
+
+def _refuse(error: ConfigError) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses; one says why
+        print(f"config error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

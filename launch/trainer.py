@@ -18,7 +18,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from launch.checkpoint import Checkpointer
+from launch.checkpoint import MegatronCheckpointer
 from launch.config import Config, resolve_blend, resolve_valid_blend, to_dict
 from launch.data import build_train_dataset, build_validation_datasets, micro_batches
 from launch.metrics import MetricsLog, console_line, reduce_to_rank0
@@ -47,43 +47,56 @@ def _token_sum_loss(loss_mask, domains, token_losses):
     return total, count.to(torch.int), {"sum_count": torch.stack([total.detach(), count])}
 
 
+def lr_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    """Warm-up then decay (Megatron's scheduler), for either engine's optimizer."""
+    o, t = cfg.optim, cfg.train
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if o.warmup_steps else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=t.steps,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+    )
+
+
+def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
+    o = cfg.optim
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        decoupled_weight_decay=o.name == "adamw",
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_eps=o.eps,
+        clip_grad=o.clip_grad,
+        bf16=use_bf16(cfg),
+        params_dtype=torch.bfloat16 if use_bf16(cfg) else torch.float32,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+
+
 class Trainer:
+    """Megatron-Core's engine; `launch.deepspeed_trainer` swaps in DeepSpeed's via `_build_engine`."""
+
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        p, t = cfg.parallel, cfg.train
+        p, t, r = cfg.parallel, cfg.train, cfg.reweight
         initialize_parallel(p.tp, p.pp, p.cp, seed=t.seed)
         self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
 
         self.model = build_model(cfg)
-        self.ddp = DistributedDataParallel(
-            self.model.config,
-            DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                use_distributed_optimizer=p.distributed_optimizer,
-                check_for_nan_in_grad=True,
-            ),
-            self.model,
-        )
-        self.optimizer = get_megatron_optimizer(self._optimizer_config(), [self.ddp])
-        self.model.config.finalize_model_grads_func = finalize_model_grads
-        self.model.config.grad_scale_func = self.optimizer.scale_loss
-        o = cfg.optim
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if o.warmup_steps else o.lr,
-            max_lr=o.lr,
-            min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=t.steps,
-            lr_decay_style=o.decay_style,
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
-            wd_incr_steps=t.steps,
-            wd_incr_style="constant",
-        )
+        self._build_engine()  # sets wrapped_model, optimizer, checkpointer
+        self.scheduler = lr_scheduler(cfg, self.optimizer)
 
-        r = cfg.reweight
         self.blend = resolve_blend(cfg)
         schedule = ReweightSchedule(r.strategy, r.temperature, r.warmup_steps, r.warmup_temperature, r.anneal_steps)
         self.loss = ReweightedLoss(schedule, delta=r.delta, num_domains=len(self.blend.domains))
@@ -93,9 +106,26 @@ class Trainer:
         valid_blend = resolve_valid_blend(cfg) or self.blend
         self.valid_data = build_validation_datasets(cfg, valid_blend, cache) if t.eval_interval > 0 else {}
 
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         self.step = self._resume()
         self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step)
+
+    def _build_engine(self) -> None:
+        """Megatron DDP (gradient reduction over DP×CP) and Megatron's optimizer."""
+        self.wrapped_model = DistributedDataParallel(
+            self.model.config,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+                check_for_nan_in_grad=True,
+            ),
+            self.model,
+        )
+        self.optimizer = get_megatron_optimizer(megatron_optimizer_config(self.cfg), [self.wrapped_model])
+        self.model.config.finalize_model_grads_func = finalize_model_grads
+        self.model.config.grad_scale_func = self.optimizer.scale_loss
+        self.checkpointer = MegatronCheckpointer(
+            self.run_dir / "checkpoints", self.cfg.checkpoint.keep, self.model, self.optimizer
+        )
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -125,7 +155,7 @@ class Trainer:
         self.log.close()
 
     def _train_step(self) -> tuple[torch.Tensor, float]:
-        self.ddp.zero_grad_buffer()
+        self.wrapped_model.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._forward_backward(
             micro_batches(self.train_data, self.cfg, self.step), self.loss, self.micro_batches_per_step, forward_only=False
@@ -139,7 +169,7 @@ class Trainer:
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, loss_fn),
             data_iterator=batches,
-            model=[self.ddp],
+            model=[self.wrapped_model],
             num_microbatches=num_microbatches,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size,
@@ -210,7 +240,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         """Held-out token-mean loss per domain, on the same samples every time."""
-        self.ddp.eval()
+        self.wrapped_model.eval()
         iters = self.cfg.train.eval_iters
         sums = []
         with torch.no_grad():
@@ -220,7 +250,7 @@ class Trainer:
                 )
                 total = torch.stack([r["sum_count"] for r in reports]).sum(0) if reports else torch.zeros(2)
                 sums.append(total.to(torch.float64).cpu())
-        self.ddp.train()
+        self.wrapped_model.train()
         # Every DP and CP rank of the last stage holds part of the tokens: add them all.
         contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         values = reduce_to_rank0(torch.cat(sums), contributes)
@@ -240,7 +270,7 @@ class Trainer:
             "consumed_samples": self.step * self.cfg.train.global_batch_size,
             "config": to_dict(self.cfg),
         }
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        path = self.checkpointer.save(self.step, state)
         if dist.get_rank() == 0:
             print(f"step {self.step:>6} | saved checkpoint {path}", flush=True)
 
@@ -250,26 +280,9 @@ class Trainer:
             path = Path(self.cfg.checkpoint.load)
         if path is None:
             return 0
-        state = self.checkpointer.load(path, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = self.checkpointer.load(path)
+        self.scheduler.load_state_dict(state["scheduler"])  # after the optimizer's param groups
         self.loss.schedule.load_state_dict(state["reweight_schedule"])
         if dist.get_rank() == 0:
             print(f"resumed from {path} at step {state['step']}", flush=True)
         return state["step"]
-
-    def _optimizer_config(self) -> OptimizerConfig:
-        o = self.cfg.optim
-        return OptimizerConfig(
-            optimizer="adam",
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            decoupled_weight_decay=o.name == "adamw",
-            adam_beta1=o.beta1,
-            adam_beta2=o.beta2,
-            adam_eps=o.eps,
-            clip_grad=o.clip_grad,
-            bf16=use_bf16(self.cfg),
-            params_dtype=torch.bfloat16 if use_bf16(self.cfg) else torch.float32,
-            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
-        )

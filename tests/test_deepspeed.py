@@ -73,20 +73,17 @@ def _full_tensors(model, read=lambda p: p):
 
 def _megatron_step(cfg, full_state):
     """One step of the Megatron engine, built as launch.trainer.Trainer builds it."""
-    from types import SimpleNamespace
-
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_harness import forward_step, full_gradients, load_full_state, tiny_gpt
 
-    from launch.deepspeed_trainer import lr_scheduler
-    from launch.trainer import Trainer
+    from launch.trainer import lr_scheduler, megatron_optimizer_config
 
     model = tiny_gpt()
     load_full_state(model, full_state)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    optimizer = get_megatron_optimizer(Trainer._optimizer_config(SimpleNamespace(cfg=cfg)), [ddp])
+    optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg), [ddp])
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.grad_scale_func = optimizer.scale_loss
     lr_scheduler(cfg, optimizer)
@@ -109,7 +106,8 @@ def _deepspeed_step(cfg, full_state, sgd_probe: bool = False):
     from deepspeed.utils import safe_get_full_fp32_param
     from megatron_harness import forward_step, load_full_state, tiny_gpt
 
-    from launch.deepspeed_trainer import build_engine, deepspeed_config, lr_scheduler
+    from launch.deepspeed_trainer import build_engine, deepspeed_config
+    from launch.trainer import lr_scheduler
     from megatron_patches.deepspeed import MegatronMPU, forward_backward
 
     model = tiny_gpt()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -39,8 +40,12 @@ def main(argv=None) -> int:
 
 
 def _refuse(error: ConfigError) -> int:
-    if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses; one says why
-        print(f"config error: {error}", file=sys.stderr)
+    """Every rank refuses; rank 0 says why.  The others wait a moment before exiting, since
+    torchrun stops the whole job at the first failed process and would cut rank 0 short."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"config error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(5)
     return 2
 
 

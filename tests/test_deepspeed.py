@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import pytest
 import torch
 
 from megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
+from e2e import pretrain, rows
 from multiprocess import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,38 +211,12 @@ def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path, settings, na
 # ---- end to end: torchrun -m launch.pretrain --config configs/demo_cpu_deepspeed.yaml -----------
 
 
-def pretrain(run_dir: Path, demo_dir: Path, cache_dir: Path, *overrides: str, config: str = "configs/demo_cpu_deepspeed.yaml"):
-    """One two-process run of the entry point on the demo data, small and fast."""
-    settings = [
-        f"data.blend={demo_dir / 'train.blend.json'}",
-        f"data.valid_blend={demo_dir / 'valid.blend.json'}",
-        f"data.tokenizer_model={demo_dir / 'tokenizer.model'}",
-        f"data.cache_dir={cache_dir}",
-        "model.num_layers=2",
-        "model.hidden_size=64",
-        "model.seq_length=64",
-        "train.steps=6",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=2",
-        "train.log_interval=2",
-        "train.eval_interval=4",
-        "train.eval_iters=1",
-        "checkpoint.interval=2",
-        "optim.warmup_steps=2",
-        "reweight.warmup_steps=2",
-        *overrides,
-    ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "launch.pretrain"]
-    command += ["--config", config, "--run-dir", str(run_dir), "--set", *settings]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if result.returncode != 0:
-        raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+DEEPSPEED = "configs/demo_cpu_deepspeed.yaml"
 
 
-def rows(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+def small(cache_dir: Path) -> tuple[str, ...]:
+    """Six steps, Megatron's sample indices shared by every run."""
+    return (f"data.cache_dir={cache_dir}", "train.steps=6")
 
 
 @pytest.fixture(scope="module")
@@ -256,14 +228,14 @@ def cache_dir(tmp_path_factory):
 def deepspeed_run(request, tmp_path_factory, demo_dir, cache_dir):
     """(ZeRO stage, run directory) of an uninterrupted run."""
     run_dir = tmp_path_factory.mktemp(f"zero{request.param}")
-    pretrain(run_dir, demo_dir, cache_dir, f"deepspeed.zero_stage={request.param}")
+    pretrain(run_dir, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={request.param}", config=DEEPSPEED)
     return request.param, run_dir
 
 
 @pytest.fixture(scope="module")
 def megatron_run(tmp_path_factory, demo_dir, cache_dir):
     run_dir = tmp_path_factory.mktemp("megatron")
-    pretrain(run_dir, demo_dir, cache_dir, config="configs/demo_cpu.yaml")
+    pretrain(run_dir, demo_dir, *small(cache_dir))
     return run_dir
 
 
@@ -283,9 +255,9 @@ def test_deepspeed_run_logs_the_megatron_rows_and_trains_alike(deepspeed_run, me
 @pytest.mark.e2e
 def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, cache_dir, deepspeed_run):
     stage, unbroken = deepspeed_run
-    pretrain(tmp_path, demo_dir, cache_dir, f"deepspeed.zero_stage={stage}", "train.exit_after=4")
+    pretrain(tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", "train.exit_after=4", config=DEEPSPEED)
     assert [r["step"] for r in rows(tmp_path, "train")] == [2, 4]
-    result = pretrain(tmp_path, demo_dir, cache_dir, f"deepspeed.zero_stage={stage}")
+    result = pretrain(tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", config=DEEPSPEED)
     assert "resumed from" in result.stdout and "step_00000004" in result.stdout
     for kind, keys in (("train", ("step", "loss", "weighted_loss", "lr", "grad_norm")), ("valid", ("step", "valid_loss"))):
         expected = [[r[k] for k in keys] for r in rows(unbroken, kind)]

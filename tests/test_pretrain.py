@@ -2,59 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+from e2e import REPO, pretrain, rows
+
 TRAIN_KEYS = {
     "step", "loss", "weighted_loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "weight_ess",
     "weight_max", "weight_entropy", "invalid_fraction", "domain_weight_share", "domain_sample_share",
 }  # fmt: skip
 DOMAINS = {"boilerplate", "code", "docs", "licenses", "prose"}
-STEPS = 8
 
 pytestmark = pytest.mark.e2e
-
-
-def pretrain(run_dir: Path, demo_dir: Path, *overrides: str, nproc: int = 2, check: bool = True):
-    """One run of the entry point on the demo data, small and fast."""
-    settings = [
-        f"data.blend={demo_dir / 'train.blend.json'}",
-        f"data.valid_blend={demo_dir / 'valid.blend.json'}",
-        f"data.tokenizer_model={demo_dir / 'tokenizer.model'}",
-        "model.num_layers=2",
-        "model.hidden_size=64",
-        "model.seq_length=64",
-        f"train.steps={STEPS}",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=2",
-        "train.log_interval=2",
-        "train.eval_interval=4",
-        "train.eval_iters=1",
-        "checkpoint.interval=2",
-        "optim.warmup_steps=2",
-        "reweight.strategy=linupper",
-        "reweight.warmup_steps=2",
-        *overrides,
-    ]
-    command = [*TORCHRUN, f"--nproc-per-node={nproc}", "-m", "launch.pretrain", "--config", "configs/demo_cpu.yaml"]
-    command += ["--run-dir", str(run_dir), "--set", *settings]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if check and result.returncode != 0:
-        raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def rows(run_dir: Path, kind: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 @pytest.fixture(scope="module")

@@ -496,6 +496,18 @@ def assert_statistics(stats, expected):
         np.testing.assert_allclose(stats[key].numpy(), value, rtol=0, atol=1e-12, err_msg=key)
 
 
+HAND_WORKED_STATISTICS = {
+    "ess": 1 / (8 * 0.17),
+    "max_weight": 2.0,
+    "entropy": STAT_ENTROPY,
+    "invalid_fraction": 0.0,
+    "loss_top_quarter": 7.5,
+    "loss_bottom_quarter": 1.5,
+    "domain_weight_share": [0.3, 0.7],
+    "domain_sample_share": [0.5, 0.5],
+}
+
+
 def test_statistics_hand_worked():
     stats = weight_statistics(
         torch.tensor(STAT_WEIGHTS, dtype=torch.float64),
@@ -506,16 +518,7 @@ def test_statistics_hand_worked():
     )
     assert_statistics(
         stats,
-        {
-            "ess": 1 / (8 * 0.17),
-            "max_weight": 2.0,
-            "entropy": STAT_ENTROPY,
-            "invalid_fraction": 0.0,
-            "loss_top_quarter": 7.5,
-            "loss_bottom_quarter": 1.5,
-            "domain_weight_share": [0.3, 0.7],
-            "domain_sample_share": [0.5, 0.5],
-        },
+        HAND_WORKED_STATISTICS,
     )
 
 
@@ -535,16 +538,7 @@ def test_statistics_leave_invalid_samples_out():
     )
     assert_statistics(
         stats,
-        {
-            "ess": 1 / (8 * 0.17),
-            "max_weight": 2.0,
-            "entropy": STAT_ENTROPY,
-            "invalid_fraction": 0.2,
-            "loss_top_quarter": 7.5,
-            "loss_bottom_quarter": 1.5,
-            "domain_weight_share": [0.3, 0.7],
-            "domain_sample_share": [0.5, 0.5],
-        },
+        {**HAND_WORKED_STATISTICS, "invalid_fraction": 0.2},
     )
 
 

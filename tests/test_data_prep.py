@@ -465,7 +465,7 @@ def test_outputs_of_unknown_origin_are_not_overwritten(tmp_path, tokenizer):
 # ---------------------------------------------------------------- inspect, tokenizer, CLI
 
 
-def test_inspect_reports_counts_percentiles_domains_and_a_decoded_sample(tmp_path, tokenizer):
+def test_inspect_reports_counts_percentiles_domains_and_a_decoded_sample(tmp_path, tokenizer, processor):
     records = [{"text": f"doc {i} " + "model " * i, "src": "web" if i % 3 else "code"} for i in range(1, 31)]
     write_jsonl(tmp_path / "in.jsonl", records)
     assert run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "p", "--domain-key", "src",
@@ -477,7 +477,9 @@ def test_inspect_reports_counts_percentiles_domains_and_a_decoded_sample(tmp_pat
     report = result.stdout
     assert "documents   30" in report
     assert f"tokens      {stats['tokens']:,} (uint16" in report
-    assert "p50" in report and "p99" in report
+    lengths = [len(processor.encode(r["text"])) + 1 for r in records]
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
+    assert f"min {min(lengths)} · p50 {p50} · p90 {p90} · p99 {p99} · max {max(lengths)} tokens" in report
     assert "ends in EOS 30 of 30 documents" in report
     domain_rows = [line.split() for line in report.splitlines() if line.startswith((" " * 12 + "web", " " * 12 + "code"))]
     assert sorted(domain_rows) == sorted(

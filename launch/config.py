@@ -136,7 +136,6 @@ class DataConfig:
     valid_blend: Optional[str] = None  # held-out blend for per-domain validation
     tokenizer_model: Optional[str] = None  # SentencePiece model
     split: str = "99,1,0"  # train,valid,test shares; used only when valid_blend is null
-    num_workers: int = 0
     cache_dir: Optional[str] = None  # null = <run_dir>/data_cache
 
 
@@ -165,7 +164,6 @@ class ReweightConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = True
-    validation_per_domain: bool = True
 
 
 @dataclass(frozen=True)
@@ -548,7 +546,6 @@ def _value_problems(cfg: Config) -> list[str]:
         "optim.clip_grad": optim.clip_grad,
         "reweight.warmup_steps": rw.warmup_steps,
         "reweight.anneal_steps": rw.anneal_steps,
-        "data.num_workers": cfg.data.num_workers,
     }
     problems += [f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0]
     if optim.warmup_steps >= train.steps:

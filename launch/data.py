@@ -31,12 +31,11 @@ class SentencePieceSpecialTokens:
     eod: int
     pad: int
     vocab_size: int
-    model_file: str
 
     @classmethod
     def from_model(cls, model_file: str) -> "SentencePieceSpecialTokens":
         sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size(), model_file=model_file)
+        return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size())
 
     @property
     def unique_identifiers(self) -> dict:

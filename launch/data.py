@@ -10,6 +10,7 @@ contiguous slice.  The data position is therefore just the step number.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -33,6 +34,7 @@ class SentencePieceSpecialTokens:
     vocab_size: int
 
     @classmethod
+    @functools.cache  # one read of the model for the training set and every validation set
     def from_model(cls, model_file: str) -> "SentencePieceSpecialTokens":
         sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size())

@@ -47,12 +47,6 @@ def check_strategy(strategy: str, temperature: float) -> None:
         raise ValueError(f"reweighting temperature must be > 0 (got {temperature}); use a large value for near-uniform weights")
 
 
-def valid_mask(losses: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Samples that take part: flagged valid (default all) and with a finite loss."""
-    finite = torch.isfinite(losses)
-    return finite if valid is None else finite & valid.to(torch.bool)
-
-
 def global_sample_weights(
     losses: torch.Tensor,
     valid: torch.Tensor,
@@ -123,7 +117,8 @@ def compute_sample_weights(
     Over all ranks the weights of the valid samples sum to 1; invalid ones are 0.
     `token_counts` switches on the token prior (see the module docstring).
     """
-    mask = valid_mask(losses, valid)
+    # Non-finite losses and empty samples are excluded by `global_sample_weights` itself.
+    mask = torch.ones_like(losses, dtype=torch.bool) if valid is None else valid
     counts = torch.ones_like(losses) if token_counts is None else token_counts
     columns = [losses.detach(), mask, counts]
     gathered = all_gather_batch(torch.stack([c.to(torch.float64) for c in columns], dim=1), group)

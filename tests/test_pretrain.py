@@ -74,11 +74,11 @@ def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(tmp_path,
     assert "resharding checkpoint" in result.stderr
     resumed = {r["step"]: r["loss"] for r in rows(tmp_path)}
     reference = {r["step"]: r["loss"] for r in rows(unbroken)}  # TP=1 throughout
-    # TP changes the order of floating-point sums, and Adam's first steps amplify that
-    # (about 2e-4 relative by step 8 here); weights or optimizer state lost on the way
-    # would move the loss by far more.
+    # TP changes the order of floating-point sums, and Adam's first steps amplify that:
+    # 2e-4 relative at step 6, 3.2e-4 at step 8 (measured). Resuming with Adam's moments
+    # lost moves step 6 by 1.4e-3 (measured by zeroing them after the load).
     for step in (6, 8):
-        assert resumed[step] == pytest.approx(reference[step], rel=1e-3)
+        assert resumed[step] == pytest.approx(reference[step], rel=6e-4)
 
 
 def test_impossible_config_fails_before_training_with_what_to_change(tmp_path, demo_dir):

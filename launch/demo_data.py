@@ -254,14 +254,11 @@ def data_prep(*args: str) -> None:
 
 
 def train_tokenizer(out: Path) -> None:
-    """tokenizer.model, trained under a temporary prefix and renamed when complete."""
-    partial = out / "tokenizer.partial"
+    """tokenizer.model (data_prep writes it atomically, so one that exists is complete)."""
     data_prep(
         "train-tokenizer", "--input", str(out / "train.jsonl"), "--vocab-size", str(VOCAB_SIZE),
-        "--output-prefix", str(partial), "--seed", str(SEED),
+        "--output-prefix", str(out / "tokenizer"), "--seed", str(SEED),
     )
-    os.replace(f"{partial}.vocab", out / "tokenizer.vocab")
-    os.replace(f"{partial}.model", out / "tokenizer.model")
 
 
 def tokenize(out: Path, split: str) -> None:

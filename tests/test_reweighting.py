@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from multiprocess import run_distributed
 from megatron_patches.reweighting import (
     STRATEGIES,
     ReweightSchedule,
@@ -284,12 +282,6 @@ def test_uniform_with_token_counts_weights_by_tokens(items, r, data):
 # 3. Split over data-parallel ranks with a real (gloo) process group.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def split_cases() -> list[dict]:
     """Batches of 16 samples; the invalid entries sit in the first 4, i.e. on rank 0."""
     g = torch.Generator().manual_seed(1234)
@@ -325,31 +317,21 @@ def weights_for_case(case: dict, rank: int, world_size: int, group) -> torch.Ten
     )
 
 
-def split_worker(rank: int, world_size: int, port: int, cases: list[dict], out_dir: str) -> None:
+def split_worker(cases: list[dict]) -> list[torch.Tensor]:
     """One data-parallel rank: its slice of each batch, weights over the whole group."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo")
     try:
-        results = [weights_for_case(case, rank, world_size, dist.group.WORLD) for case in cases]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        return [weights_for_case(case, rank, world_size, dist.group.WORLD) for case in cases]
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_split_over_ranks_equals_whole_batch_bit_for_bit(world_size, tmp_path):
+def test_split_over_ranks_equals_whole_batch_bit_for_bit(world_size):
     cases = split_cases()
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=split_worker, args=(rank, world_size, port, cases, str(tmp_path))) for rank in range(world_size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * world_size
-    per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    per_rank = run_distributed(split_worker, world_size, cases)
     for i, case in enumerate(cases):
         whole = weights_for_case(case, 0, 1, None)
         split = torch.cat([per_rank[rank][i] for rank in range(world_size)])

@@ -159,6 +159,20 @@ def _assert_tensors_match(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(value, expected[name], rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{name}: {m}")
 
 
+def _assert_adam_steps_match(actual: dict, expected: dict, grads: dict, optim) -> None:
+    """Parameters after one AdamW step. The step moves an element by lr·g/(|g| + eps): where
+    |g| is near eps, last-bit differences between the engines' gradient sums (summation order,
+    which depends on the machine's kernels) change the update by up to lr, so there the
+    engines must only agree within one step size; elsewhere they must agree tightly."""
+    assert set(actual) == set(expected)
+    for name, value in actual.items():
+        reference, noisy = expected[name], grads[name].abs() < 1e4 * optim.eps
+        scale = reference.abs().max()
+        close = torch.isclose(value, reference, rtol=RTOL, atol=RTOL * scale)
+        within_a_step = (value - reference).abs() <= optim.lr * (1 + RTOL)
+        assert torch.where(noisy, within_a_step, close).all(), f"{name}: {(~close & ~noisy).sum()} elements differ"
+
+
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_zero_step_equals_megatron_step(parity, layout, stage):
@@ -168,7 +182,7 @@ def test_zero_step_equals_megatron_step(parity, layout, stage):
             assert torch.equal(actual, expected)  # bit-identical sample weights
         _assert_tensors_match(zero["grads"], megatron["grads"])
         assert float(zero["grad_norm"]) == pytest.approx(megatron["grad_norm"], rel=RTOL)
-        _assert_tensors_match(zero["params"], megatron["params"])
+        _assert_adam_steps_match(zero["params"], megatron["params"], megatron["grads"], _config(1, 1).optim)
 
 
 # ---- the DeepSpeed JSON ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ test-fast: $(VENV)/.installed
 
 # The demo corpus: Python's own sources, docs and licences, plus a redundant domain.
 demo-data: $(VENV)/.installed
-	$(PY) -m launch.demo_data --out data/demo
+	$(PY) -m data_prep.demo --out data/demo
 
 # The main job on the embedded default: a uniform baseline and linupper reweighting,
 # two CPU processes each, then the per-domain comparison and runs/demo/report.png.

@@ -13,6 +13,7 @@ import textwrap
 
 import numpy as np
 
+from .blend import SUFFIX, BlendFileError, read_blend_file
 from .errors import DataPrepError
 from .indexed import IndexedDatasetView, open_indexed_dataset
 from .readers import BAD_LINE_KINDS, KIND_LABELS
@@ -69,14 +70,11 @@ def inspect_dataset(
 def _open_all(prefix: str) -> dict[str, IndexedDatasetView]:
     """Domain (or "" for a single dataset) -> dataset."""
     if _is_split(prefix):
-        blend = _read_json(prefix + ".blend.json")
-        if not blend or "domains" not in blend:
-            raise DataPrepError(f"{prefix}.blend.json is not a data_prep blend file")
-        directory = os.path.dirname(prefix)
-        return {
-            domain: _open(os.path.join(directory, entry["prefix"]))
-            for domain, entry in blend["domains"].items()
-        }
+        try:
+            blend = read_blend_file(prefix + SUFFIX)
+        except BlendFileError as error:
+            raise DataPrepError(str(error)) from None
+        return {domain: _open(blend.dataset_prefix(domain)) for domain in blend.domains}
     if os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin"):
         return {"": _open(prefix)}
     raise DataPrepError(f"no dataset at {prefix!r}: expected {prefix}.bin and {prefix}.idx, or {prefix}.blend.json")

@@ -16,12 +16,14 @@ import signal
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+from . import blend
 from .errors import DataPrepError
 from .indexed import IndexedDatasetWriter, token_dtype
 from .outputs import OutputSet
@@ -85,7 +87,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
         stats = _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_skipped)
         names = datasets.file_names()
         if job.domain_key:
-            blend_name = os.path.basename(job.output_prefix) + ".blend.json"
+            blend_name = os.path.basename(job.output_prefix) + blend.SUFFIX
             names.append(outputs.stage_json(blend_name, _blend(job, datasets)))
         stats["seconds"] = round(time.perf_counter() - started, 3)
         stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"])
@@ -273,16 +275,14 @@ def _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_sk
 
 def _blend(job: TokenizeJob, datasets: _DomainDatasets) -> dict:
     """Domain -> dataset prefix (relative to the blend file) and natural (token-share) weight."""
-    return {
-        "tokenizer_model": job.tokenizer_model,
-        "domains": {
-            domain: {
-                "prefix": datasets.prefixes[domain],
-                "documents": writer.documents,
-                "tokens": writer.tokens,
-                "weight": writer.tokens / datasets.tokens,
-            }
-            for domain, writer in sorted(datasets.writers.items())
-        },
+    domains = {
+        domain: blend.Domain(
+            prefix=datasets.prefixes[domain],
+            documents=writer.documents,
+            tokens=writer.tokens,
+            weight=writer.tokens / datasets.tokens,
+        )
+        for domain, writer in sorted(datasets.writers.items())
     }
-
+    path = job.output_prefix + blend.SUFFIX
+    return blend.BlendFile(Path(path), domains, job.tokenizer_model, blend.file_sha256(job.tokenizer_model)).to_json()

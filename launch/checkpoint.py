@@ -1,4 +1,4 @@
-"""Resumable, atomic checkpoints: one directory discipline, one writer per engine.
+"""Resumable, atomic checkpoints: one directory discipline; each engine writes its own shards.
 
 Layout of `<run_dir>/checkpoints/`:
 
@@ -10,8 +10,8 @@ Layout of `<run_dir>/checkpoints/`:
 A checkpoint is written under a `.tmp` name and renamed by rank 0 once every rank has
 finished, so a killed job never leaves one that looks complete.  The newest directory
 with a trainer_state.json and its shards is loaded; any newer one is reported and skipped.
-`MegatronCheckpointer` writes Megatron's `dist_checkpointing` shards, which any TP/PP/DP
-layout can load.
+The shards are the engine's (`launch.engines`): Megatron's `dist_checkpointing` ones load
+into any TP/PP/DP layout.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core import tensor_parallel
+
+from megatron_patches.device import on_gpu
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
@@ -46,7 +47,7 @@ def current_layout() -> dict[str, int]:
 
 def rng_state() -> dict:
     state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
+    if on_gpu():
         state["cuda"] = torch.cuda.get_rng_state()
         state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
     return state
@@ -74,23 +75,14 @@ def write_json_atomically(path: Path, data: dict) -> None:
 
 
 class Checkpointer:
-    """Saves and restores the training state of one run directory; subclasses write the shards."""
+    """Saves and restores the training state of one run directory; `shards` (the engine)
+    writes and reads the model, optimizer and RNG state inside each checkpoint."""
 
-    def __init__(self, root: Path, keep: Optional[int] = None):
+    def __init__(self, root: Path, shards, keep: Optional[int] = None):
         self.root = Path(root)
+        self.shards = shards
         self.keep = keep
 
-    # What an engine provides.
-    def write_shards(self, directory: Path) -> None:
-        raise NotImplementedError
-
-    def read_shards(self, directory: Path, saved_layout: dict[str, int]) -> None:
-        raise NotImplementedError
-
-    def shards_complete(self, directory: Path) -> bool:
-        raise NotImplementedError
-
-    # The discipline every engine shares.
     def save(self, step: int, trainer_state: dict) -> Path:
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -100,7 +92,7 @@ class Checkpointer:
                 shutil.rmtree(stale)
             tmp.mkdir()
         dist.barrier()
-        self.write_shards(tmp)
+        self.shards.write_shards(tmp)
         dist.barrier()
         if dist.get_rank() == 0:
             write_json_atomically(tmp / STATE_FILE, {**trainer_state, "step": step, "layout": current_layout()})
@@ -123,7 +115,7 @@ class Checkpointer:
         found.sort(key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
         complete = []
         for path in found:
-            if (path / STATE_FILE).is_file() and self.shards_complete(path):
+            if (path / STATE_FILE).is_file() and self.shards.shards_complete(path):
                 complete.append(path)
             elif not complete:
                 warn(f"checkpoint {path} is incomplete (no {STATE_FILE} or missing shards); using an earlier one")
@@ -136,58 +128,5 @@ class Checkpointer:
     def load(self, path: Path) -> dict:
         """Restore the engine's state from `path`; returns the trainer state saved with it."""
         trainer_state = json.loads((path / STATE_FILE).read_text())
-        self.read_shards(path, trainer_state["layout"])
+        self.shards.read_shards(path, trainer_state["layout"])
         return trainer_state
-
-
-class MegatronCheckpointer(Checkpointer):
-    """Megatron-Core model and optimizer through `dist_checkpointing`: reshardable across layouts.
-
-    RNG states are kept per (PP, TP, CP) rank and replicated over DP (Megatron-LM's
-    convention); a checkpoint loaded into another model-parallel layout re-seeds them.
-    """
-
-    # Fully sharded in model space: the distributed optimizer's state reshards across layouts.
-    OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
-
-    def __init__(self, root: Path, keep: Optional[int], model, optimizer):
-        super().__init__(root, keep)
-        self.model = model
-        self.optimizer = optimizer
-
-    def _sharded_state(self, rng: Optional[dict], is_loading: bool) -> dict:
-        model_state = self.model.sharded_state_dict()
-        state = {
-            "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=self.OPTIMIZER_METADATA),
-        }
-        if rng is not None or is_loading:
-            state["rng_state"] = ShardedObject(
-                "rng_state",
-                rng,
-                (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()),
-                (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()),
-                replica_id=ps.get_data_parallel_rank(),
-            )
-        return state
-
-    def write_shards(self, directory: Path) -> None:
-        dist_checkpointing.save(self._sharded_state(rng_state(), is_loading=False), str(directory))
-
-    def shards_complete(self, directory: Path) -> bool:
-        return (directory / "metadata.json").is_file()
-
-    def read_shards(self, directory: Path, saved_layout: dict[str, int]) -> None:
-        same_layout = {k: v for k, v in saved_layout.items() if k != "dp"} == {
-            k: v for k, v in current_layout().items() if k != "dp"
-        }
-        state = self._sharded_state(None, is_loading=True)
-        if not same_layout:
-            # RNG streams belong to model-parallel ranks; a new layout starts fresh ones.
-            del state["rng_state"]
-            warn(f"resharding checkpoint from layout {saved_layout} to {current_layout()}; RNG states re-seeded")
-        loaded = dist_checkpointing.load(state, str(directory))
-        self.model.load_state_dict(loaded["model"])
-        self.optimizer.load_state_dict(loaded["optimizer"])
-        if same_layout:
-            set_rng_state(loaded["rng_state"])

@@ -4,7 +4,8 @@ A run is one YAML file whose sections mirror the dataclasses below. A file may n
 ``base:`` file (relative to itself) whose values it overrides, and any field can be set
 from the command line with ``--set section.key=value``. Loading refuses unknown keys and
 wrongly typed values and names what would have been valid, so a typo never falls back to
-a default silently. ``validate`` then checks what depends on the world size and on files.
+a default silently. ``validate`` then checks what depends on the world size and the engine;
+`launch.sources` checks the data files.
 
 Relative paths in a config (data files, tokenizer, checkpoints) are relative to the
 working directory the run is started from (the repository root); prefixes inside a blend
@@ -13,19 +14,19 @@ file are relative to the blend file.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import json
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from launch.engines import engine_class
+from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES
 
 
 class ConfigError(ValueError):
@@ -151,7 +152,9 @@ class ReweightConfig:
     """Loss-based sample reweighting (Sow et al., ICLR 2025); the math is in
     megatron_patches/reweighting.py."""
 
-    strategy: Literal["uniform", "linupper", "quadratic", "extremes", "upper"] = "uniform"
+    # The names of megatron_patches.reweighting.STRATEGIES; reference names such as `mid` are
+    # accepted as their aliases (STRATEGY_ALIASES) and saved under this project's name.
+    strategy: Literal[tuple(STRATEGIES)] = field(default="uniform", metadata={"aliases": STRATEGY_ALIASES})
     temperature: float = 1.0  # r > 0: small = sharp weights, large = near uniform
     delta: float = 1.0  # losses are normalised to [-delta, delta]
     warmup_steps: int = 0
@@ -174,7 +177,7 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True)
 class Config:
-    engine: Literal["megatron", "deepspeed"] = "megatron"
+    engine: Literal["megatron", "deepspeed"] = "megatron"  # a module of launch/engines/
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -274,13 +277,17 @@ def _build(cls: type, raw: Any, prefix: str):
             raise _unknown_key(str(key), names, prefix)
     hints = typing.get_type_hints(cls)
     values = {}
+    aliases = {f.name: f.metadata.get("aliases", {}) for f in dataclasses.fields(cls)}
     for name in names:
         if name not in raw:
             continue
         if dataclasses.is_dataclass(hints[name]):
             values[name] = _build(hints[name], raw[name], f"{prefix}{name}.")
         else:
-            values[name] = _coerce(raw[name], hints[name], f"{prefix}{name}")
+            value = raw[name]
+            if isinstance(value, str):
+                value = aliases[name].get(value, value)
+            values[name] = _coerce(value, hints[name], f"{prefix}{name}")
     return cls(**values)
 
 
@@ -357,72 +364,16 @@ def _type_name(annotation: Any) -> str:
     return annotation.__name__
 
 
-# --------------------------------------------------------------------------- command line
-
-_EXAMPLES = """\
-examples:
-  python -m launch.pretrain --config configs/demo_cpu.yaml --run-dir runs/demo
-  python -m launch.pretrain --config configs/gpt2-124m.yaml --run-dir runs/gpt2 \\
-      --set reweight.strategy=linupper --set reweight.temperature=0.4 \\
-      --set data.weights='{code: 2.0, prose: 1.0}' --set checkpoint.keep=null
-  python -m launch.pretrain --config configs/llama-7b.yaml --dry-run --world-size 64
-
---set values are YAML: 3, 1e-4, true, null, [a, b], {k: v}. Every field of the config
-(see configs/*.yaml and launch/config.py) can be set; a wrong key or type is refused
-with the valid alternatives.
-"""
-
-
-def parse_args(argv: Optional[typing.Sequence[str]] = None) -> argparse.Namespace:
-    """Command line of `python -m launch.pretrain`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.pretrain",
-        description="Pretrain a GPT/Llama model with loss-based sample reweighting.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo_cpu.yaml")
-    parser.add_argument(
-        "--run-dir", help="where logs, metrics and checkpoints go (required unless --dry-run)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        action="extend",
-        nargs="+",
-        default=[],
-        help="override a config field, e.g. --set train.steps=100 (repeatable)",
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="validate the config and print layout, parameter count and memory; no training",
-    )
-    parser.add_argument(
-        "--world-size",
-        type=int,
-        default=None,
-        help="number of processes to check a --dry-run against (default: $WORLD_SIZE or 1)",
-    )
-    args = parser.parse_args(argv)
-    if args.run_dir is None and not args.dry_run:
-        parser.error("--run-dir is required (or pass --dry-run)")
-    if args.world_size is None:
-        args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return args
-
-
 # --------------------------------------------------------------------------- validation
 
 
-def validate(cfg: Config, world_size: int, check_files: bool = True) -> None:
-    """Refuse configs that cannot run at `world_size`, listing every problem at once."""
+def validate(cfg: Config, world_size: int) -> None:
+    """Refuse configs that cannot run at `world_size`, listing every problem at once.
+    Data files are checked by `launch.sources`."""
     problems = _layout_problems(cfg, world_size)
+    problems += engine_class(cfg.engine).config_problems(cfg)
     problems += _value_problems(cfg)
     problems += _data_problems(cfg.data)
-    if check_files:
-        problems += data_file_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -501,22 +452,6 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
                 f" micro_batch_size*DP = {train.micro_batch_size}*{dp} = {step}: set"
                 f" train.global_batch_size to a multiple of {step}"
                 f" (e.g. {_next_multiple(train.global_batch_size, step)})"
-            )
-    if cfg.engine == "deepspeed":
-        if par.pp > 1 or par.cp > 1:
-            problems.append(
-                f"engine=deepspeed runs only parallel.pp=1 and parallel.cp=1 (got pp={par.pp},"
-                f" cp={par.cp}); pipeline and context parallelism need engine=megatron"
-            )
-        if par.distributed_optimizer:
-            problems.append(
-                "parallel.distributed_optimizer is Megatron's optimizer sharding; with"
-                " engine=deepspeed set it to false and use deepspeed.zero_stage >= 1"
-            )
-        if par.sequence_parallel:
-            problems.append(
-                "parallel.sequence_parallel=true needs engine=megatron: DeepSpeed does not reduce"
-                " the layer-norm gradients over the tensor-parallel group; set it to false"
             )
     return problems
 
@@ -624,148 +559,3 @@ def _data_problems(data: DataConfig) -> list[str]:
             " tokenized with"
         )
     return problems
-
-
-def data_file_problems(cfg: Config) -> list[str]:
-    """Every missing or unreadable data file, as messages; empty when all are present."""
-    data = cfg.data
-    problems = []
-    for name, blend in (("data.blend", data.blend), ("data.valid_blend", data.valid_blend)):
-        if blend is None:
-            continue
-        try:
-            prefixes = read_blend(blend).prefixes
-        except ConfigError as error:
-            problems.append(f"{name}: {error}")
-            continue
-        problems += _missing_dataset_files(prefixes, f"{name} {blend}")
-    if data.prefixes is not None:
-        problems += _missing_dataset_files(data.prefixes, "data.prefixes")
-    if data.tokenizer_model is not None and not Path(data.tokenizer_model).is_file():
-        problems.append(
-            f"data.tokenizer_model {data.tokenizer_model} not found: train one with"
-            " `python -m data_prep train-tokenizer` or fix the path"
-        )
-    elif cfg.model.vocab_size is not None and data.tokenizer_model is not None:
-        tokenizer_vocab = tokenizer_vocab_size(data.tokenizer_model)
-        if tokenizer_vocab > cfg.model.vocab_size:
-            problems.append(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's"
-                f" {tokenizer_vocab} tokens: set model.vocab_size=null to use the tokenizer's"
-            )
-    return problems
-
-
-def _missing_dataset_files(prefixes: list[str], source: str) -> list[str]:
-    missing = [
-        f"{prefix}{suffix}"
-        for prefix in prefixes
-        for suffix in (".bin", ".idx")
-        if not Path(f"{prefix}{suffix}").is_file()
-    ]
-    if not missing:
-        return []
-    return [
-        f"{source}: missing {', '.join(missing)}: run `python -m data_prep tokenize` or fix"
-        " the path"
-    ]
-
-
-# --------------------------------------------------------------------------- data and vocabulary
-
-
-class Blend(NamedTuple):
-    """Datasets to mix: parallel lists, weights normalised to sum to 1."""
-
-    prefixes: list[str]
-    weights: list[float]
-    domains: list[str]
-
-
-def read_blend(path: str, weights: Optional[dict[str, float]] = None) -> Blend:
-    """Read a data_prep blend file; `weights` (domain -> weight) replaces its own weights.
-    Domains weighted 0 are left out. Prefixes come back relative to the working directory."""
-    try:
-        blend = json.loads(Path(path).read_text())
-        domains = blend["domains"]
-    except FileNotFoundError:
-        raise ConfigError(
-            f"blend file {path} not found: run `python -m data_prep tokenize`"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ConfigError(f"blend file {path} is not a data_prep blend ({error!r})") from None
-    if weights is not None:
-        unknown = sorted(set(weights) - set(domains))
-        missing = sorted(set(domains) - set(weights))
-        if unknown or missing:
-            raise ConfigError(
-                f"data.weights must name each domain of {path} once: unknown {unknown},"
-                f" missing {missing}; the domains are {', '.join(sorted(domains))}"
-            )
-    chosen = {
-        name: float(weights[name] if weights is not None else info["weight"])
-        for name, info in sorted(domains.items())
-    }
-    chosen = {name: w for name, w in chosen.items() if w > 0}
-    total = sum(chosen.values())
-    folder = Path(path).parent
-    return Blend(
-        prefixes=[str(folder / domains[name]["prefix"]) for name in chosen],
-        weights=[w / total for w in chosen.values()],
-        domains=list(chosen),
-    )
-
-
-def resolve_blend(cfg: Config) -> Blend:
-    """The training mixture: the blend file (optionally re-weighted by data.weights) or
-    data.prefixes weighted by data.weights, else by their token counts (what concatenating
-    them would give). Domains of plain prefixes are their file names."""
-    data = cfg.data
-    if data.blend is not None:
-        return read_blend(data.blend, data.weights)
-    if data.weights is not None:
-        weights = [float(w) for w in data.weights]
-    else:
-        weights = [float(_token_count(prefix)) for prefix in data.prefixes]
-    total = sum(weights)
-    return Blend(
-        prefixes=list(data.prefixes),
-        weights=[w / total for w in weights],
-        domains=[Path(p).name for p in data.prefixes],
-    )
-
-
-def _token_count(prefix: str) -> int:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix)  # kept alive while read: its lengths view a memory map
-    return int(dataset.sequence_lengths.sum())
-
-
-def resolve_valid_blend(cfg: Config) -> Optional[Blend]:
-    """The held-out per-domain validation sets, or None (then data.split carves one out)."""
-    return None if cfg.data.valid_blend is None else read_blend(cfg.data.valid_blend)
-
-
-def tokenizer_vocab_size(tokenizer_model: str) -> int:
-    import sentencepiece
-
-    return sentencepiece.SentencePieceProcessor(model_file=tokenizer_model).vocab_size()
-
-
-def resolve_vocab_size(cfg: Config) -> int:
-    """model.vocab_size, or the tokenizer's when it is null."""
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    if cfg.data.tokenizer_model is None or not Path(cfg.data.tokenizer_model).is_file():
-        raise ConfigError(
-            f"model.vocab_size is null and the tokenizer {cfg.data.tokenizer_model} is not"
-            " there to read it from: set data.tokenizer_model or model.vocab_size"
-        )
-    return tokenizer_vocab_size(cfg.data.tokenizer_model)
-
-
-def padded_vocab_size(cfg: Config, vocab_size: int) -> int:
-    """Megatron's rule: round up to make_vocab_size_divisible_by * TP so that every
-    tensor-parallel shard of the embedding has the same, well-aligned size."""
-    return _next_multiple(vocab_size, cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp)

@@ -10,47 +10,25 @@ contiguous slice.  The data position is therefore just the step number.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import sentencepiece
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from launch.config import Blend, Config
+from launch.config import Config
+from launch.sources import Blend, DataSources, Tokenizer
 
 
-@dataclass(frozen=True)
-class SentencePieceSpecialTokens:
-    """What Megatron's GPTDataset asks of a tokenizer: the EOD id, the pad id, the vocabulary size."""
-
-    eod: int
-    pad: int
-    vocab_size: int
-
-    @classmethod
-    @functools.cache  # one read of the model for the training set and every validation set
-    def from_model(cls, model_file: str) -> "SentencePieceSpecialTokens":
-        sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size())
-
-    @property
-    def unique_identifiers(self) -> dict:
-        """Part of the key of Megatron's cached sample indices."""
-        return {"class": type(self).__name__, "eod": self.eod, "pad": self.pad, "vocab_size": self.vocab_size}
-
-
-def _dataset_config(cfg: Config, cache_dir: Path, **blend) -> GPTDatasetConfig:
+def _dataset_config(cfg: Config, tokenizer: Tokenizer, cache_dir: Path, **blend) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
         path_to_cache=str(cache_dir),
-        tokenizer=SentencePieceSpecialTokens.from_model(cfg.data.tokenizer_model),
+        tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -68,14 +46,15 @@ def _split(cfg: Config) -> str:
     return "100,0,0" if cfg.data.valid_blend else cfg.data.split
 
 
-def build_train_dataset(cfg: Config, blend: Blend, cache_dir: Path):
+def build_train_dataset(cfg: Config, sources: DataSources, cache_dir: Path):
     """The blended training set, large enough for every step of the run."""
-    config = _dataset_config(cfg, cache_dir, blend=(blend.prefixes, blend.weights), split=_split(cfg))
+    blend = sources.train
+    config = _dataset_config(cfg, sources.tokenizer, cache_dir, blend=(blend.prefixes, blend.weights), split=_split(cfg))
     train, _, _ = _build(config, [cfg.train.steps * cfg.train.global_batch_size, 0, 0])
     return train
 
 
-def build_validation_datasets(cfg: Config, blend: Blend, cache_dir: Path) -> dict[str, GPTDataset]:
+def build_validation_datasets(cfg: Config, sources: DataSources, blend: Blend, cache_dir: Path) -> dict[str, GPTDataset]:
     """One held-out dataset per domain with eval_iters global batches of samples: from the
     held-out blend when there is one, else each domain's `data.split` validation share."""
     size = cfg.train.eval_iters * cfg.train.global_batch_size
@@ -85,7 +64,7 @@ def build_validation_datasets(cfg: Config, blend: Blend, cache_dir: Path) -> dic
     for domain, prefix in zip(blend.domains, blend.prefixes):
         sizes = [0, 0, 0]
         sizes[position] = size
-        built = _build(_dataset_config(cfg, cache_dir, blend=([prefix], None), split=split), sizes)
+        built = _build(_dataset_config(cfg, sources.tokenizer, cache_dir, blend=([prefix], None), split=split), sizes)
         if built[position] is not None:
             datasets[domain] = built[position]
     return datasets

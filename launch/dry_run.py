@@ -8,16 +8,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from launch.config import (
-    Config,
-    ConfigError,
-    data_file_problems,
-    padded_vocab_size,
-    read_blend,
-    resolve_vocab_size,
-    validate,
-)
-
+from launch.config import Config, ConfigError, validate
+from launch.engines import engine_class
+from launch import sources
 
 
 def _size(num_bytes: float) -> str:
@@ -54,7 +47,7 @@ def count_parameters(cfg: Config, vocab_size: int) -> ParameterCount:
     m = cfg.model
     hidden, heads, groups = m.hidden_size, m.num_attention_heads, m.num_query_groups
     head_dim = hidden // heads
-    vocab = padded_vocab_size(cfg, vocab_size)
+    vocab = sources.padded_vocab_size(cfg, vocab_size)
     norm = 2 * hidden if m.normalization == "LayerNorm" else hidden  # LayerNorm has a bias
     bias = int(m.add_bias_linear)
 
@@ -87,11 +80,11 @@ class MemoryEstimate(NamedTuple):
 
 
 MEMORY_ASSUMPTIONS = (
-    "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 2 for grads, 12 for"
-    " the optimizer (fp32 master, Adam m, v), fp32 4+4+8; activations per layer"
-    " seq*batch*hidden*(10+24/TP) bytes in bf16, 34/TP with sequence parallelism (Korthikanti"
-    " et al. 2022; SDPA/flash attention, no recomputation), for min(PP, micro-batches)"
-    " micro-batches, plus fp32 logits"
+    "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 12 for the optimizer"
+    " (fp32 master, Adam m, v), gradients 4 (Megatron's fp32 buffers) or 2 (DeepSpeed);"
+    " fp32 4+4+8; activations per layer seq*batch*hidden*(10+24/TP) bytes in bf16, 34/TP"
+    " with sequence parallelism (Korthikanti et al. 2022; SDPA/flash attention, no"
+    " recomputation), for min(PP, micro-batches) micro-batches, plus fp32 logits"
 )
 
 
@@ -106,12 +99,9 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
         last = params.final_norm + (params.output or params.word_embedding)
         stage = layers_per_stage * params.per_layer + max(first, last)
     stage_params = stage / par.tp
+    state = engine_class(cfg.engine).state_bytes(cfg, dp)
 
     fp32 = m.precision == "fp32"  # "auto" is estimated as on GPU: bf16
-    weight_bytes, grad_bytes, optimizer_bytes = (4, 4, 8) if fp32 else (2, 2, 12)
-    zero = cfg.deepspeed.zero_stage if cfg.engine == "deepspeed" else 0
-    optimizer_shards = dp if (par.distributed_optimizer or zero >= 1) else 1
-
     micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     tokens = m.seq_length // par.cp * cfg.train.micro_batch_size
     # Korthikanti et al.: without sequence parallelism norms and dropouts stay unsharded.
@@ -120,9 +110,9 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
     logits = 4 * tokens * (params.word_embedding // m.hidden_size) / par.tp
     in_flight = min(par.pp, micro_batches)
     return MemoryEstimate(
-        weights=stage_params * weight_bytes / (dp if zero == 3 else 1),
-        grads=stage_params * grad_bytes / (dp if zero >= 2 else 1),
-        optimizer=stage_params * optimizer_bytes / optimizer_shards,
+        weights=stage_params * state.weights,
+        grads=stage_params * state.grads,
+        optimizer=stage_params * state.optimizer,
         activations=in_flight * layers_per_stage * per_layer + logits,
     )
 
@@ -130,7 +120,7 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
 def dry_run_report(cfg: Config, world_size: int) -> str:
     """A readable account of the run; raises ConfigError for a layout that cannot run,
     and lists missing data files under 'problems' (an empty list means ready to run)."""
-    validate(cfg, world_size, check_files=False)
+    validate(cfg, world_size)
     m, par, train = cfg.model, cfg.parallel, cfg.train
     dp = par.data_parallel_size(world_size)
     micro_batches = train.global_batch_size // (train.micro_batch_size * dp)
@@ -151,7 +141,7 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
         f" {'with' if m.add_bias_linear else 'no'} linear biases, precision {m.precision}",
     ]
     try:
-        vocab = resolve_vocab_size(cfg)
+        vocab = sources.vocab_size(cfg)
     except ConfigError as error:
         lines.append(f"vocab: unknown, so no parameter count or memory estimate: {error}")
     else:
@@ -159,7 +149,7 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
         params = count_parameters(cfg, vocab)
         memory = estimate_memory(cfg, params, world_size)
         lines += [
-            f"vocab: {vocab} (from {source}), padded to {padded_vocab_size(cfg, vocab)}",
+            f"vocab: {vocab} (from {source}), padded to {sources.padded_vocab_size(cfg, vocab)}",
             f"parameters: {params.total:,} = embeddings {params.word_embedding:,}"
             f" + positions {params.position_embedding:,}"
             f" + {params.num_layers} layers x {params.per_layer:,} + final norm"
@@ -172,7 +162,7 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
     lines.append(f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
                  f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch")
     lines += _describe_data(cfg)
-    problems = data_file_problems(cfg)
+    problems = sources.file_problems(cfg)
     if problems:
         lines.append(f"problems: {len(problems)}")
         lines += [f"  - {problem}" for problem in problems]
@@ -208,7 +198,7 @@ def _describe_data(cfg: Config) -> list[str]:
         if path is None:
             continue
         try:
-            blend = read_blend(path, data.weights if name == "train" else None)
+            blend = sources.read_blend(path, data.weights if name == "train" else None)
         except ConfigError:
             lines.append(f"data {name}: {path} (not readable, see problems)")
             continue

@@ -1,4 +1,5 @@
-"""What a run reports: a console line, `metrics.jsonl` and TensorBoard, all from global rank 0."""
+"""What a run reports: step statistics gathered on the device, then a console line,
+`metrics.jsonl` and TensorBoard, all from global rank 0."""
 
 from __future__ import annotations
 
@@ -6,12 +7,95 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_patches.device import device
 
 METRICS_FILE = "metrics.jsonl"
+
+# Row names of the per-step statistics and the loss-report keys they come from, in row order;
+# the per-domain weight and sample shares follow.
+STEP_STATISTICS = (
+    ("loss", "lm_loss"),
+    ("weighted_loss", "weighted_loss"),
+    ("weight_ess", "ess"),
+    ("weight_max", "max_weight"),
+    ("weight_entropy", "entropy"),
+    ("invalid_fraction", "invalid_fraction"),
+    ("loss_top_weighted_quarter", "loss_top_quarter"),
+    ("loss_bottom_weighted_quarter", "loss_bottom_quarter"),
+)
+
+
+def is_reporter() -> bool:
+    """The one rank whose loss reports are logged: last stage, first TP/CP/DP rank."""
+    return (
+        ps.is_pipeline_last_stage()
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+    )
+
+
+class IntervalMeans(NamedTuple):
+    statistics: dict[str, float]  # STEP_STATISTICS by row name
+    grad_norm: float
+    step_time_s: float
+    domain_weight_share: dict[str, float]
+    domain_sample_share: dict[str, float]
+
+
+class StepStatistics:
+    """Averages the loss reports of the steps between two log lines.
+
+    Reports are summed on the device, so a step costs no host sync; `row()` reads them once,
+    on global rank 0, at log time.  Ranks without reports (earlier pipeline stages) add zeros.
+    """
+
+    def __init__(self, domains: list[str]):
+        self.domains = list(domains)
+        self._sums = torch.zeros(len(STEP_STATISTICS) + 2 * len(self.domains), dtype=torch.float64, device=device())
+        self._steps, self._seconds, self._grad_norm = 0, 0.0, 0.0
+
+    def add(self, reports: list[dict], grad_norm: float, seconds: float) -> None:
+        """One optimizer step: its micro-batches' reports, its gradient norm and wall time."""
+        if reports:
+            rows = [
+                torch.cat(
+                    [
+                        torch.stack([r[key].to(torch.float64) for _, key in STEP_STATISTICS]),
+                        r["domain_weight_share"].to(torch.float64),
+                        r["domain_sample_share"].to(torch.float64),
+                    ]
+                )
+                for r in reports
+            ]
+            self._sums += torch.stack(rows).mean(0)
+        self._steps += 1
+        self._seconds += seconds
+        self._grad_norm += grad_norm
+
+    def means(self) -> Optional[IntervalMeans]:
+        """The interval's means on rank 0 (None elsewhere), and a fresh interval."""
+        values = reduce_to_rank0(self._sums / self._steps, is_reporter())
+        steps, seconds, grad_norm = self._steps, self._seconds, self._grad_norm
+        self._sums.zero_()
+        self._steps, self._seconds, self._grad_norm = 0, 0.0, 0.0
+        if values is None:
+            return None
+        names = [name for name, _ in STEP_STATISTICS]
+        shares, n = values[len(names) :], len(self.domains)
+        return IntervalMeans(
+            statistics=dict(zip(names, values)),
+            grad_norm=grad_norm / steps,
+            step_time_s=seconds / steps,
+            domain_weight_share=dict(zip(self.domains, shares[:n])),
+            domain_sample_share=dict(zip(self.domains, shares[n:])),
+        )
 
 
 def reduce_to_rank0(values: torch.Tensor, contributes: bool) -> Optional[list[float]]:
@@ -21,8 +105,7 @@ def reduce_to_rank0(values: torch.Tensor, contributes: bool) -> Optional[list[fl
     all-reduce in which only the chosen ranks put non-zero values moves them there in one
     collective (called only at log time, so its host sync does not slow the steps).
     """
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    values = values.to(device=device, dtype=torch.float64, copy=True)
+    values = values.to(device=device(), dtype=torch.float64, copy=True)
     if not contributes:
         values.zero_()
     dist.all_reduce(values)

@@ -8,24 +8,25 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from launch.config import Config, padded_vocab_size, resolve_vocab_size
+from launch.config import Config
+from megatron_patches.device import on_gpu
 from megatron_patches.specs import gpt_layer_spec, transformer_engine_available
 
 
 def use_bf16(cfg: Config) -> bool:
-    return cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and torch.cuda.is_available())
+    return cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and on_gpu())
 
 
 def use_transformer_engine(cfg: Config) -> bool:
     impl = cfg.model.transformer_impl
     if impl == "auto":
-        return torch.cuda.is_available() and transformer_engine_available()
+        return on_gpu() and transformer_engine_available()
     return impl == "transformer_engine"
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
-    on_gpu = torch.cuda.is_available()
+    gpu = on_gpu()
     bf16 = use_bf16(cfg)
     dtype = torch.bfloat16 if bf16 else torch.float32
     swiglu = m.activation == "swiglu"
@@ -51,24 +52,25 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         # CPU: initialise on the host and skip the fused CUDA kernels.
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not gpu,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=on_gpu and not swiglu,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        bias_activation_fusion=gpu and not swiglu,
+        bias_dropout_fusion=gpu,
+        masked_softmax_fusion=gpu,
+        persist_layer_norm=gpu,
         apply_rope_fusion=False,
     )
 
 
-def build_model(cfg: Config) -> GPTModel:
-    """This pipeline stage's part of the model, on the GPU when there is one."""
+def build_model(cfg: Config, padded_vocab_size: int) -> GPTModel:
+    """This pipeline stage's part of the model, on the GPU when there is one; the embedding
+    has `padded_vocab_size` rows (`launch.sources.padded_vocab_size`)."""
     model = GPTModel(
         config=transformer_config(cfg),
         transformer_layer_spec=gpt_layer_spec(
             normalization=cfg.model.normalization, use_transformer_engine=use_transformer_engine(cfg)
         ),
-        vocab_size=padded_vocab_size(cfg, resolve_vocab_size(cfg)),
+        vocab_size=padded_vocab_size,
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
@@ -76,4 +78,4 @@ def build_model(cfg: Config) -> GPTModel:
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
     )
-    return model.cuda() if torch.cuda.is_available() else model
+    return model.cuda() if on_gpu() else model

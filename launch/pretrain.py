@@ -2,15 +2,85 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import yaml
 
-from launch.config import ConfigError, data_file_problems, load_config, parse_args, to_dict, validate
+from launch.config import ConfigError, load_config, to_dict, validate
 from launch.dry_run import dry_run_report
+from launch.sources import check_files, file_problems
+from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES
+
+
+def strategy_table() -> str:
+    aliases = {name: [a for a, target in STRATEGY_ALIASES.items() if target == name] for name in STRATEGIES}
+    return "\n".join(
+        f"  {name:<10} f = {s.formula:<14} {s.effect}" + (f" (alias: {', '.join(aliases[name])})" if aliases[name] else "")
+        for name, s in STRATEGIES.items()
+    )
+
+
+_EXAMPLES = """\
+examples:
+  python -m launch.pretrain --config configs/demo_cpu.yaml --run-dir runs/demo
+  python -m launch.pretrain --config configs/gpt2-124m.yaml --run-dir runs/gpt2 \\
+      --set reweight.strategy=linupper --set reweight.temperature=0.4 \\
+      --set data.weights='{code: 2.0, prose: 1.0}' --set checkpoint.keep=null
+  python -m launch.pretrain --config configs/llama-7b.yaml --dry-run --world-size 64
+
+--set values are YAML: 3, 1e-4, true, null, [a, b], {k: v}. Every field of the config
+(see configs/*.yaml and launch/config.py) can be set; a wrong key or type is refused
+with the valid alternatives.
+
+reweight.strategy (f of the loss x normalised to [-delta, delta]):
+"""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line of `python -m launch.pretrain`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.pretrain",
+        description="Pretrain a GPT/Llama model with loss-based sample reweighting.",
+        epilog=_EXAMPLES + strategy_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo_cpu.yaml")
+    parser.add_argument(
+        "--run-dir", help="where logs, metrics and checkpoints go (required unless --dry-run)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="override a config field, e.g. --set train.steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and print layout, parameter count and memory; no training",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="number of processes to check a --dry-run against (default: $WORLD_SIZE or 1)",
+    )
+    args = parser.parse_args(argv)
+    if args.run_dir is None and not args.dry_run:
+        parser.error("--run-dir is required (or pass --dry-run)")
+    if args.world_size is None:
+        args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return args
+
+
 
 
 def main(argv=None) -> int:
@@ -19,14 +89,13 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             print(dry_run_report(cfg, args.world_size))
-            return 1 if data_file_problems(cfg) else 0
+            return 1 if file_problems(cfg) else 0
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
+        check_files(cfg)
     except ConfigError as error:
         return _refuse(error)
-    if cfg.engine == "deepspeed":
-        from launch.deepspeed_trainer import DeepSpeedTrainer as Trainer
-    else:
-        from launch.trainer import Trainer
+    from launch.trainer import Trainer
+
     run_dir = Path(args.run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

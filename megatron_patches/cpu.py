@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_patches.device import on_gpu
+
 _CPU = torch.device("cpu")
 _CUDA_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -54,7 +56,7 @@ class _CudaAsCpu(TorchFunctionMode):
 def enable_cpu_mode() -> bool:
     """Make Megatron-Core's CUDA-only spots run on CPU.  Returns True when switched on."""
     global _active_mode
-    if torch.cuda.is_available():
+    if on_gpu():
         return False
     if _active_mode is None:
         torch.cuda.current_device = lambda: 0

@@ -14,7 +14,7 @@ paper's objective into that contract:
   token, so that after DDP's average over DP×CP the gradient is exactly ∇ Σ_{i∈B} w_i l_i
   over the global micro-batch B; Megatron's accumulation then averages micro-batches.
 
-Weights use the token prior (`reweighting.global_sample_weights`), so `uniform` is the
+Weights come from `reweighting.gather_and_weigh` with the token prior, so `uniform` is the
 token-mean loss of the global micro-batch: Megatron's ordinary loss.
 """
 
@@ -26,13 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_patches.reweighting import (
-    ReweightSchedule,
-    all_gather_batch,
-    global_sample_weights,
-    local_slice,
-    weight_statistics,
-)
+from megatron_patches.reweighting import ReweightSchedule, gather_and_weigh, weight_statistics
 
 
 class ReweightedLoss:
@@ -86,33 +80,30 @@ class ReweightedLoss:
 
         if domains is None:
             domains = torch.zeros_like(losses)
-        columns = (losses, valid, counts, domains)
-        gathered = all_gather_batch(torch.stack([c.to(torch.float64) for c in columns], dim=1), self.dp_group)
-        batch_losses, batch_valid, batch_counts, batch_domains = gathered.T
-        batch_valid = batch_valid > 0
-
         strategy, temperature = self.schedule.current()
-        weights = global_sample_weights(
-            batch_losses,
-            batch_valid,
+        batch = gather_and_weigh(
+            losses,
             strategy=strategy,
             temperature=temperature,
             delta=self.delta,
-            token_counts=batch_counts,
+            valid=valid,
+            token_counts=counts,
+            extra=domains,
+            group=self.dp_group,
         )
-        safe_losses = torch.where(batch_valid, batch_losses, 0.0)
-        valid_counts = torch.where(batch_valid, batch_counts, 0.0)
-        report = weight_statistics(weights, batch_losses, batch_valid, batch_domains, self.num_domains)
+        safe_losses = torch.where(batch.valid, batch.losses, 0.0)
+        valid_counts = torch.where(batch.valid, batch.token_counts, 0.0)
+        report = weight_statistics(batch.weights, batch.losses, batch.valid, batch.extra[:, 0], self.num_domains)
         report.update(
             lm_loss=(safe_losses * valid_counts).sum() / torch.clamp(valid_counts.sum(), min=1),
-            weighted_loss=(weights * safe_losses).sum(),
-            weights=weights,
-            sample_losses=batch_losses,
+            weighted_loss=(batch.weights * safe_losses).sum(),
+            weights=batch.weights,
+            sample_losses=batch.losses,
         )
 
         # Each CP rank holds part of every sample's tokens: its share is local_sum / total count.
         shares = torch.where(valid, local_sums / torch.clamp(counts, min=1), 0.0)
-        local_weights = local_slice(weights, losses.shape[0], self.dp_group).to(shares.dtype)
+        local_weights = batch.local(batch.weights, losses.shape[0], self.dp_group).to(shares.dtype)
         replicas = dist.get_world_size(self.dp_group) * dist.get_world_size(self.cp_group)
         loss = replicas * (local_weights * shares).sum()
         return loss, torch.ones((), dtype=torch.int, device=loss.device), report

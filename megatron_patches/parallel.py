@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_patches.cpu import enable_cpu_mode
+from megatron_patches.device import on_gpu
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> None:
@@ -20,13 +21,12 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     On a machine without CUDA this switches on CPU mode and uses gloo; otherwise NCCL on
     the local GPU.  DP is whatever the world size leaves after TP×PP×CP.
     """
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
+    if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         enable_cpu_mode()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend="nccl" if on_gpu() else "gloo", timeout=timedelta(minutes=timeout_minutes))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -40,7 +40,7 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
+    if on_gpu():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

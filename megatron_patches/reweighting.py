@@ -22,21 +22,48 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 EPSILON = 1e-6
 
-# f(x) on the normalised loss x ∈ [−δ, δ]; the names are the ones users type in configs.
-STRATEGIES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "uniform": lambda x, delta: torch.zeros_like(x),
-    "linupper": lambda x, delta: torch.clamp(x + delta, max=delta),
-    "quadratic": lambda x, delta: 1.0 - x.square() / delta**2,
-    "extremes": lambda x, delta: x.abs(),
-    "upper": lambda x, delta: x / 2 + delta / 2,
+
+@dataclass(frozen=True)
+class Strategy:
+    """f(x) on the normalised loss x ∈ [−δ, δ], with the words the docs and `--help` show."""
+
+    f: Callable[[torch.Tensor, float], torch.Tensor]
+    formula: str
+    effect: str
+
+    def __call__(self, x: torch.Tensor, delta: float) -> torch.Tensor:
+        return self.f(x, delta)
+
+
+# The one registry of strategies: the config's choices, `--help` and the README table come
+# from here.  The names are the ones users type in configs.
+STRATEGIES: dict[str, Strategy] = {
+    "uniform": Strategy(
+        lambda x, delta: torch.zeros_like(x), "0",
+        "every valid sample alike: exactly Megatron's token-mean loss (the baseline)"),
+    "linupper": Strategy(
+        lambda x, delta: torch.clamp(x + delta, max=delta), "min(x + δ, δ)",
+        "down-weights low-loss samples, caps high-loss ones (the paper's best)"),
+    "quadratic": Strategy(
+        lambda x, delta: 1.0 - x.square() / delta**2, "1 − x²/δ²",
+        "favours medium losses, down-weights both ends"),
+    "extremes": Strategy(
+        lambda x, delta: x.abs(), "|x|", "favours both ends"),
+    "upper": Strategy(
+        lambda x, delta: x / 2 + delta / 2, "x/2 + δ/2", "linear in the loss, favours high loss"),
 }
+
+# Reference implementations' names that mean one strategy here.  The GPT-2 reference's `mid`
+# is `quadratic`.  `upper` is deliberately not an alias: the GPT-2 reference's `upper` is this
+# project's `upper`, but the Llama (FMS) reference's `upper` is `linupper`.
+STRATEGY_ALIASES: dict[str, str] = {"mid": "quadratic"}
 
 
 def check_strategy(strategy: str, temperature: float) -> None:
@@ -60,8 +87,9 @@ def global_sample_weights(
 
     Computed in float64 whatever the input dtype so that every rank that holds the same
     losses produces bit-identical weights, and small temperatures do not underflow.
+    `strategy` and `temperature` are checked where they are set (`check_strategy`), not here
+    on the per-micro-batch path.
     """
-    check_strategy(strategy, temperature)
     losses = losses.detach().to(torch.float64)
     # Re-checked here so that no caller can let a NaN or an empty sample through.
     valid = valid.to(torch.bool) & torch.isfinite(losses)
@@ -95,10 +123,55 @@ def all_gather_batch(local: torch.Tensor, group: Optional[dist.ProcessGroup]) ->
     return torch.cat(parts)
 
 
-def local_slice(global_values: torch.Tensor, local_size: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """This rank's rows of a batch gathered with `all_gather_batch` (rank within `group`)."""
-    rank = 0 if group is None else dist.get_rank(group)
-    return global_values[rank * local_size : (rank + 1) * local_size]
+class GatheredBatch(NamedTuple):
+    """A whole data-parallel batch, gathered, with its weights (float64, group-rank order)."""
+
+    weights: torch.Tensor
+    losses: torch.Tensor
+    valid: torch.Tensor  # bool
+    token_counts: torch.Tensor
+    extra: torch.Tensor  # [N, k] of the caller's extra per-sample columns
+
+    def local(self, values: torch.Tensor, local_size: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        """This rank's rows of `values` (one of the gathered tensors)."""
+        rank = 0 if group is None else dist.get_rank(group)
+        return values[rank * local_size : (rank + 1) * local_size]
+
+
+def gather_and_weigh(
+    losses: torch.Tensor,
+    *,
+    strategy: str,
+    temperature: float,
+    delta: float = 1.0,
+    valid: Optional[torch.Tensor] = None,
+    token_counts: Optional[torch.Tensor] = None,
+    extra: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+) -> GatheredBatch:
+    """One all-gather of every rank's (loss, valid, token count, extra columns) over `group`,
+    then the weights of the whole batch, identical on every rank of the group.
+
+    `token_counts` switches on the token prior (see the module docstring).  `extra` ([n, k])
+    travels in the same collective, e.g. the samples' domain ids for statistics.
+    """
+    mask = torch.ones_like(losses, dtype=torch.bool) if valid is None else valid
+    counts = torch.ones_like(losses) if token_counts is None else token_counts
+    columns = [losses.detach(), mask, counts]
+    local = torch.stack([c.to(torch.float64) for c in columns], dim=1)
+    if extra is not None:
+        local = torch.cat([local, extra.to(torch.float64).reshape(losses.shape[0], -1)], dim=1)
+    gathered = all_gather_batch(local, group)
+    batch_losses, batch_valid, batch_counts = gathered[:, 0], gathered[:, 1] > 0, gathered[:, 2]
+    weights = global_sample_weights(
+        batch_losses,
+        batch_valid,
+        strategy=strategy,
+        temperature=temperature,
+        delta=delta,
+        token_counts=None if token_counts is None else batch_counts,
+    )
+    return GatheredBatch(weights, batch_losses, batch_valid, batch_counts, gathered[:, 3:])
 
 
 def compute_sample_weights(
@@ -117,20 +190,11 @@ def compute_sample_weights(
     Over all ranks the weights of the valid samples sum to 1; invalid ones are 0.
     `token_counts` switches on the token prior (see the module docstring).
     """
-    # Non-finite losses and empty samples are excluded by `global_sample_weights` itself.
-    mask = torch.ones_like(losses, dtype=torch.bool) if valid is None else valid
-    counts = torch.ones_like(losses) if token_counts is None else token_counts
-    columns = [losses.detach(), mask, counts]
-    gathered = all_gather_batch(torch.stack([c.to(torch.float64) for c in columns], dim=1), group)
-    weights = global_sample_weights(
-        gathered[:, 0],
-        gathered[:, 1] > 0,
-        strategy=strategy,
-        temperature=temperature,
-        delta=delta,
-        token_counts=None if token_counts is None else gathered[:, 2],
+    check_strategy(strategy, temperature)
+    batch = gather_and_weigh(
+        losses, strategy=strategy, temperature=temperature, delta=delta, valid=valid, token_counts=token_counts, group=group
     )
-    return local_slice(weights, losses.shape[0], group).to(losses.dtype)
+    return batch.local(batch.weights, losses.shape[0], group).to(losses.dtype)
 
 
 def weight_statistics(

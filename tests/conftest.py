@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch import demo_data
+from data_prep import demo as demo_data
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,12 @@ from launch.config import (
     ReweightConfig,
     from_dict,
     load_config,
-    parse_args,
-    resolve_blend,
-    resolve_valid_blend,
     to_dict,
     validate,
 )
 from launch.dry_run import count_parameters, dry_run_report
+from launch.pretrain import parse_args
+from launch.sources import check_files, padded_vocab_size, train_blend, valid_blend
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
@@ -55,7 +54,7 @@ def plausible_world_size(cfg: Config) -> int:
 def test_every_shipped_config_loads_validates_and_dry_runs(path):
     cfg = load_config(path)
     world_size = plausible_world_size(cfg)
-    validate(cfg, world_size, check_files=False)
+    validate(cfg, world_size)
     report = dry_run_report(cfg, world_size)
     assert f"world size {world_size}" in report
     assert "parameters:" in report or "vocab: unknown" in report
@@ -268,19 +267,19 @@ def test_help_teaches_with_examples(capsys):
 )
 def test_impossible_configs_are_refused_saying_what_to_change(overrides, world_size, message):
     with pytest.raises(ConfigError) as error:
-        validate(demo(*overrides.split()), world_size, check_files=False)
+        validate(demo(*overrides.split()), world_size)
     assert message in str(error.value)
 
 
 def test_fewer_kv_groups_than_tensor_parallel_ranks_is_allowed():
     # Megatron-Core shares each of the 2 K/V groups between 4 of the 8 TP ranks.
     cfg = demo("model.num_attention_heads=8", "model.num_query_groups=2", "parallel.tp=8")
-    validate(cfg, 8, check_files=False)
+    validate(cfg, 8)
 
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        validate(demo("parallel.pp=3", "reweight.temperature=0"), 3, check_files=False)
+        validate(demo("parallel.pp=3", "reweight.temperature=0"), 3)
     assert "parallel.pp=3" in str(error.value) and "reweight.temperature" in str(error.value)
 
 
@@ -288,11 +287,11 @@ def test_missing_data_files_are_named_with_the_fix(tmp_path):
     cfg = demo(
         f"data.blend={tmp_path}/none.blend.json", f"data.tokenizer_model={tmp_path}/none.model"
     )
+    validate(cfg, 2)
     with pytest.raises(ConfigError) as error:
-        validate(cfg, 2)
+        check_files(cfg)
     assert "none.blend.json not found: run `python -m data_prep tokenize`" in str(error.value)
     assert "none.model not found: train one with `python -m data_prep train" in str(error.value)
-    validate(cfg, 2, check_files=False)
 
 
 # --------------------------------------------------------------------------- blends
@@ -336,26 +335,26 @@ def blend_dir(tmp_path):
 
 def test_blend_prefixes_resolve_relative_to_the_blend_file(blend_dir):
     cfg = demo(f"data.blend={blend_dir}/train.blend.json", "data.valid_blend=null")
-    blend = resolve_blend(cfg)
+    blend = train_blend(cfg)
     assert blend.domains == ["code", "prose"]
     assert blend.prefixes == [str(blend_dir / "train_code"), str(blend_dir / "train_prose")]
     assert blend.weights == [0.75, 0.25]
-    assert resolve_valid_blend(cfg) is None
+    assert valid_blend(cfg) is None
 
 
 def test_domain_weights_override_the_blend_and_zero_drops_a_domain(blend_dir):
     base = [f"data.blend={blend_dir}/train.blend.json"]
-    assert resolve_blend(demo(*base, "data.weights={code: 1, prose: 3}")).weights == [0.25, 0.75]
-    assert resolve_blend(demo(*base, "data.weights={code: 0, prose: 3}")).domains == ["prose"]
+    assert train_blend(demo(*base, "data.weights={code: 1, prose: 3}")).weights == [0.25, 0.75]
+    assert train_blend(demo(*base, "data.weights={code: 0, prose: 3}")).domains == ["prose"]
     with pytest.raises(ConfigError, match=r"unknown \['cod'\], missing \['code'\]"):
-        resolve_blend(demo(*base, "data.weights={cod: 1, prose: 3}"))
+        train_blend(demo(*base, "data.weights={cod: 1, prose: 3}"))
 
 
 def test_plain_prefixes_are_weighted_by_tokens_unless_given(blend_dir):
     prefixes = f"data.prefixes=[{blend_dir}/train_code, {blend_dir}/train_prose]"
-    blend = resolve_blend(demo("data.blend=null", prefixes))
+    blend = train_blend(demo("data.blend=null", prefixes))
     assert (blend.domains, blend.weights) == (["train_code", "train_prose"], [0.75, 0.25])
-    given = resolve_blend(demo("data.blend=null", prefixes, "data.weights=[1, 1]"))
+    given = train_blend(demo("data.blend=null", prefixes, "data.weights=[1, 1]"))
     assert given.weights == [0.5, 0.5]
 
 
@@ -366,12 +365,13 @@ def test_a_complete_config_is_ready_to_run(blend_dir):
         f"data.tokenizer_model={blend_dir}/tokenizer.model",
     )
     validate(cfg, 2)
+    check_files(cfg)
     report = dry_run_report(cfg, 2)
     assert "vocab: 60 (from" in report and "padded to 128" in report
     assert "data train:" in report and "code 0.750, prose 0.250" in report
     assert report.endswith("problems: none, ready to run")
     with pytest.raises(ConfigError, match="model.vocab_size=50 is smaller than the tokenizer's 60"):
-        validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=50)), 2)
+        check_files(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=50)))
 
 
 # --------------------------------------------------------------------------- dry run
@@ -399,25 +399,24 @@ def test_sharding_the_optimizer_shrinks_the_memory_estimate():
     plain, sharded = memory(), memory("parallel.distributed_optimizer=true")
     assert sharded.optimizer == pytest.approx(plain.optimizer / 8)
     assert sharded.weights == plain.weights
-    zero3 = memory("engine=deepspeed", "deepspeed.zero_stage=3")
-    assert zero3.weights == pytest.approx(plain.weights / 8)
-    assert zero3.grads == pytest.approx(plain.grads / 8)
+    zero0, zero3 = memory("engine=deepspeed", "deepspeed.zero_stage=0"), memory("engine=deepspeed", "deepspeed.zero_stage=3")
+    assert zero3.weights == pytest.approx(zero0.weights / 8) == pytest.approx(plain.weights / 8)
+    assert zero3.grads == pytest.approx(zero0.grads / 8)
+    # Megatron reduces gradients in fp32 buffers (grad_reduce_in_fp32): twice bf16 weights' bytes
+    assert plain.grads == pytest.approx(2 * plain.weights)
 
 
 MEGATRON_PARAMETER_COUNT = """
-import json, socket, sys
+import json, sys
+from datetime import timedelta
 import torch, torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-torch.distributed.init_process_group(
-    "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-)
+store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(minutes=5))
+torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
 parallel_state.initialize_model_parallel()
 counts = []
 for m in json.loads(sys.argv[1]):
@@ -442,8 +441,6 @@ print(json.dumps(counts))
 
 
 def test_parameter_count_matches_a_real_megatron_gpt_model():
-    from launch.config import padded_vocab_size
-
     gpt2_like = demo("model.vocab_size=1000")
     llama_like = demo(
         "model.vocab_size=1000", "model.position_embedding=rope", "model.normalization=RMSNorm",

@@ -70,13 +70,14 @@ def _full_tensors(model, read=lambda p: p):
 
 
 def _megatron_step(cfg, full_state):
-    """One step of the Megatron engine, built as launch.trainer.Trainer builds it."""
+    """One step of the Megatron engine, built as launch.engines.megatron builds it."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_harness import forward_step, full_gradients, load_full_state, tiny_gpt
 
-    from launch.trainer import lr_scheduler, megatron_optimizer_config
+    from launch.engines.megatron import megatron_optimizer_config
+    from launch.trainer import lr_scheduler
 
     model = tiny_gpt()
     load_full_state(model, full_state)
@@ -99,12 +100,12 @@ def _megatron_step(cfg, full_state):
 
 
 def _deepspeed_step(cfg, full_state, sgd_probe: bool = False):
-    """One step of the DeepSpeed engine as launch.deepspeed_trainer builds it, or with plain SGD."""
+    """One step of the DeepSpeed engine as launch.engines.deepspeed builds it, or with plain SGD."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     from megatron_harness import forward_step, load_full_state, tiny_gpt
 
-    from launch.deepspeed_trainer import build_engine, deepspeed_config
+    from launch.engines.deepspeed import build_engine, deepspeed_config
     from launch.trainer import lr_scheduler
     from megatron_patches.deepspeed import MegatronMPU, forward_backward
 
@@ -197,7 +198,7 @@ def _config_with_json(tmp_path, settings: dict):
 
 
 def test_deepspeed_json_adds_settings(tmp_path):
-    from launch.deepspeed_trainer import deepspeed_config
+    from launch.engines.deepspeed import deepspeed_config
 
     cfg = _config_with_json(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}, "log_level": "info"})
     settings = deepspeed_config(cfg, micro_batches_per_step=2)
@@ -216,7 +217,7 @@ def test_deepspeed_json_adds_settings(tmp_path):
 )
 def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path, settings, named):
     from launch.config import ConfigError
-    from launch.deepspeed_trainer import deepspeed_config
+    from launch.engines.deepspeed import deepspeed_config
 
     with pytest.raises(ConfigError, match=named):
         deepspeed_config(_config_with_json(tmp_path, settings), micro_batches_per_step=2)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import demo_data
-from launch.config import load_config, read_blend, validate
+from data_prep import demo as demo_data
+from launch.config import load_config, validate
+from launch.sources import check_files, read_blend
 from launch.dry_run import dry_run_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,6 +98,7 @@ def test_the_demo_config_is_ready_to_run_on_this_data(demo_dir):
         ],
     )
     validate(cfg, world_size=2)
+    check_files(cfg)
     report = dry_run_report(cfg, world_size=2)
     assert "vocab: 2048" in report and report.endswith("problems: none, ready to run")
 

@@ -1,6 +1,6 @@
 """Build the CPU demo data from text that every Python installation carries.
 
-    python -m launch.demo_data --out data/demo
+    python -m data_prep.demo --out data/demo
 
 Five domains, written as JSONL with SlimPajama's domain field so that data_prep splits them
 exactly as it splits SlimPajama:
@@ -29,12 +29,14 @@ import math
 import os
 import random
 import site
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import pydoc_data.topics
+
+from .blend import read_blend_file
+from .tokenize import TokenizeJob, tokenize
+from .tokenizer import train_tokenizer
 
 SEED = 0
 DOMAIN_KEY = "meta.redpajama_set_name"
@@ -249,23 +251,17 @@ def write_corpus(out: Path) -> None:
     write_jsonl(out / "train.jsonl", train)
 
 
-def data_prep(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "data_prep", *args], check=True)
+def build_tokenizer(out: Path) -> None:
+    """tokenizer.model (written atomically, so one that exists is complete)."""
+    train_tokenizer([str(out / "train.jsonl")], str(out / "tokenizer"), VOCAB_SIZE, seed=SEED)
 
 
-def train_tokenizer(out: Path) -> None:
-    """tokenizer.model (data_prep writes it atomically, so one that exists is complete)."""
-    data_prep(
-        "train-tokenizer", "--input", str(out / "train.jsonl"), "--vocab-size", str(VOCAB_SIZE),
-        "--output-prefix", str(out / "tokenizer"), "--seed", str(SEED),
+def build_dataset(out: Path, split: str) -> None:
+    job = TokenizeJob(
+        inputs=[str(out / f"{split}.jsonl")], output_prefix=str(out / split),
+        tokenizer_model=str(out / "tokenizer.model"), domain_key=DOMAIN_KEY,
     )
-
-
-def tokenize(out: Path, split: str) -> None:
-    data_prep(
-        "tokenize", "--input", str(out / f"{split}.jsonl"), "--output-prefix", str(out / split),
-        "--tokenizer-model", str(out / "tokenizer.model"), "--domain-key", DOMAIN_KEY,
-    )
+    tokenize(job)
 
 
 def is_complete(out: Path) -> bool:
@@ -284,28 +280,28 @@ def build_demo_data(out: Path) -> None:
         print(f"writing the corpus to {out}")
         write_corpus(out)
     if not (out / "tokenizer.model").is_file():
-        train_tokenizer(out)
+        print(f"training a {VOCAB_SIZE}-token tokenizer")
+        build_tokenizer(out)
     for split in ("train", "valid"):
-        tokenize(out, split)
+        print(f"tokenizing the {split} split")
+        build_dataset(out, split)
 
 
 def summary(out: Path) -> str:
     lines = [f"{'split':<6} {'domain':<12} {'documents':>10} {'tokens':>10} {'weight':>7}"]
     for split in ("train", "valid"):
-        blend = json.loads((out / f"{split}.blend.json").read_text())
-        for domain, info in blend["domains"].items():
+        for name, domain in read_blend_file(out / f"{split}.blend.json").domains.items():
             lines.append(
-                f"{split:<6} {domain:<12} {info['documents']:>10,} {info['tokens']:>10,}"
-                f" {info['weight']:>7.3f}"
+                f"{split:<6} {name:<12} {domain.documents:>10,} {domain.tokens:>10,} {domain.weight:>7.3f}"
             )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.demo_data",
+        prog="python -m data_prep.demo",
         description=__doc__.split("\n\n")[0],
-        epilog="example: python -m launch.demo_data --out data/demo",
+        epilog="example: python -m data_prep.demo --out data/demo",
     )
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output directory")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
-"""The training loop on DeepSpeed ZeRO (`engine: deepspeed`).
+"""DeepSpeed ZeRO's engine (`engine: deepspeed`).
 
 The same Megatron-Core GPTModel (tensor parallelism included), data order, reweighted loss,
-metrics, validation and checkpoint discipline as `launch.trainer.Trainer`; only the engine
-differs: DeepSpeed partitions the optimizer state (ZeRO-1), gradients (ZeRO-2) and
-parameters (ZeRO-3) over the data-parallel group, reduces the gradients and clips them.
+metrics, validation and checkpoint discipline as with Megatron's engine; DeepSpeed
+partitions the optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3) over
+the data-parallel group, reduces the gradients and clips them.
 `megatron_patches.deepspeed` explains why a step computes exactly the Megatron engine's
 gradient.  The optimizer is torch's AdamW with Megatron's parameter groups and the learning
 rate comes from Megatron's own `OptimizerParamScheduler`, so both engines follow one
@@ -13,17 +13,15 @@ schedule, and the optimizer needs no compiled DeepSpeed op.
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
+from typing import Callable, Iterator
 
-import deepspeed
 import torch
 
-from launch.checkpoint import Checkpointer, current_layout, rng_state, set_rng_state
+from launch.checkpoint import current_layout, rng_state, set_rng_state
 from launch.config import Config, ConfigError, deep_merge
-from launch.data import micro_batches
+from launch.engines import StateBytes
 from launch.model import use_bf16
-from launch.trainer import Trainer
 from megatron_patches.deepspeed import MegatronMPU, forward_backward, optimizer_param_groups
 
 # DeepSpeed's model-states files: `mp_rank_XX_...` per TP rank, `zero_pp_rank_N_mp_rank_XX_...` under ZeRO-3.
@@ -84,6 +82,8 @@ def _lookup(settings: dict, dotted: str):
 
 def build_engine(cfg: Config, model: torch.nn.Module, micro_batches_per_step: int):
     """DeepSpeed's engine around `model`, and the torch optimizer whose LR the scheduler sets."""
+    import deepspeed  # here: importing it takes seconds that a Megatron run need not spend
+
     o = cfg.optim
     optimizer_class = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(
@@ -95,13 +95,50 @@ def build_engine(cfg: Config, model: torch.nn.Module, micro_batches_per_step: in
     return engine, optimizer
 
 
-class DeepSpeedCheckpointer(Checkpointer):
-    """DeepSpeed writes the shards: the model states per TP rank (with our RNG state as client
-    state) and the ZeRO partitions per rank, which load only into the same TP and DP sizes."""
+class Engine:
+    """DeepSpeed's engine and ZeRO partitions; its shards load only into the same TP and DP sizes."""
 
-    def __init__(self, root: Path, keep, engine):
-        super().__init__(root, keep)
-        self.engine = engine
+    def __init__(self, cfg: Config, model: torch.nn.Module, micro_batches_per_step: int):
+        self.engine, self.optimizer = build_engine(cfg, model, micro_batches_per_step)
+
+    @staticmethod
+    def config_problems(cfg: Config) -> list[str]:
+        par, problems = cfg.parallel, []
+        if par.pp > 1 or par.cp > 1:
+            problems.append(
+                f"engine=deepspeed runs only parallel.pp=1 and parallel.cp=1 (got pp={par.pp},"
+                f" cp={par.cp}); pipeline and context parallelism need engine=megatron"
+            )
+        if par.distributed_optimizer:
+            problems.append(
+                "parallel.distributed_optimizer is Megatron's optimizer sharding; with"
+                " engine=deepspeed set it to false and use deepspeed.zero_stage >= 1"
+            )
+        if par.sequence_parallel:
+            problems.append(
+                "parallel.sequence_parallel=true needs engine=megatron: DeepSpeed does not reduce"
+                " the layer-norm gradients over the tensor-parallel group; set it to false"
+            )
+        return problems
+
+    @staticmethod
+    def state_bytes(cfg: Config, data_parallel_size: int) -> StateBytes:
+        weights, grads, optimizer = (4, 4, 8) if cfg.model.precision == "fp32" else (2, 2, 12)
+        zero, dp = cfg.deepspeed.zero_stage, data_parallel_size
+        return StateBytes(
+            weights=weights / (dp if zero == 3 else 1),
+            grads=grads / (dp if zero >= 2 else 1),
+            optimizer=optimizer / (dp if zero >= 1 else 1),
+        )
+
+    def forward_backward(self, forward_step: Callable, batches: Iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+        return forward_backward(self.engine, forward_step, batches, num_microbatches, forward_only)
+
+    def step(self) -> float:
+        self.engine.step()  # reduces what is left, clips, steps, zeroes the gradients
+        grad_norm = self.engine.get_global_grad_norm()
+        # ZeRO stage 0 clips with a plain torch optimizer and keeps no norm: logged as NaN.
+        return float("nan") if grad_norm is None else float(grad_norm)
 
     def write_shards(self, directory: Path) -> None:
         self.engine.save_checkpoint(
@@ -121,31 +158,3 @@ class DeepSpeedCheckpointer(Checkpointer):
             )
         _, client_state = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
         set_rng_state(client_state["rng_state"])
-
-
-class DeepSpeedTrainer(Trainer):
-    """`Trainer`'s loop, metrics, validation and checkpoints on a DeepSpeed engine.
-
-    Only what touches the engine is redefined: its construction, the step and the
-    forward/backward of a global batch.
-    """
-
-    def _build_engine(self) -> None:
-        self.wrapped_model, self.optimizer = build_engine(self.cfg, self.model, self.micro_batches_per_step)
-        self.checkpointer = DeepSpeedCheckpointer(self.run_dir / "checkpoints", self.cfg.checkpoint.keep, self.wrapped_model)
-
-    def _train_step(self) -> tuple[torch.Tensor, float]:
-        reports = self._forward_backward(
-            micro_batches(self.train_data, self.cfg, self.step), self.loss, self.micro_batches_per_step, forward_only=False
-        )
-        self.wrapped_model.step()  # reduces what is left, clips, steps, zeroes the gradients
-        self.scheduler.step(increment=1)
-        self.loss.schedule.advance()
-        grad_norm = self.wrapped_model.get_global_grad_norm()
-        # ZeRO stage 0 clips with a plain torch optimizer and keeps no norm: logged as NaN.
-        return self._step_statistics(reports), float("nan") if grad_norm is None else float(grad_norm)
-
-    def _forward_backward(self, batches, loss_fn, num_microbatches: int, forward_only: bool) -> list[dict]:
-        return forward_backward(
-            self.wrapped_model, partial(self._forward_step, loss_fn), batches, num_microbatches, forward_only
-        )

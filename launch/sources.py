@@ -1,0 +1,231 @@
+"""What a run reads: the training mixture, the held-out sets, the tokenizer and the vocabulary.
+
+One home for the run's data sources, so that the model (vocabulary size) and the datasets
+(special tokens, prefixes, weights) see the same files, each opened once.  Blend files are
+read with `data_prep.blend`, the module that writes them.
+
+    sources = DataSources.open(cfg)      # refuses missing or mismatched files, naming each
+    sources.train, sources.valid         # Blend: prefixes, normalised weights, domain names
+    sources.tokenizer                    # special tokens and vocabulary size
+    sources.padded_vocab_size            # the model's embedding rows
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from data_prep.blend import BlendFile, BlendFileError, file_sha256, read_blend_file
+from launch.config import Config, ConfigError
+
+
+class Blend(NamedTuple):
+    """Datasets to mix: parallel lists, weights normalised to sum to 1."""
+
+    prefixes: list[str]
+    weights: list[float]
+    domains: list[str]
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """What Megatron's GPTDataset and the model ask of a tokenizer: EOD, pad, vocabulary size."""
+
+    eod: int
+    pad: int
+    vocab_size: int
+
+    @classmethod
+    @functools.cache  # one read of a model file per process
+    def from_model(cls, model_file: str) -> "Tokenizer":
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size())
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of the key of Megatron's cached sample indices."""
+        return {"class": "SentencePieceSpecialTokens", "eod": self.eod, "pad": self.pad, "vocab_size": self.vocab_size}
+
+
+@dataclass(frozen=True)
+class DataSources:
+    train: Blend
+    valid: Optional[Blend]  # None: data.split carves the held-out share out of the training files
+    tokenizer: Tokenizer
+    vocab_size: int
+    padded_vocab_size: int
+
+    @classmethod
+    def open(cls, cfg: Config) -> "DataSources":
+        check_files(cfg)
+        tokenizer = Tokenizer.from_model(cfg.data.tokenizer_model)
+        vocab = cfg.model.vocab_size or tokenizer.vocab_size
+        return cls(
+            train=train_blend(cfg),
+            valid=valid_blend(cfg),
+            tokenizer=tokenizer,
+            vocab_size=vocab,
+            padded_vocab_size=padded_vocab_size(cfg, vocab),
+        )
+
+
+# --------------------------------------------------------------------------- blends
+
+
+def read_blend(path: str, weights: Optional[dict[str, float]] = None) -> Blend:
+    """A data_prep blend file as a mixture; `weights` (domain -> weight) replaces its own.
+    Domains weighted 0 are left out. Prefixes come back relative to the working directory."""
+    blend = _read(path)
+    if weights is not None:
+        unknown = sorted(set(weights) - set(blend.domains))
+        missing = sorted(set(blend.domains) - set(weights))
+        if unknown or missing:
+            raise ConfigError(
+                f"data.weights must name each domain of {path} once: unknown {unknown},"
+                f" missing {missing}; the domains are {', '.join(blend.domains)}"
+            )
+    chosen = {name: float(weights[name] if weights is not None else d.weight) for name, d in blend.domains.items()}
+    chosen = {name: w for name, w in chosen.items() if w > 0}
+    total = sum(chosen.values())
+    return Blend(
+        prefixes=[blend.dataset_prefix(name) for name in chosen],
+        weights=[w / total for w in chosen.values()],
+        domains=list(chosen),
+    )
+
+
+def _read(path: str) -> BlendFile:
+    try:
+        return read_blend_file(path)
+    except BlendFileError as error:
+        raise ConfigError(str(error)) from None
+
+
+def train_blend(cfg: Config) -> Blend:
+    """The training mixture: the blend file (optionally re-weighted by data.weights) or
+    data.prefixes weighted by data.weights, else by their token counts (what concatenating
+    them would give). Domains of plain prefixes are their file names."""
+    data = cfg.data
+    if data.blend is not None:
+        return read_blend(data.blend, data.weights)
+    if data.weights is not None:
+        weights = [float(w) for w in data.weights]
+    else:
+        weights = [float(_token_count(prefix)) for prefix in data.prefixes]
+    total = sum(weights)
+    return Blend(
+        prefixes=list(data.prefixes),
+        weights=[w / total for w in weights],
+        domains=[Path(p).name for p in data.prefixes],
+    )
+
+
+def _token_count(prefix: str) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)  # kept alive while read: its lengths view a memory map
+    return int(dataset.sequence_lengths.sum())
+
+
+def valid_blend(cfg: Config) -> Optional[Blend]:
+    """The held-out per-domain validation sets, or None (then data.split carves one out)."""
+    return None if cfg.data.valid_blend is None else read_blend(cfg.data.valid_blend)
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def vocab_size(cfg: Config) -> int:
+    """model.vocab_size, or the tokenizer's when it is null."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    if cfg.data.tokenizer_model is None or not Path(cfg.data.tokenizer_model).is_file():
+        raise ConfigError(
+            f"model.vocab_size is null and the tokenizer {cfg.data.tokenizer_model} is not"
+            " there to read it from: set data.tokenizer_model or model.vocab_size"
+        )
+    return Tokenizer.from_model(cfg.data.tokenizer_model).vocab_size
+
+
+def padded_vocab_size(cfg: Config, vocab: int) -> int:
+    """Megatron's rule: round up to make_vocab_size_divisible_by * TP so that every
+    tensor-parallel shard of the embedding has the same, well-aligned size."""
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
+    return multiple * max(1, math.ceil(vocab / multiple))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def check_files(cfg: Config) -> None:
+    """Refuse a run whose data files are missing, unreadable or mismatched, listing each."""
+    problems = file_problems(cfg)
+    if problems:
+        raise ConfigError("invalid data:\n  - " + "\n  - ".join(problems))
+
+
+def file_problems(cfg: Config) -> list[str]:
+    """Every missing, unreadable or mismatched data file, as messages; empty when all is well."""
+    data = cfg.data
+    problems = []
+    blends = []
+    for name, path in (("data.blend", data.blend), ("data.valid_blend", data.valid_blend)):
+        if path is None:
+            continue
+        try:
+            blend = read_blend(path, data.weights if name == "data.blend" else None)
+            blends.append((name, _read(path)))
+        except ConfigError as error:
+            problems.append(f"{name}: {error}")
+            continue
+        problems += _missing_dataset_files(blend.prefixes, f"{name} {path}")
+    if data.prefixes is not None:
+        problems += _missing_dataset_files(data.prefixes, "data.prefixes")
+    if data.tokenizer_model is not None and not Path(data.tokenizer_model).is_file():
+        problems.append(
+            f"data.tokenizer_model {data.tokenizer_model} not found: train one with"
+            " `python -m data_prep train-tokenizer` or fix the path"
+        )
+    elif data.tokenizer_model is not None:
+        tokenizer_vocab = Tokenizer.from_model(data.tokenizer_model).vocab_size
+        if cfg.model.vocab_size is not None and tokenizer_vocab > cfg.model.vocab_size:
+            problems.append(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's"
+                f" {tokenizer_vocab} tokens: set model.vocab_size=null to use the tokenizer's"
+            )
+        problems += [_tokenizer_mismatch(name, blend, data.tokenizer_model) for name, blend in blends]
+    return [problem for problem in problems if problem]
+
+
+def _tokenizer_mismatch(name: str, blend: BlendFile, tokenizer_model: str) -> str:
+    """A message when the blend's tokens came from another tokenizer than the configured one."""
+    recorded = blend.tokenizer_sha256
+    if recorded is None and blend.tokenizer_model and Path(blend.tokenizer_model).is_file():
+        recorded = file_sha256(blend.tokenizer_model)  # an older blend file: compare the files
+    if recorded is None or recorded == file_sha256(tokenizer_model):
+        return ""
+    return (
+        f"{name} {blend.path} was tokenized with {blend.tokenizer_model}, whose content differs"
+        f" from data.tokenizer_model {tokenizer_model}: the token ids would mean other words;"
+        f" set data.tokenizer_model to the blend's tokenizer or re-run `python -m data_prep tokenize`"
+    )
+
+
+def _missing_dataset_files(prefixes: list[str], source: str) -> list[str]:
+    missing = [
+        f"{prefix}{suffix}"
+        for prefix in prefixes
+        for suffix in (".bin", ".idx")
+        if not Path(f"{prefix}{suffix}").is_file()
+    ]
+    if not missing:
+        return []
+    return [
+        f"{source}: missing {', '.join(missing)}: run `python -m data_prep tokenize` or fix"
+        " the path"
+    ]

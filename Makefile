@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_RUNS := runs/demo
 PRETRAIN := $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml
 
-.PHONY: venv test test-fast demo demo-data bench-data clean
+.PHONY: venv test test-fast test-unit demo demo-data bench-data clean
 
 # The stamp is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,10 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not e2e'
+
+# One process only: no gloo groups, no runs of the entry point.
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q -m 'not e2e and not distributed'
 
 # The demo corpus: Python's own sources, docs and licences, plus a redundant domain.
 demo-data: $(VENV)/.installed

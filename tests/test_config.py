@@ -60,6 +60,22 @@ def test_every_shipped_config_loads_validates_and_dry_runs(path):
     assert "parameters:" in report or "vocab: unknown" in report
 
 
+def test_readme_strategy_table_is_the_registry():
+    from megatron_patches.reweighting import STRATEGIES
+
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("| `reweight.strategy` | f(x) | effect |") + 2
+    rows = lines[start : lines.index("", start)]
+    expected = [f"| `{n}` | {s.formula.replace('|', chr(92) + '|')} | {s.effect} |" for n, s in STRATEGIES.items()]
+    assert rows == expected
+
+
+def test_reference_strategy_names_are_aliases():
+    assert demo("reweight.strategy=mid").reweight.strategy == "quadratic"
+    with pytest.raises(ConfigError, match="did you mean"):
+        demo("reweight.strategy=linuper")
+
+
 def test_strategy_names_are_those_the_reweighting_math_implements():
     from megatron_patches.reweighting import STRATEGIES
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
-from e2e import pretrain, rows
-from multiprocess import run_distributed
+from helpers.megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
+from helpers.e2e import pretrain, rows
+from helpers.multiprocess import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH_SEEDS = (0, 1)  # two micro-batches per step, so DeepSpeed's accumulation scaling takes part
@@ -57,14 +57,14 @@ def _reweighted_loss():
 
 
 def _batches():
-    from megatron_harness import local_batch
+    from helpers.megatron_harness import local_batch
 
     return iter([local_batch(global_batch(seed)) for seed in BATCH_SEEDS])
 
 
 def _full_tensors(model, read=lambda p: p):
     """Every parameter as a full (TP-gathered) tensor, by global name."""
-    from megatron_harness import full_gradients
+    from helpers.megatron_harness import full_gradients
 
     return full_gradients(model, grad_of=read)
 
@@ -74,7 +74,7 @@ def _megatron_step(cfg, full_state):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_harness import forward_step, full_gradients, load_full_state, tiny_gpt
+    from helpers.megatron_harness import forward_step, full_gradients, load_full_state, tiny_gpt
 
     from launch.engines.megatron import megatron_optimizer_config
     from launch.trainer import lr_scheduler
@@ -103,7 +103,7 @@ def _deepspeed_step(cfg, full_state, sgd_probe: bool = False):
     """One step of the DeepSpeed engine as launch.engines.deepspeed builds it, or with plain SGD."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    from megatron_harness import forward_step, load_full_state, tiny_gpt
+    from helpers.megatron_harness import forward_step, load_full_state, tiny_gpt
 
     from launch.engines.deepspeed import build_engine, deepspeed_config
     from launch.trainer import lr_scheduler
@@ -130,7 +130,7 @@ def _deepspeed_step(cfg, full_state, sgd_probe: bool = False):
 def _parity_worker() -> dict:
     """Both layouts in the same two processes: only Megatron's model-parallel groups change."""
     from megatron.core import parallel_state as ps
-    from megatron_harness import tiny_gpt
+    from helpers.megatron_harness import tiny_gpt
 
     from megatron_patches.parallel import destroy_parallel, initialize_parallel
 
@@ -174,6 +174,7 @@ def _assert_adam_steps_match(actual: dict, expected: dict, grads: dict, optim) -
         assert torch.where(noisy, within_a_step, close).all(), f"{name}: {(~close & ~noisy).sum()} elements differ"
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_zero_step_equals_megatron_step(parity, layout, stage):

@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
-from multiprocess import run_distributed
+from helpers.megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
+from helpers.multiprocess import run_distributed
+
+pytestmark = pytest.mark.distributed
+
 
 LAYOUTS = {  # id: (tp, pp, dp, cp)
     "tp1-pp1-dp1": (1, 1, 1, 1),
@@ -47,7 +50,7 @@ def numpy_weights(losses, counts, strategy, temperature, delta=1.0):
 
 
 def _reference_worker(batch_seeds):
-    from megatron_harness import _named_local_parameters, tiny_gpt
+    from helpers.megatron_harness import _named_local_parameters, tiny_gpt
 
     from megatron_patches.parallel import destroy_parallel, initialize_parallel
 
@@ -90,7 +93,7 @@ def _layout_worker(tp, pp, cp, full_state, batch_seeds):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_harness import forward_step, full_gradients, load_full_state, local_batch, tiny_gpt
+    from helpers.megatron_harness import forward_step, full_gradients, load_full_state, local_batch, tiny_gpt
 
     from megatron_patches.loss import ReweightedLoss
     from megatron_patches.parallel import destroy_parallel, initialize_parallel

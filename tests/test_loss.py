@@ -4,36 +4,16 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
+from helpers.host_reads import HostReadRecorder
+from helpers.multiprocess import run_distributed
 from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import destroy_parallel, initialize_parallel
 from megatron_patches.reweighting import ReweightSchedule
-from multiprocess import run_distributed
 
-HOST_READS = {
-    torch.Tensor.item,
-    torch.Tensor.tolist,
-    torch.Tensor.numpy,
-    torch.Tensor.__bool__,
-    torch.Tensor.__float__,
-    torch.Tensor.__int__,
-    torch.Tensor.__index__,
-}
-
-
-class HostReadDetector(TorchFunctionMode):
-    """Records every call that copies a tensor value to the host."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+pytestmark = pytest.mark.distributed
 
 
 def _loss_worker(strategies):
@@ -55,10 +35,10 @@ def _run_loss(strategy):
         mask[2] = 0  # a sample with no loss token
     poisoned = token_losses + (values - token_losses.detach())  # same graph, bad values
     loss_fn = ReweightedLoss(ReweightSchedule(strategy, 0.5), num_domains=2)
-    with HostReadDetector() as detector:
+    with HostReadRecorder() as detector:
         loss, num_tokens, report = loss_fn(mask, torch.tensor([0, 1, 1]), poisoned)
     loss.backward()
-    sanity = HostReadDetector()
+    sanity = HostReadRecorder()
     with sanity:
         loss.item()
     return dict(

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from e2e import REPO, pretrain, rows
+from helpers.e2e import REPO, pretrain, rows
 
 TRAIN_KEYS = {
     "step", "loss", "weighted_loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "weight_ess",

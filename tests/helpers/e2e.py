@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pretrain(run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2, check: bool = True):

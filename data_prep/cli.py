@@ -44,10 +44,12 @@ with the tokenizer's EOS id.
 Bad lines (malformed JSON, missing or non-string key, invalid UTF-8, empty document):
   --on-error fail   stop at the first one, print file:line and the reason, exit 1, write nothing
   --on-error skip   skip and count them; the counts go to the summary and P.stats.json
+A truncated .gz or .zst file fails the run in either mode.
 
 Outputs are written under P.incomplete/ and moved into place at the end, P.stats.json last,
 so an interrupted run never leaves a dataset that looks finished. Rerunning a finished run
-with the same inputs and settings does nothing; --force rebuilds.
+with the same inputs and settings does nothing; --force rebuilds. A second run on the same P
+while one is running refuses (the lock file P.lock names the running one).
 
 examples:
   # one dataset: data/train.bin, data/train.idx, data/train.stats.json
@@ -128,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser(
         "inspect", help="summarise a tokenized dataset and decode a sample",
-        description="Documents, tokens, length percentiles, per-domain counts and decoded samples.",
+        description="Check that each dataset's .bin and .idx are complete, then show documents, tokens, "
+                    "length percentiles, per-domain counts and decoded samples.",
         epilog=INSPECT_EPILOG, formatter_class=formatter,
     )
     show.add_argument("prefix", metavar="P", help="dataset prefix given to tokenize --output-prefix")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import DataPrepError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # Megatron-Core's DType enum codes.
@@ -116,23 +118,66 @@ class IndexedDatasetView:
         return self.pointers // self.dtype.itemsize + self.lengths - 1
 
 
+def verify_dataset(prefix: str) -> None:
+    """Refuse a dataset that training would crash on or misread, before training starts.
+
+    Cheap for any size: reads the index's header and last entry, and only the size of the
+    .bin, which must be exactly where the last document ends (a truncated copy is not).
+    """
+    _verified_header(prefix)
+
+
 def open_indexed_dataset(prefix: str) -> IndexedDatasetView:
-    with open(prefix + ".idx", "rb") as index:
-        header = index.read(_HEADER_BYTES)
-    if len(header) < _HEADER_BYTES or not header.startswith(INDEX_MAGIC):
-        raise ValueError(f"{prefix}.idx is not a Megatron indexed dataset index")
-    version, code, count, _ = struct.unpack("<QBQQ", header[len(INDEX_MAGIC) :])
-    if version != INDEX_VERSION:
-        raise ValueError(f"{prefix}.idx has index version {version}, expected {INDEX_VERSION}")
-    dtype = {code: dtype for dtype, code in DTYPE_CODES.items()}[code]
+    """Memory-map a dataset that passes `verify_dataset`."""
+    dtype, count = _verified_header(prefix)
     lengths = _map(prefix + ".idx", np.int32, _HEADER_BYTES, count)
     pointers = _map(prefix + ".idx", np.int64, _HEADER_BYTES + 4 * count, count)
     tokens = _map(prefix + ".bin", dtype, 0, os.path.getsize(prefix + ".bin") // dtype.itemsize)
     return IndexedDatasetView(prefix, dtype, lengths, pointers, tokens)
 
 
+def _verified_header(prefix: str) -> tuple[np.dtype, int]:
+    """(token dtype, document count) of a dataset whose files agree with each other."""
+    index_path, bin_path = prefix + ".idx", prefix + ".bin"
+    rebuild = "rebuild it: rerun the `python -m data_prep tokenize` command that wrote it, with --force"
+    try:
+        with open(index_path, "rb") as index:
+            header = index.read(_HEADER_BYTES)
+            index_bytes = os.fstat(index.fileno()).st_size
+            if len(header) < _HEADER_BYTES or not header.startswith(INDEX_MAGIC):
+                raise DataPrepError(f"{index_path} is not a Megatron indexed dataset index; {rebuild}")
+            version, code, count, document_count = struct.unpack("<QBQQ", header[len(INDEX_MAGIC) :])
+            dtype = {code: dtype for dtype, code in DTYPE_CODES.items()}.get(code)
+            if version != INDEX_VERSION or dtype is None:
+                raise DataPrepError(
+                    f"{index_path} has index version {version} and dtype code {code}, not version "
+                    f"{INDEX_VERSION} and a code of {sorted(DTYPE_CODES.values())}; {rebuild}"
+                )
+            if count == 0:
+                raise DataPrepError(f"{index_path} holds no documents: there is nothing to train on; {rebuild}")
+            expected_index_bytes = _HEADER_BYTES + 12 * count + 8 * document_count
+            if index_bytes != expected_index_bytes:
+                raise DataPrepError(
+                    f"{index_path} is {index_bytes:,} bytes, but its header describes {count:,} documents "
+                    f"in {expected_index_bytes:,} bytes (truncated or damaged); {rebuild}"
+                )
+            index.seek(_HEADER_BYTES + 4 * (count - 1))
+            (last_length,) = struct.unpack("<i", index.read(4))
+            index.seek(_HEADER_BYTES + 4 * count + 8 * (count - 1))
+            (last_pointer,) = struct.unpack("<q", index.read(8))
+        bin_bytes = os.stat(bin_path).st_size
+    except OSError as exc:
+        raise DataPrepError(f"cannot read the dataset {prefix!r}: {exc}; {rebuild}") from exc
+    if bin_bytes == 0:
+        raise DataPrepError(f"{bin_path} is empty: there are no tokens to train on; {rebuild}")
+    expected_bin_bytes = last_pointer + last_length * dtype.itemsize
+    if bin_bytes != expected_bin_bytes:
+        raise DataPrepError(
+            f"{bin_path} is {bin_bytes:,} bytes, but {index_path} says its {count:,} documents "
+            f"of {dtype.name} tokens end at byte {expected_bin_bytes:,} (truncated or damaged); {rebuild}"
+        )
+    return dtype, count
+
+
 def _map(path: str, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
-    """Memory-map `count` items (numpy cannot map zero bytes)."""
-    if count == 0:
-        return np.empty(0, dtype)
     return np.memmap(path, dtype, "r", offset, (count,))

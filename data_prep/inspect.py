@@ -1,7 +1,8 @@
 """`inspect`: what a tokenized dataset (or a domain-split family) holds, as a short report.
 
 Reads the files directly (memory-mapped, no torch import), so it answers in a fraction of a
-second even for large datasets.
+second even for large datasets. Each dataset is checked first (`indexed.verify_dataset`), so
+`inspect` also tells whether a copied or old dataset is complete.
 """
 
 from __future__ import annotations
@@ -36,20 +37,19 @@ def inspect_dataset(
         _row("tokens", f"{tokens:,} ({dtype.name}"
              + (f", vocabulary {stats['vocab_size']:,})" if "vocab_size" in stats else ")")),
     ]
-    if len(lengths):
-        p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
-        lines.append(_row(
-            "doc length",
-            f"min {lengths.min():,} · p50 {p50:,} · p90 {p90:,} · p99 {p99:,} · max {lengths.max():,} "
-            "tokens (EOS included)",
-        ))
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
+    lines.append(_row(
+        "doc length",
+        f"min {lengths.min():,} · p50 {p50:,} · p90 {p90:,} · p99 {p99:,} · max {lengths.max():,} "
+        "tokens (EOS included)",
+    ))
     # The path as given to tokenize may be relative to another working directory.
     candidates = [tokenizer_model] if tokenizer_model else [stats.get("tokenizer_model"), stats.get("tokenizer_path")]
     model_path = next((path for path in candidates if path and os.path.exists(path)), candidates[0])
     processor = load_tokenizer(model_path) if model_path and os.path.exists(model_path) else None
     if processor is not None:
         eos = processor.eos_id()
-        without_eos = sum(int(np.count_nonzero(d.tokens[d.ends] != eos)) for d in datasets.values() if len(d))
+        without_eos = sum(int(np.count_nonzero(d.tokens[d.ends] != eos)) for d in datasets.values())
         lines.append(_row("ends in EOS", f"{len(lengths) - without_eos:,} of {len(lengths):,} documents (id {eos})"))
     if _is_split(prefix):
         lines.append(_row("domains", f"{'domain':<24} {'documents':>12} {'tokens':>15} {'share':>7}"))
@@ -74,24 +74,16 @@ def _open_all(prefix: str) -> dict[str, IndexedDatasetView]:
             blend = read_blend_file(prefix + SUFFIX)
         except BlendFileError as error:
             raise DataPrepError(str(error)) from None
-        return {domain: _open(blend.dataset_prefix(domain)) for domain in blend.domains}
+        return {domain: open_indexed_dataset(blend.dataset_prefix(domain)) for domain in blend.domains}
     if os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin"):
-        return {"": _open(prefix)}
+        return {"": open_indexed_dataset(prefix)}
     raise DataPrepError(f"no dataset at {prefix!r}: expected {prefix}.bin and {prefix}.idx, or {prefix}.blend.json")
-
-
-def _open(prefix: str) -> IndexedDatasetView:
-    try:
-        return open_indexed_dataset(prefix)
-    except (OSError, ValueError) as exc:
-        raise DataPrepError(f"cannot read the dataset {prefix!r}: {exc}") from exc
 
 
 def _samples(datasets, processor, count: int, max_chars: int, rng: random.Random) -> list[str]:
     lines: list[str] = []
-    non_empty = [domain for domain, dataset in datasets.items() if len(dataset)]
-    for _ in range(count if non_empty else 0):
-        domain = rng.choice(non_empty)
+    for _ in range(count):
+        domain = rng.choice(list(datasets))
         index = rng.randrange(len(datasets[domain]))
         ids = datasets[domain].document(index).tolist()
         text = processor.decode(ids) if processor is not None else " ".join(map(str, ids))

@@ -40,6 +40,7 @@ KIND_LABELS = {
 }
 
 CHUNK_BYTES = 1 << 19
+_ZSTD_READ_BYTES = 1 << 14  # compressed bytes decompressed at once: text gives ~100 KB
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,49 @@ def open_decompressed(path: str) -> Iterator[tuple[BinaryIO, BinaryIO]]:
     """Yield (decompressed stream, raw file); the raw file's position measures progress."""
     with open(path, "rb") as raw:
         if path.endswith(".zst"):
-            # SlimPajama-style files may hold several frames and use long-distance windows.
-            dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-            with dctx.stream_reader(raw, read_across_frames=True) as stream:
-                yield stream, raw
+            yield _ZstdFrames(raw), raw
         elif path.endswith(".gz"):
             with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
                 yield stream, raw
         else:
             yield raw, raw
+
+
+class _ZstdFrames:
+    """Decompressed bytes of the zstd frames of a file, read in order.
+
+    SlimPajama-style files may hold several frames and use long-distance windows. Unlike
+    `ZstdDecompressor.stream_reader`, which ends silently where a truncated file ends, this
+    raises EOFError (as gzip does) when the input ends inside a frame.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._decompressor = zstandard.ZstdDecompressor(max_window_size=2**31)
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False  # input of the current frame was fed, its end not yet seen
+        self._pending = bytearray()  # decompressed, not yet read
+
+    def read(self, size: int) -> bytes:
+        while len(self._pending) < size:
+            compressed = self._raw.read(_ZSTD_READ_BYTES)
+            if not compressed:
+                if self._in_frame:
+                    raise EOFError("the last zstd frame is incomplete")
+                break
+            self._feed(compressed)
+        block = bytes(self._pending[:size])
+        del self._pending[:size]
+        return block
+
+    def _feed(self, compressed: bytes) -> None:
+        while compressed:
+            self._pending += self._frame.decompress(compressed)
+            self._in_frame = not self._frame.eof
+            if self._in_frame:
+                return
+            compressed = self._frame.unused_data  # the start of the next frame
+            self._frame = self._decompressor.decompressobj()
 
 
 def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[Chunk, int]]:
@@ -143,9 +178,15 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[Chu
 
 
 def _read(stream: BinaryIO, size: int, path: str, line: int) -> bytes:
+    """A truncated or corrupt file is an error in any --on-error mode: its end is missing,
+    not a bad line."""
     try:
         return stream.read(size)
-    except (EOFError, OSError, zstandard.ZstdError) as exc:
+    except EOFError as exc:
+        raise DataPrepError(
+            f"{path}: compressed stream ends early (truncated file?); download it again or leave it out"
+        ) from exc
+    except (OSError, zstandard.ZstdError) as exc:
         raise DataPrepError(
             f"{path}: cannot read past line {line - 1} ({exc}); if the file is truncated or "
             "corrupt, download it again or leave it out"

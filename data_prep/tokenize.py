@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import blend
 from .errors import DataPrepError
 from .indexed import IndexedDatasetWriter, token_dtype
+from .lock import output_lock
 from .outputs import OutputSet
 from .readers import (
     BAD_LINE_KINDS,
@@ -73,29 +74,30 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
         )
     processor = load_tokenizer(job.tokenizer_model)
     dtype = token_dtype(processor.vocab_size())
-    outputs = OutputSet(job.output_prefix)
-    run = _fingerprint(job, paths)
-    previous = outputs.finished_run(run, job.force)
-    if previous is not None:
-        return previous, False
+    with output_lock(job.output_prefix):  # from clearing old outputs to the last rename
+        outputs = OutputSet(job.output_prefix)
+        run = _fingerprint(job, paths)
+        previous = outputs.finished_run(run, job.force)
+        if previous is not None:
+            return previous, False
 
-    started = time.perf_counter()
-    datasets = _DomainDatasets(outputs, dtype, split=job.domain_key is not None)
-    try:
-        lines, skipped, first_skipped = _encode_into(datasets, job, paths, dtype)
-        datasets.finish()
-        stats = _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_skipped)
-        names = datasets.file_names()
-        if job.domain_key:
-            blend_name = os.path.basename(job.output_prefix) + blend.SUFFIX
-            names.append(outputs.stage_json(blend_name, _blend(job, datasets)))
-        stats["seconds"] = round(time.perf_counter() - started, 3)
-        stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"])
-        return outputs.commit(names, stats), True
-    except BaseException:
-        datasets.close()
-        outputs.abort()
-        raise
+        started = time.perf_counter()
+        datasets = _DomainDatasets(outputs, dtype, split=job.domain_key is not None)
+        try:
+            lines, skipped, first_skipped = _encode_into(datasets, job, paths, dtype)
+            datasets.finish()
+            stats = _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_skipped)
+            names = datasets.file_names()
+            if job.domain_key:
+                blend_name = os.path.basename(job.output_prefix) + blend.SUFFIX
+                names.append(outputs.stage_json(blend_name, _blend(job, datasets)))
+            stats["seconds"] = round(time.perf_counter() - started, 3)
+            stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"])
+            return outputs.commit(names, stats), True
+        except BaseException:
+            datasets.close()
+            outputs.abort()
+            raise
 
 
 # ---------------------------------------------------------------- workers

@@ -12,6 +12,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from .errors import DataPrepError
+from .lock import output_lock
 from .readers import describe_inputs, describe_skipped, expand_inputs, parse_chunk, read_chunks
 
 
@@ -58,44 +59,44 @@ def train_tokenizer(
     sample and the trainer are seeded, so the same inputs and seed give the same model.
     """
     paths = expand_inputs(inputs)
-    sample, documents, skipped = _reservoir_sample(paths, json_key, sample_docs, random.Random(seed))
-    if not sample:
-        found = f"; {describe_skipped(skipped)}" if skipped else ""
-        raise DataPrepError(f"no documents to train on in {describe_inputs(paths)}{found}")
-    # SentencePiece trains on lines (it drops "sentences" over 4 kB), so feed lines, not documents.
-    lines = [line for text in sample for line in text.split("\n") if line.strip()]
+    with output_lock(output_prefix):  # two runs would train into the same temporary files
+        sample, documents, skipped = _reservoir_sample(paths, json_key, sample_docs, random.Random(seed))
+        if not sample:
+            found = f"; {describe_skipped(skipped)}" if skipped else ""
+            raise DataPrepError(f"no documents to train on in {describe_inputs(paths)}{found}")
+        # SentencePiece trains on lines (it drops "sentences" over 4 kB), so feed lines, not documents.
+        lines = [line for text in sample for line in text.split("\n") if line.strip()]
 
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    partial = output_prefix + ".incomplete"
-    spm.set_random_generator_seed(seed)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_prefix=partial,
-            model_type=model_type,
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-        )
-        os.replace(partial + ".vocab", output_prefix + ".vocab")
-        os.replace(partial + ".model", output_prefix + ".model")  # the model last: it is the result
-    except (RuntimeError, ValueError) as exc:
-        raise DataPrepError(
-            f"SentencePiece could not train a {vocab_size}-piece {model_type} model on "
-            f"{len(lines):,} lines from {len(sample):,} documents: {exc}\n"
-            "Change --vocab-size (byte fallback needs room for 256 byte pieces plus the "
-            "characters of the text) or give more text (--sample-docs, more inputs)."
-        ) from exc
-    finally:
-        for suffix in (".model", ".vocab"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial + suffix)
-    return TrainingSummary(documents, len(sample), len(lines), skipped)
+        partial = output_prefix + ".incomplete"
+        spm.set_random_generator_seed(seed)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines),
+                model_prefix=partial,
+                model_type=model_type,
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )
+            os.replace(partial + ".vocab", output_prefix + ".vocab")
+            os.replace(partial + ".model", output_prefix + ".model")  # the model last: it is the result
+        except (RuntimeError, ValueError) as exc:
+            raise DataPrepError(
+                f"SentencePiece could not train a {vocab_size}-piece {model_type} model on "
+                f"{len(lines):,} lines from {len(sample):,} documents: {exc}\n"
+                "Change --vocab-size (byte fallback needs room for 256 byte pieces plus the "
+                "characters of the text) or give more text (--sample-docs, more inputs)."
+            ) from exc
+        finally:
+            for suffix in (".model", ".vocab"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(partial + suffix)
+        return TrainingSummary(documents, len(sample), len(lines), skipped)
 
 
 def _reservoir_sample(

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import multiprocessing
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ import sentencepiece as spm
 import zstandard
 
 from data_prep import indexed
+from data_prep.errors import DataPrepError
 from data_prep.readers import read_chunks
 from data_prep.workers import OrderedPool
 from data_prep.tokenizer import train_tokenizer
@@ -292,6 +296,33 @@ def test_only_bad_lines_is_an_error_not_an_empty_dataset(tmp_path, tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+def truncated(name: str, lines: list[bytes]) -> bytes:
+    """`lines` compressed as `name` says, cut in the middle of the (last) compressed stream."""
+    if name.endswith(".gz"):
+        data = gzip.compress(b"".join(lines))
+        return data[: len(data) // 2]
+    compress = zstandard.ZstdCompressor().compress
+    if name.startswith("frames"):  # a whole frame, then half of the next one
+        last = compress(b"".join(lines[100:]))
+        return compress(b"".join(lines[:100])) + last[: len(last) // 2]
+    data = compress(b"".join(lines))
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+@pytest.mark.parametrize("name", ["in.jsonl.zst", "frames.jsonl.zst", "in.jsonl.gz"])
+def test_truncated_compressed_input_fails_naming_the_file_and_writes_nothing(tmp_path, tokenizer, name, on_error):
+    """Not a bad line to skip: the rest of the file is missing. (zstd's stream reader ends
+    silently where the bytes end, and the run would succeed on part of the file.)"""
+    lines = [json.dumps({"text": text}).encode() + b"\n" for text in sample_texts(400)]
+    (tmp_path / name).write_bytes(truncated(name, lines))
+    result = run_cli("tokenize", "--input", name, "--output-prefix", "out", "--on-error", on_error,
+                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"{name}: compressed stream ends early (truncated file?); download it again" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 # ---------------------------------------------------------------- domains
 
 
@@ -345,9 +376,10 @@ def big_input(path: Path, megabytes: int) -> None:
     path.write_text("".join(json.dumps({"text": f"{i} {paragraph}"}) + "\n" for i in range(count)))
 
 
-def start_and_interrupt(tmp_path: Path, tokenizer: str, sig: int) -> tuple[subprocess.Popen, list[int]]:
-    """Start a run, send `sig` once its first tokens are on disk (in the staging area), and
-    return the process and its workers' pids."""
+@contextlib.contextmanager
+def run_in_progress(tmp_path: Path, tokenizer: str) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """A run on big.jsonl with 2 workers, given (process, workers' pids) once its first tokens
+    are on disk (in the staging area); killed on the way out if it is still running."""
     process = subprocess.Popen(
         [sys.executable, "-m", "data_prep", "tokenize", "--input", "big.jsonl", "--output-prefix", "out",
          "--tokenizer-model", tokenizer, "--workers", "2"],
@@ -362,11 +394,19 @@ def start_and_interrupt(tmp_path: Path, tokenizer: str, sig: int) -> tuple[subpr
             time.sleep(0.002)
         workers = children(process.pid)
         assert process.poll() is None and len(workers) == 2
-        process.send_signal(sig)
-        process.wait(timeout=30)
+        yield process, workers
     finally:
         process.kill()
-    return process, workers
+        process.wait()
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP, and wait until the process is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while state(pid) != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.002)
 
 
 def children(pid: int) -> list[int]:
@@ -375,8 +415,13 @@ def children(pid: int) -> list[int]:
 
 
 def running(pid: int) -> bool:
+    return state(pid) not in ("", "Z")  # zombies have exited
+
+
+def state(pid: int) -> str:
+    """R, S, T (stopped), Z (zombie), ..., or "" once gone."""
     stat = _read_stat(Path(f"/proc/{pid}/stat"))
-    return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"  # zombies have exited
+    return stat.rsplit(")", 1)[1].split()[0] if stat else ""
 
 
 def _read_stat(path: Path) -> str:
@@ -384,6 +429,11 @@ def _read_stat(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def file_tree(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in directory.rglob("*") if p.is_file()}
 
 
 def assert_no_dataset(tmp_path: Path, IndexedDataset) -> None:
@@ -398,11 +448,24 @@ ignore_half_built_reader = pytest.mark.filterwarnings("ignore::pytest.PytestUnra
 
 
 @ignore_half_built_reader
-def test_killed_run_leaves_no_dataset_and_the_rerun_completes(tmp_path, tokenizer, IndexedDataset):
+def test_killed_run_leaves_no_dataset_and_its_lock_does_not_block_the_rerun(tmp_path, tokenizer, IndexedDataset):
+    """The workers inherited the lock file; they are kept stopped until the rerun is done, so
+    the rerun proves that the lock went with the killed parent, not with its last worker."""
     big_input(tmp_path / "big.jsonl", 6)
-    process, workers = start_and_interrupt(tmp_path, tokenizer, signal.SIGKILL)
-    assert process.returncode == -signal.SIGKILL
-    assert_no_dataset(tmp_path, IndexedDataset)
+    with run_in_progress(tmp_path, tokenizer) as (process, workers):
+        for pid in workers:
+            stop(pid)
+        process.kill()
+        process.wait(timeout=30)
+    try:
+        assert process.returncode == -signal.SIGKILL
+        assert_no_dataset(tmp_path, IndexedDataset)
+        assert (tmp_path / "out.lock").exists()  # left behind, but nobody holds it
+        rerun = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", "out",
+                        "--tokenizer-model", tokenizer, cwd=tmp_path)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
     deadline = time.monotonic() + 10  # orphaned workers notice and exit
     while any(map(running, workers)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -411,23 +474,73 @@ def test_killed_run_leaves_no_dataset_and_the_rerun_completes(tmp_path, tokenize
         os.kill(pid, signal.SIGKILL)
     assert not left, "workers outlived their killed parent"
 
-    rerun = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", "out",
-                    "--tokenizer-model", tokenizer, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     lines = (tmp_path / "big.jsonl").read_text().count("\n")
     assert len(IndexedDataset(str(tmp_path / "out"))) == lines
-    assert not (tmp_path / "out.incomplete").exists()
+    assert not (tmp_path / "out.incomplete").exists() and not (tmp_path / "out.lock").exists()
 
 
 @ignore_half_built_reader
 def test_ctrl_c_stops_cleanly_and_removes_partial_output(tmp_path, tokenizer, IndexedDataset):
     big_input(tmp_path / "big.jsonl", 6)
-    process, workers = start_and_interrupt(tmp_path, tokenizer, signal.SIGINT)
+    with run_in_progress(tmp_path, tokenizer) as (process, workers):
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
     assert process.returncode == 130
     assert "interrupted" in process.stderr.read()
     assert_no_dataset(tmp_path, IndexedDataset)
-    assert not (tmp_path / "out.incomplete").exists()
+    assert not (tmp_path / "out.incomplete").exists() and not (tmp_path / "out.lock").exists()
     assert not any(map(running, workers))
+
+
+def test_second_run_on_the_same_prefix_refuses_naming_the_first_and_touches_nothing(
+    tmp_path, tokenizer, IndexedDataset
+):
+    """The first run is stopped mid-way (SIGSTOP): it keeps its lock and its files stay put, so
+    any file the second run wrote or removed would show. Even --force must not get through."""
+    big_input(tmp_path / "big.jsonl", 6)
+    with run_in_progress(tmp_path, tokenizer) as (first, _):
+        stop(first.pid)
+        try:
+            before = file_tree(tmp_path)
+            second = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", "out", "--force",
+                             "--tokenizer-model", tokenizer, cwd=tmp_path)
+            assert file_tree(tmp_path) == before
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        first.wait(timeout=120)
+    assert second.returncode == 1
+    assert (f"another data_prep run is writing out (pid {first.pid} on host {socket.gethostname()}, "
+            "started ") in second.stderr
+    assert "choose another --output-prefix" in second.stderr
+    assert first.returncode == 0, first.stderr.read()
+    lines = (tmp_path / "big.jsonl").read_text().count("\n")
+    assert len(IndexedDataset(str(tmp_path / "out"))) == lines
+    assert not (tmp_path / "out.lock").exists()
+
+
+def test_train_tokenizer_refuses_a_locked_prefix_and_a_killed_holder_does_not_block(tmp_path):
+    """The holder is a real process that takes the lock with data_prep's own function."""
+    rng = random.Random(6)
+    write_jsonl(tmp_path / "in.jsonl", [{"text": make_text(rng, 50)} for _ in range(300)])
+    with subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom data_prep.lock import output_lock\n"
+         "with output_lock('tok'):\n    print('locked', flush=True)\n    time.sleep(600)"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, text=True,
+    ) as holder:
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            args = ["train-tokenizer", "--input", "in.jsonl", "--vocab-size", "300", "--output-prefix", "tok"]
+            refused = run_cli(*args, cwd=tmp_path)
+            assert refused.returncode == 1
+            assert f"another data_prep run is writing tok (pid {holder.pid} on host " in refused.stderr
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "tok.lock"]
+        finally:
+            holder.kill()
+    assert (tmp_path / "tok.lock").exists()
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "tok.model", "tok.vocab"]
 
 
 def test_rerun_skips_finished_outputs_and_force_rebuilds(tmp_path, tokenizer):
@@ -460,6 +573,68 @@ def test_outputs_of_unknown_origin_are_not_overwritten(tmp_path, tokenizer):
                      "--tokenizer-model", tokenizer, cwd=tmp_path)
     assert result.returncode == 1 and "--force" in result.stderr
     assert (tmp_path / "out.bin").read_bytes() == b"precious"
+
+
+# ---------------------------------------------------------------- dataset checks
+
+
+def write_dataset(prefix: str, docs: list[np.ndarray]) -> None:
+    writer = indexed.IndexedDatasetWriter(prefix, np.uint16)
+    if docs:
+        writer.append(np.concatenate(docs), np.array([len(doc) for doc in docs]))
+    writer.finish()
+
+
+DOCS = [np.arange(1, n + 1) for n in (5, 1, 17, 3)]
+
+
+def test_verify_dataset_accepts_a_complete_dataset_and_inspect_refuses_a_truncated_one(tmp_path):
+    write_dataset(str(tmp_path / "d"), DOCS)
+    indexed.verify_dataset(str(tmp_path / "d"))
+    assert run_cli("inspect", "d", cwd=tmp_path).returncode == 0
+
+    os.truncate(tmp_path / "d.bin", 2 * sum(map(len, DOCS)) - 2)  # the last token missing
+    result = run_cli("inspect", "d", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("data_prep: error: d.bin is 50 bytes, but d.idx says its 4 documents")
+
+
+def _cut(path: str, count: int) -> None:
+    os.truncate(path, os.path.getsize(path) - count)
+
+
+def _overwrite(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(data)
+
+
+DAMAGE = [
+    ("bin short by 3 bytes", DOCS, lambda p: _cut(p + ".bin", 3), ".bin", "truncated or damaged"),
+    ("bin too long", DOCS, lambda p: _overwrite(p + ".bin", os.path.getsize(p + ".bin"), b"\0\0"), ".bin",
+     "truncated or damaged"),
+    ("bin empty", DOCS, lambda p: os.truncate(p + ".bin", 0), ".bin", "is empty"),
+    ("only empty documents", [np.arange(0)], lambda p: None, ".bin", "is empty"),
+    ("bin missing", DOCS, lambda p: os.remove(p + ".bin"), ".bin", "No such file"),
+    ("idx short by 8 bytes", DOCS, lambda p: _cut(p + ".idx", 8), ".idx", "truncated or damaged"),
+    ("idx garbage", DOCS, lambda p: Path(p + ".idx").write_bytes(random.Random(7).randbytes(300)), ".idx",
+     "is not a Megatron indexed dataset index"),
+    ("idx version 2", DOCS, lambda p: _overwrite(p + ".idx", 9, b"\x02"), ".idx", "index version 2"),
+    ("idx dtype code 9", DOCS, lambda p: _overwrite(p + ".idx", 17, b"\x09"), ".idx", "dtype code 9"),
+    ("idx empty", DOCS, lambda p: os.truncate(p + ".idx", 0), ".idx", "is not a Megatron indexed dataset index"),
+    ("no documents", [], lambda p: None, ".idx", "holds no documents"),
+]
+
+
+@pytest.mark.parametrize("damage, docs, break_it, file, message", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_verify_dataset_refuses_a_damaged_dataset_naming_the_file(tmp_path, damage, docs, break_it, file, message):
+    prefix = str(tmp_path / "d")
+    write_dataset(prefix, docs)
+    break_it(prefix)
+    with pytest.raises(DataPrepError) as error:
+        indexed.verify_dataset(prefix)
+    assert prefix + file in str(error.value) and message in str(error.value)
+    assert "rerun the `python -m data_prep tokenize` command that wrote it, with --force" in str(error.value)
 
 
 # ---------------------------------------------------------------- inspect, tokenizer, CLI

@@ -1,0 +1,68 @@
+"""One run at a time per output prefix: `P.lock`, locked for the whole run.
+
+Two runs writing the same outputs would clear and replace each other's files. The kernel
+releases the lock when its process ends, however it ends, so the lock of a killed run
+(kill -9, out of memory) never blocks the next one; the file's text only says who holds it.
+A POSIX record lock (`lockf`), not `flock`: forked tokenize workers inherit the open file,
+and would keep a `flock` held after their parent is killed, until they notice and exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+from typing import IO, Iterator
+
+from .errors import DataPrepError
+
+
+@contextlib.contextmanager
+def output_lock(prefix: str) -> Iterator[None]:
+    """Hold `prefix.lock` (creating the directory), or refuse naming the run that holds it.
+
+    The lock belongs to the process: it keeps out other processes, not a second `output_lock`
+    of the same prefix in this one."""
+    path = prefix + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    file = _acquire(path, prefix)
+    try:
+        file.truncate(0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        file.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n")
+        file.flush()
+        yield
+    finally:
+        # Removed while still locked: a run that opened this file meanwhile sees that it is
+        # gone once it gets the lock, and locks a new one (see _acquire).
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        file.close()
+
+
+def _acquire(path: str, prefix: str) -> IO[str]:
+    while True:
+        file = open(path, "a+")
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            file.seek(0)
+            holder = file.read().strip() or "it has not written its pid yet"
+            file.close()
+            raise DataPrepError(
+                f"another data_prep run is writing {prefix} ({holder}; lock file {path}); "
+                "wait for it to finish or stop it, or choose another --output-prefix"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if _identity(os.stat(path)) == _identity(os.fstat(file.fileno())):
+                return file
+        file.close()  # the previous holder removed this file as we opened it
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino

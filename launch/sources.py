@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from data_prep.blend import BlendFile, BlendFileError, file_sha256, read_blend_file
+from data_prep.errors import DataPrepError
+from data_prep.indexed import verify_dataset
 from launch.config import Config, ConfigError
 
 
@@ -217,15 +219,23 @@ def _tokenizer_mismatch(name: str, blend: BlendFile, tokenizer_model: str) -> st
 
 
 def _missing_dataset_files(prefixes: list[str], source: str) -> list[str]:
+    """Missing files, and datasets whose .bin and .idx disagree (a truncated copy, an empty
+    dataset): found here in milliseconds rather than as a crash mid-run."""
     missing = [
         f"{prefix}{suffix}"
         for prefix in prefixes
         for suffix in (".bin", ".idx")
         if not Path(f"{prefix}{suffix}").is_file()
     ]
-    if not missing:
-        return []
-    return [
-        f"{source}: missing {', '.join(missing)}: run `python -m data_prep tokenize` or fix"
-        " the path"
-    ]
+    if missing:
+        return [
+            f"{source}: missing {', '.join(missing)}: run `python -m data_prep tokenize` or fix"
+            " the path"
+        ]
+    problems = []
+    for prefix in prefixes:
+        try:
+            verify_dataset(prefix)
+        except DataPrepError as error:
+            problems.append(f"{source}: {error}")
+    return problems

@@ -349,6 +349,39 @@ def blend_dir(tmp_path):
     return data
 
 
+def complete(blend_dir, *overrides):
+    return demo(
+        f"data.blend={blend_dir}/train.blend.json",
+        f"data.valid_blend={blend_dir}/train.blend.json",
+        f"data.tokenizer_model={blend_dir}/tokenizer.model",
+        *overrides,
+    )
+
+
+def test_a_truncated_or_empty_dataset_is_refused_at_start_up_naming_the_file(blend_dir):
+    check_files(complete(blend_dir))
+    bin_file = blend_dir / "train_code.bin"
+    bin_file.write_bytes(bin_file.read_bytes()[:-2])  # one uint16 token short
+    with pytest.raises(ConfigError, match="train_code.bin"):
+        check_files(complete(blend_dir))
+    write_dataset(blend_dir / "train_code", [])
+    with pytest.raises(ConfigError, match="train_code"):
+        check_files(complete(blend_dir))
+
+
+def test_a_blend_from_another_tokenizer_is_refused(blend_dir):
+    blend = json.loads((blend_dir / "train.blend.json").read_text())
+    blend["tokenizer_sha256"] = "0" * 64  # the tokens came from a tokenizer with other content
+    (blend_dir / "train.blend.json").write_text(json.dumps(blend))
+    with pytest.raises(ConfigError, match="was tokenized with .* whose content differs"):
+        check_files(complete(blend_dir))
+
+
+def test_a_data_weights_typo_is_a_dry_run_problem(blend_dir):
+    report = dry_run_report(complete(blend_dir, "data.weights={cod: 1, prose: 3}"), 2)
+    assert "unknown ['cod']" in report and "problems: 1" in report
+
+
 def test_blend_prefixes_resolve_relative_to_the_blend_file(blend_dir):
     cfg = demo(f"data.blend={blend_dir}/train.blend.json", "data.valid_blend=null")
     blend = train_blend(cfg)

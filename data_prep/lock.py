@@ -1,6 +1,7 @@
-"""One run at a time per output prefix: `P.lock`, locked for the whole run.
+"""One run at a time per output: a lock file held for the whole run.
 
-Two runs writing the same outputs would clear and replace each other's files. The kernel
+Two runs writing the same outputs would clear and replace each other's files (data_prep's
+`P.lock` per output prefix; training's `RUN/run.lock` per run directory). The kernel
 releases the lock when its process ends, however it ends, so the lock of a killed run
 (kill -9, out of memory) never blocks the next one; the file's text only says who holds it.
 A POSIX record lock (`lockf`), not `flock`: forked tokenize workers inherit the open file,
@@ -20,15 +21,35 @@ from typing import IO, Iterator
 from .errors import DataPrepError
 
 
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` is what it wrote: pid, host, start time."""
+
+    def __init__(self, path: str, holder: str):
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
 @contextlib.contextmanager
 def output_lock(prefix: str) -> Iterator[None]:
-    """Hold `prefix.lock` (creating the directory), or refuse naming the run that holds it.
+    """Hold `prefix.lock` (creating the directory), or refuse naming the run that holds it."""
+    try:
+        with exclusive_lock(prefix + ".lock"):
+            yield
+    except LockHeld as held:
+        raise DataPrepError(
+            f"another data_prep run is writing {prefix} ({held.holder}; lock file {held.path}); "
+            "wait for it to finish or stop it, or choose another --output-prefix"
+        ) from None
 
-    The lock belongs to the process: it keeps out other processes, not a second `output_lock`
-    of the same prefix in this one."""
-    path = prefix + ".lock"
+
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+    """Hold the lock file `path` (creating its directory), or raise `LockHeld`.
+
+    The lock belongs to the process: it keeps out other processes, not a second lock of the
+    same path in this one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    file = _acquire(path, prefix)
+    file = _acquire(path)
     try:
         file.truncate(0)
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -36,14 +57,14 @@ def output_lock(prefix: str) -> Iterator[None]:
         file.flush()
         yield
     finally:
-        # Removed while still locked: a run that opened this file meanwhile sees that it is
-        # gone once it gets the lock, and locks a new one (see _acquire).
+        # Removed while still locked: a process that opened this file meanwhile sees that it
+        # is gone once it gets the lock, and locks a new one (see _acquire).
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
         file.close()
 
 
-def _acquire(path: str, prefix: str) -> IO[str]:
+def _acquire(path: str) -> IO[str]:
     while True:
         file = open(path, "a+")
         try:
@@ -52,12 +73,9 @@ def _acquire(path: str, prefix: str) -> IO[str]:
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             file.seek(0)
-            holder = file.read().strip() or "it has not written its pid yet"
+            holder = file.read().strip() or "a process that has not written its pid yet"
             file.close()
-            raise DataPrepError(
-                f"another data_prep run is writing {prefix} ({holder}; lock file {path}); "
-                "wait for it to finish or stop it, or choose another --output-prefix"
-            ) from None
+            raise LockHeld(path, holder) from None
         with contextlib.suppress(FileNotFoundError):
             if _identity(os.stat(path)) == _identity(os.fstat(file.fileno())):
                 return file

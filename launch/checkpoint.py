@@ -2,25 +2,31 @@
 
 Layout of `<run_dir>/checkpoints/`:
 
-    step_00000100/          the engine's shards (model, optimizer, RNG states) and
+    step_00000100/          the engine's shards (model, optimizer, RNG states),
                             trainer_state.json (step, LR scheduler, reweighting schedule,
-                            layout), written last
+                            layout) and manifest.json (size and SHA-256 of every file),
+                            written last
     step_00000200.tmp/      a save in progress; never loaded, removed by the next save
 
 A checkpoint is written under a `.tmp` name and renamed by rank 0 once every rank has
-finished, so a killed job never leaves one that looks complete.  The newest directory
-with a trainer_state.json and its shards is loaded; any newer one is reported and skipped.
+finished, so a killed job never leaves one that looks complete.  The newest complete
+checkpoint that matches its manifest and loads is used; a newer one that is incomplete,
+corrupted or unloadable is reported with the file and the reason, skipped, and kept.
 The shards are the engine's (`launch.engines`): Megatron's `dist_checkpointing` ones load
 into any TP/PP/DP layout.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +39,7 @@ from megatron.core import tensor_parallel
 from megatron_patches.device import on_gpu
 
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 PREFIX = "step_"
 
 
@@ -74,9 +81,55 @@ def write_json_atomically(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted or loaded; the message names the file and why."""
+
+
+def file_manifest(directory: Path) -> dict[str, dict]:
+    """Every file under `directory` (but the manifest) with its size and SHA-256, by relative path.
+    Files are hashed in threads: hashlib releases the GIL, so large shards hash in parallel."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_sha256, files))
+    return {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": digest}
+        for p, digest in zip(files, digests)
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(directory: Path) -> Optional[str]:
+    """Why `directory` does not match its manifest (the first differing file), or None."""
+    try:
+        expected = json.loads((directory / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} unreadable ({error})"
+    for name, entry in expected.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    actual = file_manifest(directory)
+    for name, entry in expected.items():
+        if actual[name]["sha256"] != entry["sha256"]:
+            return f"{directory / name} does not match its SHA-256 in the manifest (corrupted)"
+    return None
+
+
 class Checkpointer:
     """Saves and restores the training state of one run directory; `shards` (the engine)
-    writes and reads the model, optimizer and RNG state inside each checkpoint."""
+    writes and reads the model, optimizer and RNG state inside each checkpoint.
+
+    A manifest of every file's size and SHA-256 is written last; a checkpoint is loaded
+    only after it verifies, and one that does not is reported and never deleted."""
 
     def __init__(self, root: Path, shards, keep: Optional[int] = None):
         self.root = Path(root)
@@ -96,37 +149,45 @@ class Checkpointer:
         dist.barrier()
         if dist.get_rank() == 0:
             write_json_atomically(tmp / STATE_FILE, {**trainer_state, "step": step, "layout": current_layout()})
-            if final.exists():  # the same step saved again (a rerun of a finished run)
-                shutil.rmtree(final)
+            write_json_atomically(tmp / MANIFEST, {"files": file_manifest(tmp)})
+            if final.exists():  # the same step saved again: keep the old one aside, unverified
+                aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(final, aside)
+                warn(f"{final} existed (not loaded: it failed verification or loading); kept as {aside}")
             os.replace(tmp, final)
             self._prune()
         dist.barrier()
         return final
 
     def _prune(self) -> None:
+        """Keep the newest `keep` verified checkpoints; older ones written by this discipline go."""
         if self.keep is None:
             return
         for old in self.complete_checkpoints()[self.keep :]:
             shutil.rmtree(old)
 
     def complete_checkpoints(self) -> list[Path]:
-        """Finished checkpoints, newest first."""
-        found = [p for p in self.root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp")]
+        """Finished checkpoints (a manifest, written last), newest first."""
+        found = [p for p in self.root.glob(f"{PREFIX}*") if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name)]
         found.sort(key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
         complete = []
         for path in found:
-            if (path / STATE_FILE).is_file() and self.shards.shards_complete(path):
+            if (path / MANIFEST).is_file() and self.shards.shards_complete(path):
                 complete.append(path)
             elif not complete:
-                warn(f"checkpoint {path} is incomplete (no {STATE_FILE} or missing shards); using an earlier one")
+                warn(f"checkpoint {path} is incomplete (no {MANIFEST} or missing shards); using an earlier one")
         return complete
 
-    def latest(self) -> Optional[Path]:
-        complete = self.complete_checkpoints() if self.root.is_dir() else []
-        return complete[0] if complete else None
-
     def load(self, path: Path) -> dict:
-        """Restore the engine's state from `path`; returns the trainer state saved with it."""
-        trainer_state = json.loads((path / STATE_FILE).read_text())
-        self.shards.read_shards(path, trainer_state["layout"])
+        """Verify `path` (rank 0 hashes, every rank hears the verdict) and restore the engine's
+        state from it; returns the trainer state saved with it. Raises CheckpointError."""
+        verdict = [verify(path) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise CheckpointError(verdict[0])
+        try:
+            trainer_state = json.loads((path / STATE_FILE).read_text())
+            self.shards.read_shards(path, trainer_state["layout"])
+        except (OSError, ValueError, KeyError, EOFError, RuntimeError) as error:
+            raise CheckpointError(f"{path} could not be loaded: {type(error).__name__}: {error}") from error
         return trainer_state

@@ -109,6 +109,9 @@ class TrainConfig:
     # Stop after this many steps of one invocation, with a checkpoint, e.g. to fit a
     # cluster time limit; the next invocation with the same run dir goes on. null = run to the end.
     exit_after: Optional[int] = None
+    # Stop with a checkpoint once this much wall-clock time has passed since the start (like
+    # Megatron-LM's --exit-duration-in-mins); null = no limit.
+    exit_duration_minutes: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -483,6 +486,10 @@ def _value_problems(cfg: Config) -> list[str]:
         "reweight.anneal_steps": rw.anneal_steps,
     }
     problems += [f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0]
+    if train.exit_duration_minutes is not None and not train.exit_duration_minutes > 0:
+        problems.append(
+            f"train.exit_duration_minutes={train.exit_duration_minutes} must be > 0 (minutes), or null"
+        )
     if optim.warmup_steps >= train.steps:
         problems.append(
             f"optim.warmup_steps={optim.warmup_steps} must be below train.steps={train.steps}:"

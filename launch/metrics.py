@@ -79,6 +79,16 @@ class StepStatistics:
         self._seconds += seconds
         self._grad_norm += grad_norm
 
+    def state_dict(self) -> Optional[dict]:
+        """The open interval, for a checkpoint (rank 0; a collective: every rank calls it)."""
+        sums = reduce_to_rank0(self._sums, is_reporter())
+        return None if sums is None else {"sums": sums, "steps": self._steps, "seconds": self._seconds, "grad_norm": self._grad_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        if is_reporter():
+            self._sums = torch.tensor(state["sums"], dtype=torch.float64, device=device())
+        self._steps, self._seconds, self._grad_norm = state["steps"], state["seconds"], state["grad_norm"]
+
     def means(self) -> Optional[IntervalMeans]:
         """The interval's means on rank 0 (None elsewhere), and a fresh interval."""
         values = reduce_to_rank0(self._sums / self._steps, is_reporter())

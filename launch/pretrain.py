@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -11,9 +12,11 @@ from typing import Optional, Sequence
 
 import yaml
 
+from data_prep.lock import LockHeld, exclusive_lock
 from launch.config import ConfigError, load_config, to_dict, validate
 from launch.dry_run import dry_run_report
 from launch.sources import check_files, file_problems
+from launch.stopping import EXIT_STOPPED_ON_SIGNAL
 from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES
 
 
@@ -97,15 +100,36 @@ def main(argv=None) -> int:
     from launch.trainer import Trainer
 
     run_dir = Path(args.run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        trainer = Trainer(cfg, run_dir)
-    except ConfigError as error:  # found while building, e.g. a DeepSpeed JSON at odds with the config
-        return _refuse(error)
-    trainer.train()
-    return 0
+        with _one_job_per_run_dir(run_dir, rank):
+            if rank == 0:
+                (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            try:
+                trainer = Trainer(cfg, run_dir)
+            except ConfigError as error:  # found while building, e.g. a DeepSpeed JSON at odds with the config
+                return _refuse(error)
+            stopped_on = trainer.train()
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("interrupted (Ctrl-C); rerun with the same --run-dir to resume from the last checkpoint", file=sys.stderr, flush=True)
+        return 130
+    except LockHeld as held:
+        return _refuse(ConfigError(
+            f"another job is training in {run_dir} ({held.holder}; lock file {held.path}):"
+            " wait for it to end or stop it, or choose another --run-dir"
+        ))
+    return EXIT_STOPPED_ON_SIGNAL if stopped_on and stopped_on.startswith("SIG") else 0
+
+
+@contextlib.contextmanager
+def _one_job_per_run_dir(run_dir: Path, rank: int):
+    """Rank 0 holds RUN/run.lock for the whole job; the kernel frees it when the job dies."""
+    if rank != 0:
+        yield
+        return
+    with exclusive_lock(str(run_dir / "run.lock")):
+        yield
 
 
 def _refuse(error: ConfigError) -> int:

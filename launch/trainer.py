@@ -11,19 +11,21 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from launch.checkpoint import Checkpointer
+from launch.checkpoint import CheckpointError, Checkpointer, warn
 from launch.config import Config, to_dict
 from launch.data import build_train_dataset, build_validation_datasets, micro_batches
 from launch.engines import engine_class
 from launch.metrics import MetricsLog, StepStatistics, console_line, reduce_to_rank0
 from launch.model import build_model
 from launch.sources import DataSources
+from launch.stopping import StopRequests
 from megatron_patches.device import device
 from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import initialize_parallel
@@ -95,16 +97,19 @@ class Trainer:
         valid_blend = self.sources.valid or self.sources.train
         self.valid_data = build_validation_datasets(cfg, self.sources, valid_blend, cache) if t.eval_interval > 0 else {}
 
-        self.step = self._resume()
         self.statistics = StepStatistics(domains)
+        self.step = self._resume()
         self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step)
+        self.stop_requests = StopRequests(t.exit_duration_minutes)
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def train(self) -> None:
+    def train(self) -> Optional[str]:
+        """Train to the end, or until a stop request; returns what the run stopped for, if anything."""
         t = self.cfg.train
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
-        while self.step < stop:
+        reason = None
+        while self.step < stop and reason is None:
             start = time.perf_counter()
             reports, grad_norm = self._train_step()
             self.step += 1
@@ -114,9 +119,13 @@ class Trainer:
                 self._log_train()
             if self.valid_data and (self.step % t.eval_interval == 0 or last):
                 self._evaluate()
-            if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop:
+            reason = self.stop_requests.agreed()
+            if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop or reason:
                 self._save()
+        if reason and dist.get_rank() == 0:
+            print(f"stopping on {reason} at step {self.step}; checkpoint saved; rerun to resume", flush=True)
         self.log.close()
+        return reason
 
     def _train_step(self) -> tuple[list[dict], float]:
         batches = micro_batches(self.train_data, self.cfg, self.step)
@@ -182,6 +191,7 @@ class Trainer:
         state = {
             "scheduler": self.scheduler.state_dict(),
             "reweight_schedule": self.loss.schedule.state_dict(),
+            "log_interval": self.statistics.state_dict(),  # a resume mid-interval logs the same rows
             "consumed_samples": self.step * self.cfg.train.global_batch_size,
             "config": to_dict(self.cfg),
         }
@@ -190,14 +200,26 @@ class Trainer:
             print(f"step {self.step:>6} | saved checkpoint {path}", flush=True)
 
     def _resume(self) -> int:
-        path = self.checkpointer.latest()
-        if path is None and self.cfg.checkpoint.load:
-            path = Path(self.cfg.checkpoint.load)
-        if path is None:
-            return 0
-        state = self.checkpointer.load(path)
-        self.scheduler.load_state_dict(state["scheduler"])  # after the optimizer's param groups
-        self.loss.schedule.load_state_dict(state["reweight_schedule"])
-        if dist.get_rank() == 0:
-            print(f"resumed from {path} at step {state['step']}", flush=True)
-        return state["step"]
+        """The newest checkpoint that verifies and loads (else `checkpoint.load`, else none)."""
+        candidates = self.checkpointer.complete_checkpoints() if self.checkpointer.root.is_dir() else []
+        if not candidates and self.cfg.checkpoint.load:
+            candidates = [Path(self.cfg.checkpoint.load)]
+        for path in candidates:
+            try:
+                state = self.checkpointer.load(path)
+            except CheckpointError as error:
+                warn(f"checkpoint {path} is incomplete or corrupted, not used: {error}; trying an earlier one")
+                continue
+            self.scheduler.load_state_dict(state["scheduler"])  # after the optimizer's param groups
+            self.loss.schedule.load_state_dict(state["reweight_schedule"])
+            if "log_interval" in state:
+                self.statistics.load_state_dict(state["log_interval"])
+            if dist.get_rank() == 0:
+                print(f"resumed from {path} at step {state['step']}", flush=True)
+            return state["step"]
+        if candidates:  # a partly loaded model must not train on as if it were fresh
+            raise CheckpointError(
+                f"no checkpoint of {self.checkpointer.root} could be used (see the warnings above):"
+                " move them aside to start afresh, or point checkpoint.load at a good one"
+            )
+        return 0

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -565,5 +566,28 @@ def test_slurm_script_starts_one_torchrun_per_node_with_c10d_rendezvous(tmp_path
     assert out.endswith(
         "<python><-m><torch.distributed.run><--nnodes><2><--nproc-per-node><4>"
         "<--rdzv-backend><c10d><--rdzv-endpoint><node-a:29500><--rdzv-id><42>"
+        "<--signals-to-handle><SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1>"
         "<-m><launch.pretrain><--config><c.yaml><--set><a=b c>"
     )
+
+
+def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
+    """USR1 (time limit ahead) reaches the training step and the job requeues itself."""
+    bin_dir = tmp_path / "bin"
+    fake_command(bin_dir, "scontrol", 'if [ "$1" = requeue ]; then echo "requeue $2"; else printf "node-a\\n"; fi')
+    # A stand-in for srun: records the signal it receives and exits 75, as the ranks do.
+    fake_command(bin_dir, "srun", "trap 'echo srun got USR1; exit 75' USR1; echo started; while :; do sleep 0.1; done")
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a", "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": "1",
+    }
+    job = subprocess.Popen(
+        ["bash", str(REPO / "launch/slurm/pretrain.sbatch"), "--config", "c.yaml"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )
+    while "started" not in job.stdout.readline():
+        pass
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=60)
+    assert "srun got USR1" in out and "requeue 42" in out
+    assert job.returncode == 75

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pretrain(run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2, check: bool = True):
+def pretrain_command(run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2) -> list[str]:
     """`torchrun -m launch.pretrain` with a tiny model and 8 steps of linupper; `overrides` win."""
     settings = [
         f"data.blend={demo_dir / 'train.blend.json'}",
@@ -33,8 +33,16 @@ def pretrain(run_dir: Path, demo_dir: Path, *overrides: str, config: str = "conf
         *overrides,
     ]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "launch.pretrain", "--config", config, "--run-dir", str(run_dir), "--set", *settings]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return command + ["-m", "launch.pretrain", "--config", config, "--run-dir", str(run_dir), "--set", *settings]
+
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def pretrain(run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2, check: bool = True):
+    """Run `pretrain_command` to its end; raises with the output unless it succeeds or `check` is off."""
+    command = pretrain_command(run_dir, demo_dir, *overrides, config=config, nproc=nproc)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV)
     if check and result.returncode != 0:
         raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -1,0 +1,144 @@
+"""Faults injected on purpose into real runs: signals, killed launchers, corrupted checkpoints,
+two jobs on one run directory, a wall-clock limit. Each case says what happens and what is lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from data_prep.lock import exclusive_lock
+from helpers.e2e import ENV, REPO, pretrain, pretrain_command, rows
+
+pytestmark = pytest.mark.e2e
+
+# Long enough that a signal sent at the first log line lands mid-run; no periodic checkpoint,
+# so only the stop's own checkpoint can save the work.
+LONG = ("train.steps=40", "train.eval_interval=20", "checkpoint.interval=1000")
+
+
+def start(run_dir, demo_dir, *overrides):
+    """A run in the background whose stdout is read line by line."""
+    command = pretrain_command(run_dir, demo_dir, *overrides)
+    return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(process, text: str) -> str:
+    seen = ""
+    for line in process.stdout:
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"the run ended without printing {text!r}:\n{seen[-3000:]}")
+
+
+def comparable(run_dir):
+    return [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(run_dir)], [
+        r["valid_loss"] for r in rows(run_dir, "valid")
+    ]
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, demo_dir):
+    run_dir = tmp_path_factory.mktemp("unbroken")
+    pretrain(run_dir, demo_dir, *LONG)
+    return run_dir
+
+
+def test_sigterm_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, demo_dir, unbroken):
+    run = start(tmp_path, demo_dir, *LONG)
+    read_until(run, "step      2/40")
+    run.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to the ranks
+    output = read_until(run, "stopping on SIGTERM at step")
+    run.wait(timeout=120)
+    stopped_at = int(output.rsplit("stopping on SIGTERM at step ", 1)[1].split(";")[0])
+    assert 2 <= stopped_at < 40 and "checkpoint saved; rerun to resume" in output
+    assert (tmp_path / f"checkpoints/step_{stopped_at:08d}/manifest.json").is_file()
+    resumed = pretrain(tmp_path, demo_dir, *LONG)
+    assert f"resumed from {tmp_path}/checkpoints/step_{stopped_at:08d}" in resumed.stdout
+    assert comparable(tmp_path) == comparable(unbroken)  # nothing lost, bit for bit on CPU
+
+
+def test_a_wall_clock_limit_stops_with_a_checkpoint(tmp_path, demo_dir):
+    result = pretrain(tmp_path, demo_dir, *LONG, "train.exit_duration_minutes=0.0001")
+    assert "stopping on the time limit at step 1; checkpoint saved" in result.stdout
+    assert (tmp_path / "checkpoints/step_00000001/manifest.json").is_file()
+
+
+def test_workers_stop_when_their_torchrun_dies(tmp_path, demo_dir):
+    run = start(tmp_path, demo_dir, *LONG)
+    read_until(run, "step      2/40")
+    workers = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    run.kill()  # kill -9 of the agent: it cannot forward anything
+    deadline = time.monotonic() + 60
+    while any(os.path.exists(f"/proc/{pid}") and not _is_zombie(pid) for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their torchrun"
+        time.sleep(0.2)
+    run.wait()
+
+
+def _is_zombie(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_second_job_on_the_same_run_dir_is_refused(tmp_path, demo_dir):
+    with exclusive_lock(str(tmp_path / "run.lock")):  # as a running job's rank 0 holds it
+        result = pretrain(tmp_path, demo_dir, check=False)
+    assert result.returncode != 0
+    assert f"another job is training in {tmp_path} (pid {os.getpid()}" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(tmp_path_factory, demo_dir):
+    """A run stopped after step 4 with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("stopped")
+    pretrain(run_dir, demo_dir, "train.exit_after=4")
+    return run_dir
+
+
+def _largest_shard(checkpoint):
+    files = [p for p in checkpoint.rglob("*") if p.is_file() and p.name not in ("manifest.json", "trainer_state.json")]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _zero_inside(path):
+    data = bytearray(path.read_bytes())
+    start, length = len(data) // 4, min(64 * 1024, len(data) // 2)
+    data[start : start + length] = bytes(length)  # same size: only the hash can tell
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated trainer_state.json": lambda c: (_truncate(c / "trainer_state.json"), "trainer_state.json"),
+    "missing common.pt": lambda c: ((c / "common.pt").unlink(), "common.pt is missing"),
+    "truncated shard": lambda c: (_truncate(shard := _largest_shard(c)), shard.name),
+    "zeroed 64 KiB inside a shard": lambda c: (_zero_inside(shard := _largest_shard(c)), "does not match its SHA-256"),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, demo_dir, stopped_at_4, corruption):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_4, run_dir)
+    newest = run_dir / "checkpoints/step_00000004"
+    _, named = CORRUPTIONS[corruption](newest)
+    result = pretrain(run_dir, demo_dir)
+    assert f"checkpoint {newest} is incomplete or corrupted" in result.stderr and named in result.stderr
+    assert f"resumed from {run_dir}/checkpoints/step_00000002 at step 2" in result.stdout
+    assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]
+    # Never deleted: the run saved step 4 again and kept the corrupted one aside.
+    assert len(list((run_dir / "checkpoints").glob("step_00000004.replaced-*"))) == 1

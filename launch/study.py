@@ -390,7 +390,7 @@ def _after_warmup(run_dir: Path, warmup_steps: int) -> list[dict]:
 
 
 def _paired(per_seed: list[float], baseline: Optional[list[float]]) -> dict:
-    entry = {"per_seed": per_seed, "mean": sum(per_seed) / len(per_seed)}
+    entry = {"per_seed": per_seed, "mean": _mean(per_seed)}
     if baseline is None:
         entry.update(diff_per_seed=None, diff_mean=None, diff_ci95=None)
     else:

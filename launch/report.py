@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from launch.metrics import METRICS_FILE
@@ -18,16 +19,37 @@ def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "valid"]
 
 
+def labels(paths: list[Path]) -> list[str]:
+    """The shortest trailing part of each path that tells it apart from the others
+    (a/linupper and b/linupper, not linupper twice)."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    names = []
+    for own in parts:
+        for depth in range(1, len(own) + 1):
+            if sum(other[-depth:] == own[-depth:] for other in parts) == 1:
+                break
+        names.append("/".join(own[-depth:]) if depth < len(own) else str(Path(*own)))
+    return names
+
+
 def validation_table(runs: dict[str, Path]) -> str:
-    """Final held-out loss per domain, one column per run, and the mean."""
-    finals = {name: read_rows(path)[1][-1] for name, path in runs.items()}
-    domains = sorted(next(iter(finals.values()))["valid_loss_per_domain"])
-    width = max(map(len, [*domains, "domain"])) + 2
-    header = "domain".ljust(width) + "".join(name.rjust(12) for name in runs)
-    lines = [f"held-out loss per domain at step {next(iter(finals.values()))['step']}", header, "-" * len(header)]
+    """Last held-out loss per domain, one column per run: every domain of any run, blank
+    where a run has no such domain (or no held-out loss yet), and each run's own mean."""
+    finals = {name: (read_rows(path)[1] or [None])[-1] for name, path in runs.items()}
+    per_domain = {name: row["valid_loss_per_domain"] if row else {} for name, row in finals.items()}
+    domains = sorted({d for losses in per_domain.values() for d in losses})
+    width = max(map(len, [*domains, "domain", "mean of its domains"])) + 2
+    column = max(12, *(len(name) + 2 for name in runs))
+    header = "domain".ljust(width) + "".join(name.rjust(column) for name in runs)
+
+    def cell(value) -> str:
+        return ("" if value is None else f"{value:.4f}").rjust(column)
+
+    lines = ["held-out loss per domain, last evaluation", header, "-" * len(header)]
+    lines.append("step".ljust(width) + "".join(("" if r is None else str(r["step"])).rjust(column) for r in finals.values()))
     for domain in domains:
-        lines.append(domain.ljust(width) + "".join(f"{finals[n]['valid_loss_per_domain'][domain]:12.4f}" for n in runs))
-    lines.append("mean".ljust(width) + "".join(f"{finals[n]['valid_loss']:12.4f}" for n in runs))
+        lines.append(domain.ljust(width) + "".join(cell(per_domain[n].get(domain)) for n in runs))
+    lines.append("mean of its domains".ljust(width) + "".join(cell(r and r["valid_loss"]) for r in finals.values()))
     return "\n".join(lines)
 
 
@@ -55,16 +77,18 @@ def plot(runs: dict[str, Path], out: Path) -> None:
     name, path = list(runs.items())[-1]
     train, _ = read_rows(path)
     late = train[len(train) // 2 :]
-    domains = sorted(late[0]["domain_weight_share"])
-    weight = [sum(r["domain_weight_share"][d] for r in late) / len(late) for d in domains]
-    sample = [sum(r["domain_sample_share"][d] for r in late) / len(late) for d in domains]
-    positions = range(len(domains))
-    share_ax.bar([p - 0.2 for p in positions], sample, width=0.4, label="share of samples")
-    share_ax.bar([p + 0.2 for p in positions], weight, width=0.4, label="share of weight")
-    share_ax.set_xticks(list(positions), domains)
+    if late:
+        domains = sorted(late[0]["domain_weight_share"])
+        weight = [sum(r["domain_weight_share"][d] for r in late) / len(late) for d in domains]
+        sample = [sum(r["domain_sample_share"][d] for r in late) / len(late) for d in domains]
+        positions = range(len(domains))
+        share_ax.bar([p - 0.2 for p in positions], sample, width=0.4, label="share of samples")
+        share_ax.bar([p + 0.2 for p in positions], weight, width=0.4, label="share of weight")
+        share_ax.set_xticks(list(positions), domains)
     share_ax.set(title=f"{name}: where the weight goes (second half of training)")
     for ax in axes.flat:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run without train rows has nothing to label
+            ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp" + out.suffix)
@@ -72,17 +96,30 @@ def plot(runs: dict[str, Path], out: Path) -> None:
     os.replace(tmp, out)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories; each column is named after its directory")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (launch.pretrain's --run-dir); each column is named by the shortest distinct end of its path")
     parser.add_argument("--out", type=Path, help="write the figure here (PNG)")
     args = parser.parse_args(argv)
-    runs = {path.name: path for path in args.runs}
+    for path in args.runs:
+        problem = None
+        if not path.is_dir():
+            problem = "no such directory"
+        elif not (path / METRICS_FILE).is_file():
+            problem = f"not a run directory (no {METRICS_FILE}): give the --run-dir of a launch.pretrain run"
+        if problem:
+            print(f"python -m launch.report: error: {path}: {problem}", file=sys.stderr)
+            return 2
+    if len({os.path.abspath(p) for p in args.runs}) != len(args.runs):
+        print("python -m launch.report: error: a run directory is given twice", file=sys.stderr)
+        return 2
+    runs = dict(zip(labels(args.runs), args.runs))
     print(validation_table(runs))
     if args.out:
         plot(runs, args.out)
         print(f"figure: {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -127,12 +127,21 @@ def plan(config: str, arms: list[Arm], seeds: list[int], out: Path, common: list
             try:
                 cfg = load_config(config, settings)
                 validate(cfg, nproc)
+                _check_inputs_exist(cfg)
             except ConfigError as error:
                 hint = " (the demo corpus: make demo-data)" if "data_prep" in str(error) else ""
                 raise ConfigError(f"arm {arm.name}: {error}{hint}") from None
             runs.append(Run(arm.name, seed, out / arm.name / f"seed{seed}", settings, cfg.train.steps))
             _check_same_settings(runs[-1], to_dict(cfg))
     return runs
+
+
+def _check_inputs_exist(cfg) -> None:
+    """The data files are there (each run checks them fully as it starts)."""
+    data = cfg.data
+    missing = [p for p in (data.blend, data.valid_blend, data.tokenizer_model) if p and not Path(p).exists()]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not found: prepare the data with `python -m data_prep`")
 
 
 def _check_same_settings(run: Run, expected: dict) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2e import REPO
+from helpers.e2e import REPO
 from launch import pretrain
 from launch.config import load_config
 

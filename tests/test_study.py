@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from e2e import REPO
+from helpers.e2e import REPO
 from launch import study
 from launch.config import load_config, to_dict
 

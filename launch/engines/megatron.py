@@ -116,7 +116,8 @@ class Engine:
     def write_shards(self, directory: Path) -> None:
         dist_checkpointing.save(self._sharded_state(rng_state(), is_loading=False), str(directory))
 
-    def shards_complete(self, directory: Path) -> bool:
+    @staticmethod
+    def shards_complete(directory: Path) -> bool:
         return (directory / "metadata.json").is_file()
 
     def read_shards(self, directory: Path, saved_layout: dict[str, int]) -> None:

@@ -1,0 +1,389 @@
+"""Export a run's checkpoint as a Hugging Face `transformers` model directory.
+
+    python -m launch.export --run-dir runs/gpt2 --out exports/gpt2
+
+GPT-2-style runs (learned positions, LayerNorm, exact GELU) become `GPT2LMHeadModel`,
+Llama-style runs (RoPE, RMSNorm, SwiGLU, optional GQA) `LlamaForCausalLM`; any other model
+is refused, naming what keeps each architecture from representing it exactly. The
+checkpoint is loaded with TP=PP=CP=1 in this one process (dist_checkpointing reshards
+whatever layout it was saved under), model weights only. The vocabulary keeps Megatron's
+padding, so the exported softmax is the trained one: logits and losses equal the run's.
+The SentencePiece model is copied and converted to a `tokenizer.json` that encodes exactly
+as SentencePiece does. Everything is written to `OUT.tmp` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional
+
+import sentencepiece
+import torch
+import torch.nn.functional as F
+
+EXAMPLES = """\
+examples:
+  python -m launch.export --run-dir runs/gpt2 --out exports/gpt2
+  python -m launch.export --run-dir runs/l7 --step 20000 --out exports/l7-20k
+  python -m launch.export --run-dir runs/demo/linupper --out exports/demo \\
+      --tokenizer-model data/demo/tokenizer.model   # when the run's path no longer resolves
+
+Then, offline:
+  AutoModelForCausalLM.from_pretrained("exports/gpt2"); AutoTokenizer.from_pretrained("exports/gpt2")
+"""
+
+
+class ExportError(Exception):
+    """A checkpoint or model that cannot be exported; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class LoadedCheckpoint(NamedTuple):
+    model: torch.nn.Module  # Megatron-Core GPTModel, fp32, on CPU, in eval mode
+    tokenizer_model: Optional[str]  # the run's SentencePiece model (data.tokenizer_model)
+    step: int
+    path: Path
+
+
+@contextlib.contextmanager
+def load_checkpoint(run_dir: Path, step: Optional[int] = None) -> Iterator[LoadedCheckpoint]:
+    """The run's model at `step` (default: the newest complete checkpoint) in this process.
+
+    The only place that knows the launch code: the config saved with the checkpoint, the
+    model builder and the checkpoint layout. The model is built with TP=PP=CP=1 on a gloo
+    world of one (no port, no torchrun) and the padding rule of the layout it was trained
+    under, so the embedding keeps the saved shape; only the model's shards are read.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from launch.checkpoint import STATE_FILE, Checkpointer, verify
+    from launch.config import from_dict
+    from launch.engines.megatron import Engine as MegatronEngine
+    from launch.model import build_model
+    from launch.sources import padded_vocab_size, vocab_size
+    from megatron_patches.parallel import destroy_parallel, initialize_parallel
+
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        raise ExportError(f"{checkpoints} does not exist: give --run-dir a run directory of launch.pretrain")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        initialize_parallel(1, 1, 1)
+        complete = Checkpointer(checkpoints, MegatronEngine).complete_checkpoints()
+        steps = {json.loads((p / STATE_FILE).read_text())["step"]: p for p in complete}
+        if not steps:
+            raise ExportError(f"no complete checkpoint in {checkpoints}: train until one is saved (checkpoint.interval)")
+        if step is not None and step not in steps:
+            raise ExportError(f"no complete checkpoint of step {step} in {checkpoints}; complete ones: {sorted(steps)}")
+        chosen = max(steps) if step is None else step
+        problem = verify(steps[chosen])
+        if problem is not None:
+            raise ExportError(f"{steps[chosen]} failed verification: {problem}; export another --step")
+        state = json.loads((steps[chosen] / STATE_FILE).read_text())
+        cfg = from_dict(state["config"])
+        if cfg.engine != "megatron":
+            raise ExportError(f"{steps[chosen]} was written by engine={cfg.engine}; only engine=megatron checkpoints are exported")
+        saved_tp = state["layout"]["tp"]
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(
+                cfg.model,
+                precision="fp32",
+                transformer_impl="local",
+                make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by * saved_tp,
+            ),
+            parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, cp=1, sequence_parallel=False),
+        )
+        model = build_model(cfg, padded_vocab_size(cfg, vocab_size(cfg)))
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(steps[chosen]))
+        model.load_state_dict(loaded["model"])
+        yield LoadedCheckpoint(model.eval(), cfg.data.tokenizer_model, chosen, steps[chosen])
+    finally:
+        destroy_parallel()
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+def _architecture_problems(model) -> dict[str, list[str]]:
+    """What keeps GPT-2 and Llama from computing exactly what this GPTModel computes."""
+    c = model.config
+    common = []
+    if c.num_moe_experts or c.multi_latent_attention or c.qk_layernorm or c.window_size is not None:
+        common.append("mixture-of-experts, multi-latent attention, QK layer norm and sliding windows are not exported")
+    if c.apply_residual_connection_post_layernorm or c.layernorm_zero_centered_gamma:
+        common.append("post-layer-norm residuals and zero-centred gamma are not exported")
+    if c.softmax_scale is not None and abs(c.softmax_scale * c.kv_channels**0.5 - 1) > 1e-6:
+        common.append(f"softmax_scale={c.softmax_scale} is not 1/sqrt(head dim)")
+    if c.add_qkv_bias and not c.add_bias_linear:
+        common.append("a QKV bias without the other linear biases (add_qkv_bias) is not exported")
+    if getattr(model, "mtp_process", False):
+        common.append("multi-token prediction heads are not exported")
+    activation = _activation_name(c)
+    gpt2 = list(common)
+    if model.position_embedding_type != "learned_absolute":
+        gpt2.append(f"model.position_embedding must be learned_absolute (is {model.position_embedding_type})")
+    if c.normalization != "LayerNorm":
+        gpt2.append(f"model.normalization must be LayerNorm (is {c.normalization})")
+    if activation != "gelu":
+        gpt2.append(f"model.activation must be gelu, exact erf GELU (is {activation})")
+    if c.num_query_groups not in (None, c.num_attention_heads):
+        gpt2.append(f"model.num_query_groups must equal num_attention_heads (is {c.num_query_groups}): GPT-2 has no GQA")
+    if c.kv_channels * c.num_attention_heads != c.hidden_size:
+        gpt2.append("the head size must be hidden_size/num_attention_heads")
+    llama = list(common)
+    if model.position_embedding_type != "rope":
+        llama.append(f"model.position_embedding must be rope (is {model.position_embedding_type})")
+    elif model.rotary_percent != 1.0 or model.rotary_scaling or c.rotary_interleaved:
+        llama.append("RoPE must rotate whole heads, unscaled and not interleaved")
+    if c.normalization != "RMSNorm":
+        llama.append(f"model.normalization must be RMSNorm (is {c.normalization})")
+    if activation != "swiglu":
+        llama.append(f"model.activation must be swiglu (is {activation})")
+    return {"GPT-2": gpt2, "Llama": llama}
+
+
+def _activation_name(c) -> str:
+    """The config's MLP activation by name; only F.gelu (exact erf) and gated F.silu are exported."""
+    if c.gated_linear_unit and c.activation_func is F.silu:
+        return "swiglu"
+    if not c.gated_linear_unit and c.activation_func is F.gelu:
+        return "gelu"
+    gated = "gated " if c.gated_linear_unit else ""
+    return gated + getattr(c.activation_func, "__name__", str(c.activation_func))
+
+
+def choose_architecture(model) -> str:
+    """'GPT-2' or 'Llama', or ExportError listing, per architecture, what would have to change."""
+    problems = _architecture_problems(model)
+    for name, found in problems.items():
+        if not found:
+            return name
+    lines = [f"  {name}: " + "; ".join(found) for name, found in problems.items()]
+    raise ExportError(
+        "neither Hugging Face architecture represents this model exactly:\n" + "\n".join(lines)
+        + "\nchange the run's model config to one of the two styles (see configs/gpt2-124m.yaml, configs/llama-1.4b.yaml)"
+    )
+
+
+def _split_qkv(weight: torch.Tensor, c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's fused QKV rows, grouped per query group as [q heads of the group, k, v],
+    into separate Q, K and V (rows in head order); works for weights and biases alike."""
+    groups = c.num_query_groups or c.num_attention_heads
+    per_group = c.num_attention_heads // groups
+    grouped = weight.reshape(groups, per_group + 2, c.kv_channels, *weight.shape[1:])
+    q = grouped[:, :per_group].reshape(c.num_attention_heads * c.kv_channels, *weight.shape[1:])
+    k = grouped[:, per_group].reshape(groups * c.kv_channels, *weight.shape[1:])
+    v = grouped[:, per_group + 1].reshape(groups * c.kv_channels, *weight.shape[1:])
+    return q, k, v
+
+
+def to_hugging_face(model, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
+    """The transformers model (GPT2LMHeadModel or LlamaForCausalLM) equal to a Megatron GPTModel."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    architecture = choose_architecture(model)
+    c = model.config
+    meg = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    tied = model.share_embeddings_and_output_weights
+    vocab = model.vocab_size
+    if architecture == "GPT-2":
+        hf_config = GPT2Config(
+            vocab_size=vocab, n_positions=model.max_position_embeddings, n_embd=c.hidden_size, n_layer=c.num_layers,
+            n_head=c.num_attention_heads, n_inner=c.ffn_hidden_size, activation_function="gelu",
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=c.layernorm_epsilon,
+            tie_word_embeddings=tied, bos_token_id=bos_id, eos_token_id=eos_id, dtype="float32",
+        )  # fmt: skip
+        hf = _gpt2_state(meg, c)
+        hf_model = GPT2LMHeadModel(hf_config)
+    else:
+        hf_config = LlamaConfig(
+            vocab_size=vocab, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_query_groups or c.num_attention_heads, head_dim=c.kv_channels,
+            hidden_act="silu", max_position_embeddings=model.max_position_embeddings, rms_norm_eps=c.layernorm_epsilon,
+            rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
+            attention_bias=c.add_bias_linear, mlp_bias=c.add_bias_linear, tie_word_embeddings=tied,
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None, dtype="float32",
+        )  # fmt: skip
+        hf = _llama_state(meg, c)
+        hf_model = LlamaForCausalLM(hf_config)
+    if not tied:
+        hf["lm_head.weight"] = meg["output_layer.weight"]
+    missing, unexpected = hf_model.load_state_dict(hf, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping out of step with transformers: missing {missing}, unexpected {unexpected}")
+    hf_model.tie_weights()
+    return hf_model.eval()
+
+
+def _gpt2_state(meg: dict, c) -> dict[str, torch.Tensor]:
+    """GPT-2's Conv1D layers hold weights transposed ([in, out]) and QKV as [all q; all k; all v].
+    A model without linear biases gets zero ones, which computes the same."""
+    hf = {"transformer.wte.weight": meg["embedding.word_embeddings.weight"]}
+    hf["transformer.wpe.weight"] = meg["embedding.position_embeddings.weight"]
+    hf["transformer.ln_f.weight"] = meg["decoder.final_layernorm.weight"]
+    hf["transformer.ln_f.bias"] = meg["decoder.final_layernorm.bias"]
+
+    def bias(key: str, size: int) -> torch.Tensor:
+        return meg.get(key, torch.zeros(size))
+
+    for i in range(c.num_layers):
+        m, h = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        for meg_norm, hf_norm in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+            hf[h + hf_norm + ".weight"] = meg[m + meg_norm + ".weight"]
+            hf[h + hf_norm + ".bias"] = meg[m + meg_norm + ".bias"]
+        qkv = meg[m + "self_attention.linear_qkv.weight"]
+        hf[h + "attn.c_attn.weight"] = torch.cat(_split_qkv(qkv, c)).t().contiguous()
+        hf[h + "attn.c_attn.bias"] = torch.cat(_split_qkv(bias(m + "self_attention.linear_qkv.bias", qkv.shape[0]), c))
+        for meg_linear, hf_linear in (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"), ("mlp.linear_fc2", "mlp.c_proj")):
+            weight = meg[m + meg_linear + ".weight"]
+            hf[h + hf_linear + ".weight"] = weight.t().contiguous()
+            hf[h + hf_linear + ".bias"] = bias(m + meg_linear + ".bias", weight.shape[0])
+    return hf
+
+
+def _llama_state(meg: dict, c) -> dict[str, torch.Tensor]:
+    """Llama keeps Q, K, V and the SwiGLU gate and up projections apart; Megatron fuses
+    QKV per query group and stores fc1 as [gate; up]. Both apply RoPE to halves of a head
+    (rotate_half), so no permutation of Q/K rows is needed."""
+    hf = {"model.embed_tokens.weight": meg["embedding.word_embeddings.weight"]}
+    hf["model.norm.weight"] = meg["decoder.final_layernorm.weight"]
+    for i in range(c.num_layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        hf[h + "input_layernorm.weight"] = meg[m + "input_layernorm.weight"]
+        hf[h + "post_attention_layernorm.weight"] = meg[m + "pre_mlp_layernorm.weight"]
+        for kind in ("weight", "bias") if c.add_bias_linear else ("weight",):
+            q, k, v = _split_qkv(meg[f"{m}self_attention.linear_qkv.{kind}"], c)
+            hf[f"{h}self_attn.q_proj.{kind}"], hf[f"{h}self_attn.k_proj.{kind}"], hf[f"{h}self_attn.v_proj.{kind}"] = q, k, v
+            hf[f"{h}self_attn.o_proj.{kind}"] = meg[f"{m}self_attention.linear_proj.{kind}"]
+            gate, up = meg[f"{m}mlp.linear_fc1.{kind}"].chunk(2)
+            hf[f"{h}mlp.gate_proj.{kind}"], hf[f"{h}mlp.up_proj.{kind}"] = gate, up
+            hf[f"{h}mlp.down_proj.{kind}"] = meg[f"{m}mlp.linear_fc2.{kind}"]
+    return hf
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def hugging_face_tokenizer(model_file: str, max_length: int):
+    """A `tokenizers` BPE that encodes exactly as the SentencePiece BPE model: the same
+    vocabulary, merges ranked by piece score, byte fallback, and SentencePiece's dummy
+    prefix added even before leading spaces (which tokenizers' Metaspace would skip).
+    Special-token text is encoded as text, as SentencePiece does."""
+    from tokenizers import Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    trainer_spec = _sentencepiece_trainer_spec(sp)
+    if trainer_spec.model_type != trainer_spec.BPE or not trainer_spec.byte_fallback:
+        raise ExportError(
+            f"{model_file} is not a byte-fallback BPE SentencePiece model; the export converts those only"
+            " (python -m data_prep train-tokenizer --model-type bpe, the default, makes one)"
+        )
+    vocab, _, merges = SentencePieceExtractor(model_file).extract()
+    special = {name: sp.id_to_piece(i) for name, i in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id())) if i >= 0}
+    bpe = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=special.get("unk"), fuse_unk=True, byte_fallback=True))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token=special.get("unk"),
+        bos_token=special.get("bos"),
+        eos_token=special.get("eos"),
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        model_max_length=max_length,
+    )
+
+
+def _sentencepiece_trainer_spec(sp):
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto()).trainer_spec
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def export(run_dir: Path, out: Path, step: Optional[int] = None, tokenizer_model: Optional[str] = None, force: bool = False) -> Path:
+    """Write the model and tokenizer of `run_dir`'s checkpoint to `out`; returns `out`."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists: remove it, pass --force to replace it, or choose another --out")
+    with load_checkpoint(run_dir, step) as loaded:
+        model_file = tokenizer_model or loaded.tokenizer_model
+        if model_file is None or not Path(model_file).is_file():
+            raise ExportError(f"the run's tokenizer {model_file} is not there: pass --tokenizer-model PATH.model")
+        sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        if sp.vocab_size() > loaded.model.vocab_size:
+            raise ExportError(f"{model_file} has {sp.vocab_size()} pieces, more than the model's {loaded.model.vocab_size}: it is not the run's tokenizer")
+        hf_model = to_hugging_face(loaded.model, bos_id=_id(sp.bos_id()), eos_id=_id(sp.eos_id()))
+        tokenizer = hugging_face_tokenizer(model_file, loaded.model.max_position_embeddings)
+        info = {
+            "run_dir": str(Path(run_dir).resolve()),
+            "step": loaded.step,
+            "checkpoint": str(loaded.path.resolve()),
+            "architecture": type(hf_model).__name__,
+            "vocab_size": loaded.model.vocab_size,  # Megatron's padded size, as trained
+            "tokenizer_vocab_size": sp.vocab_size(),
+        }
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.copyfile(model_file, tmp / "sentencepiece.model")
+    (tmp / "export_info.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _id(token_id: int) -> Optional[int]:
+    return token_id if token_id >= 0 else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.export",
+        description="Export a checkpoint of a launch.pretrain run as a Hugging Face transformers model "
+        "(GPT2LMHeadModel or LlamaForCausalLM) with its tokenizer. Runs on CPU, in one process.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--run-dir", required=True, type=Path, help="the run directory (holds checkpoints/)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest complete checkpoint)")
+    parser.add_argument("--out", required=True, type=Path, help="model directory to write (written as OUT.tmp, then renamed)")
+    parser.add_argument("--tokenizer-model", help="SentencePiece model (default: the run's data.tokenizer_model)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+    # A CPU job in fp32; hide GPUs before anything initialises CUDA.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        out = export(args.run_dir, args.out, args.step, args.tokenizer_model, args.force)
+    except ExportError as error:
+        print(f"export error: {error}", file=sys.stderr)
+        return 2
+    info = json.loads((out / "export_info.json").read_text())
+    print(f"exported step {info['step']} of {args.run_dir} as {info['architecture']} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_patches.device import on_gpu
 
@@ -131,12 +133,17 @@ class Checkpointer:
     A manifest of every file's size and SHA-256 is written last; a checkpoint is loaded
     only after it verifies, and one that does not is reported and never deleted."""
 
-    def __init__(self, root: Path, shards, keep: Optional[int] = None):
+    def __init__(self, root: Path, shards, keep: Optional[int] = None, asynchronous: bool = False):
         self.root = Path(root)
         self.shards = shards
         self.keep = keep
+        # Asynchronous saves write the shards from a forked process while training goes on;
+        # the checkpoint is committed (state, manifest, rename) once every rank's write is done.
+        self.pending = AsyncCallsQueue() if asynchronous else None
 
     def save(self, step: int, trainer_state: dict) -> Path:
+        """Write a checkpoint of `step`; with asynchronous saves, return before it is committed."""
+        self.finish_pending()  # one save in flight at a time: it owns the .tmp directory
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
@@ -145,7 +152,27 @@ class Checkpointer:
                 shutil.rmtree(stale)
             tmp.mkdir()
         dist.barrier()
-        self.shards.write_shards(tmp)
+        commit = partial(self._commit, step, trainer_state, tmp, final)
+        request = self.shards.write_shards(tmp, asynchronous=self.pending is not None)
+        if request is None:
+            commit()
+        else:
+            request.add_finalize_fn(commit)  # runs on every rank after every rank's write
+            self.pending.schedule_async_request(request)
+        return final
+
+    def poll(self) -> None:
+        """Commit an asynchronous save whose writes have finished on every rank (call each step)."""
+        if self.pending is not None:
+            self.pending.maybe_finalize_async_calls(blocking=False)
+
+    def finish_pending(self) -> None:
+        """Wait for and commit an asynchronous save in flight."""
+        if self.pending is not None:
+            self.pending.maybe_finalize_async_calls(blocking=True)
+
+    def _commit(self, step: int, trainer_state: dict, tmp: Path, final: Path) -> None:
+        """Once every rank's shards are written: state, manifest (last), then the rename."""
         dist.barrier()
         if dist.get_rank() == 0:
             write_json_atomically(tmp / STATE_FILE, {**trainer_state, "step": step, "layout": current_layout()})
@@ -156,8 +183,8 @@ class Checkpointer:
                 warn(f"{final} existed (not loaded: it failed verification or loading); kept as {aside}")
             os.replace(tmp, final)
             self._prune()
+            print(f"step {step:>6} | saved checkpoint {final}", flush=True)
         dist.barrier()
-        return final
 
     def _prune(self) -> None:
         """Keep the newest `keep` verified checkpoints; older ones written by this discipline go."""

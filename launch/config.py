@@ -148,6 +148,9 @@ class CheckpointConfig:
     interval: int = 1000  # save every `interval` steps
     keep: Optional[int] = None  # null = keep all; else the last `keep`
     load: Optional[str] = None  # checkpoint directory to initialise from
+    # Write shards from a background process while training goes on (Megatron-LM's --async-save);
+    # a checkpoint counts only once every rank's write has finished.
+    async_save: bool = False
 
 
 @dataclass(frozen=True)

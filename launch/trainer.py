@@ -87,7 +87,9 @@ class Trainer:
         self.model = build_model(cfg, self.sources.padded_vocab_size)
         self.engine = engine_class(cfg.engine)(cfg, self.model, self.micro_batches_per_step)
         self.scheduler = lr_scheduler(cfg, self.engine.optimizer)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_save
+        )
 
         domains = self.sources.train.domains
         self.loss = ReweightedLoss(reweight_schedule(cfg), delta=cfg.reweight.delta, num_domains=len(domains))
@@ -120,8 +122,10 @@ class Trainer:
             if self.valid_data and (self.step % t.eval_interval == 0 or last):
                 self._evaluate()
             reason = self.stop_requests.agreed()
+            self.checkpointer.poll()
             if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop or reason:
                 self._save()
+        self.checkpointer.finish_pending()
         if reason and dist.get_rank() == 0:
             print(f"stopping on {reason} at step {self.step}; checkpoint saved; rerun to resume", flush=True)
         self.log.close()
@@ -195,9 +199,7 @@ class Trainer:
             "consumed_samples": self.step * self.cfg.train.global_batch_size,
             "config": to_dict(self.cfg),
         }
-        path = self.checkpointer.save(self.step, state)
-        if dist.get_rank() == 0:
-            print(f"step {self.step:>6} | saved checkpoint {path}", flush=True)
+        self.checkpointer.save(self.step, state)
 
     def _resume(self) -> int:
         """The newest checkpoint that verifies and loads (else `checkpoint.load`, else none)."""

@@ -49,8 +49,9 @@ class Engine(Protocol):
     def step(self) -> float:
         """Reduce what is left, clip, step the optimizer, zero the gradients; the grad norm."""
 
-    def write_shards(self, directory: Path) -> None:
-        """Model, optimizer and RNG state into a checkpoint directory (every rank)."""
+    def write_shards(self, directory: Path, asynchronous: bool = False):
+        """Model, optimizer and RNG state into a checkpoint directory (every rank). Asynchronous:
+        return Megatron's `AsyncRequest` for the caller to schedule (None when written already)."""
 
     def read_shards(self, directory: Path, saved_layout: dict[str, int]) -> None:
         """Restore what `write_shards` wrote, possibly under another parallel layout."""

@@ -119,6 +119,8 @@ class Engine:
                 "parallel.sequence_parallel=true needs engine=megatron: DeepSpeed does not reduce"
                 " the layer-norm gradients over the tensor-parallel group; set it to false"
             )
+        if cfg.checkpoint.async_save:
+            problems.append("checkpoint.async_save=true needs engine=megatron (dist_checkpointing); set it to false")
         return problems
 
     @staticmethod
@@ -140,7 +142,7 @@ class Engine:
         # ZeRO stage 0 clips with a plain torch optimizer and keeps no norm: logged as NaN.
         return float("nan") if grad_norm is None else float(grad_norm)
 
-    def write_shards(self, directory: Path) -> None:
+    def write_shards(self, directory: Path, asynchronous: bool = False) -> None:
         self.engine.save_checkpoint(
             str(directory.parent), tag=directory.name, client_state={"rng_state": rng_state()}, save_latest=False
         )

@@ -113,8 +113,10 @@ class Engine:
             )
         return state
 
-    def write_shards(self, directory: Path) -> None:
-        dist_checkpointing.save(self._sharded_state(rng_state(), is_loading=False), str(directory))
+    def write_shards(self, directory: Path, asynchronous: bool = False):
+        return dist_checkpointing.save(
+            self._sharded_state(rng_state(), is_loading=False), str(directory), async_sharded_save=asynchronous
+        )
 
     @staticmethod
     def shards_complete(directory: Path) -> bool:

@@ -377,7 +377,7 @@ def validate(cfg: Config, world_size: int) -> None:
     """Refuse configs that cannot run at `world_size`, listing every problem at once.
     Data files are checked by `launch.sources`."""
     problems = _layout_problems(cfg, world_size)
-    problems += engine_class(cfg.engine).config_problems(cfg)
+    problems += engine_class(cfg.engine).config_problems(cfg, world_size)
     problems += _value_problems(cfg)
     problems += _data_problems(cfg.data)
     if problems:

@@ -278,3 +278,13 @@ def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, cache_dir, deepsp
     for kind, keys in (("train", ("step", "loss", "weighted_loss", "lr", "grad_norm")), ("valid", ("step", "valid_loss"))):
         expected = [[r[k] for k in keys] for r in rows(unbroken, kind)]
         assert [[r[k] for k in keys] for r in rows(tmp_path, kind)] == expected
+
+
+def test_a_contradicting_deepspeed_json_is_refused_before_any_process_starts(tmp_path):
+    """validate (and so --dry-run) finds what building the engine would refuse."""
+    from launch.config import ConfigError, validate
+
+    cfg = _config_with_json(tmp_path, {"zero_optimization": {"stage": 3}})
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        validate(cfg, 2)
+    validate(_config_with_json(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}}), 2)

@@ -34,8 +34,8 @@ class Engine(Protocol):
     def __init__(self, cfg: "Config", model: "torch.nn.Module", micro_batches_per_step: int): ...
 
     @staticmethod
-    def config_problems(cfg: "Config") -> list[str]:
-        """What this engine cannot run, as messages that say what to change."""
+    def config_problems(cfg: "Config", world_size: int) -> list[str]:
+        """What this engine cannot run at `world_size`, as messages that say what to change."""
 
     @staticmethod
     def state_bytes(cfg: "Config", data_parallel_size: int) -> StateBytes:

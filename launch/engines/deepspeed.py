@@ -102,7 +102,7 @@ class Engine:
         self.engine, self.optimizer = build_engine(cfg, model, micro_batches_per_step)
 
     @staticmethod
-    def config_problems(cfg: Config) -> list[str]:
+    def config_problems(cfg: Config, world_size: int) -> list[str]:
         par, problems = cfg.parallel, []
         if par.pp > 1 or par.cp > 1:
             problems.append(
@@ -121,6 +121,11 @@ class Engine:
             )
         if cfg.checkpoint.async_save:
             problems.append("checkpoint.async_save=true needs engine=megatron (dist_checkpointing); set it to false")
+        samples_per_micro_step = cfg.train.micro_batch_size * max(1, par.data_parallel_size(world_size))
+        try:  # a deepspeed.config JSON at odds with the run config, found before any process starts
+            deepspeed_config(cfg, max(1, cfg.train.global_batch_size // samples_per_micro_step))
+        except ConfigError as error:
+            problems.append(str(error))
         return problems
 
     @staticmethod

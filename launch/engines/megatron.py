@@ -65,7 +65,7 @@ class Engine:
         model.config.grad_scale_func = self.optimizer.scale_loss
 
     @staticmethod
-    def config_problems(cfg: Config) -> list[str]:
+    def config_problems(cfg: Config, world_size: int) -> list[str]:
         return []  # every layout the common checks accept
 
     @staticmethod

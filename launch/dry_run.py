@@ -6,6 +6,7 @@ so an impossible layout or a missing file costs seconds, not a queue wait.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 from launch.config import Config, ConfigError, validate
@@ -149,7 +150,8 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
         params = count_parameters(cfg, vocab)
         memory = estimate_memory(cfg, params, world_size)
         lines += [
-            f"vocab: {vocab} (from {source}), padded to {sources.padded_vocab_size(cfg, vocab)}",
+            f"vocab: {vocab} (from {source}), padded to {sources.padded_vocab_size(cfg, vocab)}"
+            + _unused_rows(cfg, vocab),
             f"parameters: {params.total:,} = embeddings {params.word_embedding:,}"
             f" + positions {params.position_embedding:,}"
             f" + {params.num_layers} layers x {params.per_layer:,} + final norm"
@@ -169,6 +171,17 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
     else:
         lines.append("problems: none, ready to run")
     return "\n".join(lines)
+
+
+def _unused_rows(cfg: Config, vocab: int) -> str:
+    """A fixed model.vocab_size far above the tokenizer's trains embedding rows no token uses."""
+    tokenizer = cfg.data.tokenizer_model
+    if cfg.model.vocab_size is None or tokenizer is None or not Path(tokenizer).is_file():
+        return ""
+    used = sources.Tokenizer.from_model(tokenizer).vocab_size
+    if vocab - used < cfg.model.make_vocab_size_divisible_by:
+        return ""
+    return f"; note: the tokenizer has {used} tokens, so {vocab - used} rows are never used (model.vocab_size=null fits it)"
 
 
 def _yaml(flag: bool) -> str:

@@ -378,6 +378,12 @@ def test_a_blend_from_another_tokenizer_is_refused(blend_dir):
         check_files(complete(blend_dir))
 
 
+def test_a_fixed_vocabulary_far_above_the_tokenizer_is_noted(blend_dir):
+    report = dry_run_report(complete(blend_dir, "model.vocab_size=50257"), 2)
+    assert "the tokenizer has 60 tokens, so 50197 rows are never used" in report
+    assert "never used" not in dry_run_report(complete(blend_dir), 2)
+
+
 def test_a_data_weights_typo_is_a_dry_run_problem(blend_dir):
     report = dry_run_report(complete(blend_dir, "data.weights={cod: 1, prose: 3}"), 2)
     assert "unknown ['cod']" in report and "problems: 1" in report

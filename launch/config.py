@@ -151,6 +151,9 @@ class CheckpointConfig:
     # Write shards from a background process while training goes on (Megatron-LM's --async-save);
     # a checkpoint counts only once every rank's write has finished.
     async_save: bool = False
+    # Resuming with another experiment (model, data, strategy, seed, batch, optimizer, schedule)
+    # is refused unless this is true; layouts, logging and intervals may always change.
+    allow_config_change: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,13 +219,42 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Fields a resumed run may change freely: how it runs and reports, not what it trains.
+RESUMABLE_CHANGES = (
+    "parallel.", "logging.", "checkpoint.", "deepspeed.config", "data.cache_dir",
+    "train.log_interval", "train.eval_interval", "train.eval_iters", "train.exit_after",
+    "train.exit_duration_minutes", "model.transformer_impl",
+)
+
+
+def experiment_changes(saved: dict, current: Config) -> list[str]:
+    """`key: old -> new` for every field that changes the experiment between a checkpoint's
+    config and this run's (those of RESUMABLE_CHANGES excepted)."""
+    old, new = _flatten(from_dict(saved)), _flatten(current)
+    return [
+        f"{key}: {old[key]!r} -> {new[key]!r}"
+        for key in new
+        if old[key] != new[key] and not key.startswith(RESUMABLE_CHANGES)
+    ]
+
+
+def _flatten(cfg: Config) -> dict[str, Any]:
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
 def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise ConfigError(f"config files include each other in a loop: {chain}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
@@ -236,6 +268,24 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be one file name, got {base!r}")
     return deep_merge(_read_yaml_with_base(path.parent / base, (*seen, path)), raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error: YAML would
+    silently keep the second, e.g. of two `optim:` sections."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"key {key!r} is given twice, on lines {seen[key] + 1} and {key_node.start_mark.line + 1}:"
+                    " keep one", key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -317,8 +367,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, arm, key)
             except ConfigError as error:
                 errors.append((arm, error))
-        for arm, error in errors:  # a list or mapping with one bad item: name the item
+        for arm, error in errors:  # a list or mapping with one bad item, a non-finite number: say so
             if typing.get_origin(arm) in (list, dict) and isinstance(value, typing.get_origin(arm)):
+                raise error
+            if arm is float and _is_number(value):
                 raise error
     elif origin is Literal:
         for choice in args:
@@ -338,6 +390,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     elif annotation is type(None) and value is None:
         return None
     elif annotation is float and _is_number(value):
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{key}: {value!r} is not a finite number; give a real value")
         return float(value)
     elif annotation in (int, str, bool) and type(value) is annotation:
         return value
@@ -478,9 +532,12 @@ def _value_problems(cfg: Config) -> list[str]:
         at_least_one["model.vocab_size"] = model.vocab_size
     if cfg.checkpoint.keep is not None:
         at_least_one["checkpoint.keep"] = cfg.checkpoint.keep
+    if train.exit_after is not None:
+        at_least_one["train.exit_after"] = train.exit_after
+    at_least_one["train.eval_iters"] = train.eval_iters  # evaluation runs every eval_interval steps
     problems = [f"{key}={value} must be >= 1" for key, value in at_least_one.items() if value < 1]
     non_negative = {
-        "train.eval_iters": train.eval_iters,
+        "train.seed": train.seed,
         "optim.warmup_steps": optim.warmup_steps,
         "optim.min_lr": optim.min_lr,
         "optim.weight_decay": optim.weight_decay,
@@ -513,6 +570,8 @@ def _value_problems(cfg: Config) -> list[str]:
             f"model.max_position_embeddings={model.max_position_embeddings} is below"
             f" model.seq_length={model.seq_length}: raise it or set it to null"
         )
+    if not model.init_method_std > 0:
+        problems.append(f"model.init_method_std={model.init_method_std} must be > 0 (0.02 is GPT-2's)")
     if optim.lr <= 0 or optim.eps <= 0:
         problems.append(f"optim.lr={optim.lr} and optim.eps={optim.eps} must be > 0")
     elif optim.min_lr > optim.lr:

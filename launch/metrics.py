@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -122,6 +123,27 @@ def reduce_to_rank0(values: torch.Tensor, contributes: bool) -> Optional[list[fl
     return values.tolist() if dist.get_rank() == 0 else None
 
 
+def rows_up_to(path: Path, step: int) -> tuple[list[str], int]:
+    """The lines of a metrics file whose rows are at or before `step`, and the size in bytes of a
+    torn last line (a write cut short by a kill or a full disk), which is left out. A broken
+    line anywhere else is corruption, not a torn write: refused, naming the line."""
+    lines = path.read_text().splitlines()
+    kept, torn = [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                torn = len(line.encode())
+                break
+            raise ValueError(f"{path}:{number} is not a JSON row; repair or remove that line") from None
+        if row["step"] <= step:
+            kept.append(line)
+    return kept, torn
+
+
 class MetricsLog:
     """Appends one JSON object per logged row; resuming drops rows from after the checkpoint."""
 
@@ -141,11 +163,13 @@ class MetricsLog:
         """Rows past the step we resume from would be logged again: drop them, atomically."""
         if not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
-        if len(kept) != len(rows):
+        kept, torn = rows_up_to(self.path, step)
+        if torn:
+            print(f"warning: dropped a torn last line of {self.path} ({torn} bytes)", file=sys.stderr, flush=True)
+        text = "".join(line + "\n" for line in kept)
+        if text != self.path.read_text():
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_text(text)
             os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:

@@ -103,12 +103,12 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         with _one_job_per_run_dir(run_dir, rank):
-            if rank == 0:
-                (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             try:
                 trainer = Trainer(cfg, run_dir)
-            except ConfigError as error:  # found while building, e.g. a DeepSpeed JSON at odds with the config
+            except ConfigError as error:  # found while building, e.g. a resume that changes the experiment
                 return _refuse(error)
+            if rank == 0:
+                _keep_config(run_dir, cfg)
             stopped_on = trainer.train()
     except KeyboardInterrupt:
         if rank == 0:
@@ -120,6 +120,18 @@ def main(argv=None) -> int:
             " wait for it to end or stop it, or choose another --run-dir"
         ))
     return EXIT_STOPPED_ON_SIGNAL if stopped_on and stopped_on.startswith("SIG") else 0
+
+
+def _keep_config(run_dir: Path, cfg) -> None:
+    """RUN/config.yaml is this start's config; RUN/configs/start-N.yaml keeps every start's."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    starts = run_dir / "configs"
+    starts.mkdir(parents=True, exist_ok=True)
+    number = 1 + sum(1 for _ in starts.glob("start-*.yaml"))
+    for path in (starts / f"start-{number}.yaml", run_dir / "config.yaml"):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager

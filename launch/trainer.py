@@ -19,7 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from launch.checkpoint import CheckpointError, Checkpointer, warn
-from launch.config import Config, to_dict
+from launch.config import Config, ConfigError, experiment_changes, to_dict
 from launch.data import build_train_dataset, build_validation_datasets, micro_batches
 from launch.engines import engine_class
 from launch.metrics import MetricsLog, StepStatistics, console_line, reduce_to_rank0
@@ -201,6 +201,17 @@ class Trainer:
         }
         self.checkpointer.save(self.step, state)
 
+    def _check_same_experiment(self, path: Path, saved: dict) -> None:
+        changes = experiment_changes(saved, self.cfg)
+        if not changes:
+            return
+        if not self.cfg.checkpoint.allow_config_change:
+            raise ConfigError(
+                f"this run resumes {path} but changes the experiment:\n  " + "\n  ".join(changes)
+                + "\nuse another --run-dir, or --set checkpoint.allow_config_change=true to go on anyway"
+            )
+        warn("resuming with a changed experiment (checkpoint.allow_config_change): " + "; ".join(changes))
+
     def _resume(self) -> int:
         """The newest checkpoint that verifies and loads (else `checkpoint.load`, else none)."""
         candidates = self.checkpointer.complete_checkpoints() if self.checkpointer.root.is_dir() else []
@@ -212,6 +223,7 @@ class Trainer:
             except CheckpointError as error:
                 warn(f"checkpoint {path} is incomplete or corrupted, not used: {error}; trying an earlier one")
                 continue
+            self._check_same_experiment(path, state["config"])
             self.scheduler.load_state_dict(state["scheduler"])  # after the optimizer's param groups
             self.loss.schedule.load_state_dict(state["reweight_schedule"])
             if "log_interval" in state:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,6 +293,62 @@ def test_fewer_kv_groups_than_tensor_parallel_ranks_is_allowed():
     # Megatron-Core shares each of the 2 K/V groups between 4 of the 8 TP ranks.
     cfg = demo("model.num_attention_heads=8", "model.num_query_groups=2", "parallel.tp=8")
     validate(cfg, 8)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize(
+    "key",
+    ["reweight.temperature", "reweight.warmup_temperature", "optim.clip_grad", "optim.lr", "model.init_method_std",
+     "train.exit_duration_minutes"],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"{key}: .* is not a finite number"):
+        demo(f"{key}={value}")
+
+
+def test_a_non_finite_domain_weight_is_refused_naming_the_domain():
+    with pytest.raises(ConfigError, match=r"data.weights.code: .* is not a finite number"):
+        demo("data.weights={code: .nan, prose: 1.0}")
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.exit_after=-1", "train.exit_after=-1 must be >= 1"),
+        ("train.exit_after=0", "train.exit_after=0 must be >= 1"),
+        ("train.eval_iters=0", "train.eval_iters=0 must be >= 1"),
+        ("train.seed=-1", "train.seed=-1 must be >= 0"),
+        ("model.init_method_std=-0.02", "model.init_method_std=-0.02 must be > 0"),
+        ("train.exit_duration_minutes=0", "train.exit_duration_minutes=0.0 must be > 0"),
+    ],
+)
+def test_out_of_range_values_are_refused(override, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        validate(demo(override), 2)
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("optim:\n  lr: 0.1\ntrain:\n  steps: 3\noptim:\n  lr: 0.2\n", "key 'optim' is given twice, on lines 1 and 5"),
+        ("optim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice, on lines 2 and 3"),
+    ],
+)
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path, text, named):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(named)) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+
+
+def test_experiment_changes_name_what_a_resume_may_not_change():
+    from launch.config import experiment_changes
+
+    saved = to_dict(demo())
+    assert experiment_changes(saved, demo("parallel.tp=2", "train.log_interval=3", "checkpoint.keep=5")) == []
+    changes = experiment_changes(saved, demo("reweight.strategy=quadratic", "optim.lr=0.1", "train.seed=7"))
+    assert changes == ["train.seed: 1234 -> 7", "optim.lr: 0.001 -> 0.1", "reweight.strategy: 'linupper' -> 'quadratic'"]
 
 
 def test_every_problem_is_reported_at_once():

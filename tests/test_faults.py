@@ -142,3 +142,37 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]
     # Never deleted: the run saved step 4 again and kept the corrupted one aside.
     assert len(list((run_dir / "checkpoints").glob("step_00000004.replaced-*"))) == 1
+
+
+def test_a_resume_that_changes_the_experiment_is_refused_unless_allowed(tmp_path, demo_dir, stopped_at_4):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_4, run_dir)
+    refused = pretrain(run_dir, demo_dir, "reweight.strategy=quadratic", check=False)
+    assert refused.returncode != 0
+    assert "changes the experiment:\n  reweight.strategy: 'linupper' -> 'quadratic'" in refused.stderr
+    assert "checkpoint.allow_config_change=true" in refused.stderr
+    assert [r["step"] for r in rows(run_dir)] == [2, 4]  # nothing written
+    allowed = pretrain(run_dir, demo_dir, "reweight.strategy=quadratic", "checkpoint.allow_config_change=true")
+    assert "resumed from" in allowed.stdout and "resuming with a changed experiment" in allowed.stderr
+    # Every start's config is kept; config.yaml is the latest one.
+    starts = sorted((run_dir / "configs").glob("start-*.yaml"))
+    assert [p.name for p in starts] == ["start-1.yaml", "start-2.yaml"]  # the refused start trained nothing
+    assert "strategy: linupper" in starts[0].read_text() and "strategy: quadratic" in starts[1].read_text()
+    assert (run_dir / "config.yaml").read_text() == starts[1].read_text()
+
+
+def test_a_resume_that_changes_only_how_the_run_reports_goes_on(tmp_path, demo_dir, stopped_at_4):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_4, run_dir)
+    result = pretrain(run_dir, demo_dir, "train.log_interval=4", "checkpoint.keep=3")
+    assert "resumed from" in result.stdout and "changed experiment" not in result.stderr
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, demo_dir, stopped_at_4):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_4, run_dir)
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"kind": "train", "step": 6, "lo')  # a write cut short
+    result = pretrain(run_dir, demo_dir)
+    assert f"dropped a torn last line of {run_dir / 'metrics.jsonl'}" in result.stderr
+    assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]

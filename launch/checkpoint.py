@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
+from launch.console import say
 from megatron_patches.device import on_gpu
 
 STATE_FILE = "trainer_state.json"
@@ -72,7 +73,7 @@ def set_rng_state(state: dict) -> None:
 def warn(message: str) -> None:
     """Printed rather than warned: what happens to a run must not hide behind warning filters."""
     if dist.get_rank() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        say(f"warning: {message}", file=sys.stderr)
 
 
 def write_json_atomically(path: Path, data: dict) -> None:

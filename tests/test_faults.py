@@ -59,7 +59,7 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, 
     assert 2 <= stopped_at < 40 and "checkpoint saved; rerun to resume" in output
     assert (tmp_path / f"checkpoints/step_{stopped_at:08d}/manifest.json").is_file()
     resumed = pretrain(tmp_path, demo_dir, *LONG)
-    assert f"resumed from {tmp_path}/checkpoints/step_{stopped_at:08d}" in resumed.stdout
+    assert f"resuming from {tmp_path}/checkpoints/step_{stopped_at:08d}" in resumed.stdout
     assert comparable(tmp_path) == comparable(unbroken)  # nothing lost, bit for bit on CPU
 
 
@@ -138,7 +138,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     _, named = CORRUPTIONS[corruption](newest)
     result = pretrain(run_dir, demo_dir)
     assert f"checkpoint {newest} is incomplete or corrupted" in result.stderr and named in result.stderr
-    assert f"resumed from {run_dir}/checkpoints/step_00000002 at step 2" in result.stdout
+    assert f"resuming from {run_dir}/checkpoints/step_00000002 at step 2" in result.stdout
     assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]
     # Never deleted: the run saved step 4 again and kept the corrupted one aside.
     assert len(list((run_dir / "checkpoints").glob("step_00000004.replaced-*"))) == 1

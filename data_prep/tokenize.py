@@ -21,13 +21,13 @@ from typing import Iterator
 
 import numpy as np
 import sentencepiece as spm
-from tqdm import tqdm
 
 from . import blend
 from .errors import DataPrepError
 from .indexed import IndexedDatasetWriter, token_dtype
 from .lock import output_lock
 from .outputs import OutputSet
+from .progress import progress
 from .readers import (
     BAD_LINE_KINDS,
     BadLine,
@@ -153,7 +153,7 @@ def _encode_into(
     total_bytes = sum(os.path.getsize(path) for path in paths)
     with (
         OrderedPool(context, job.workers, _start_worker, (job.tokenizer_model,)) as pool,
-        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None) as bar,
+        progress(total_bytes, "tokenizing") as bar,
     ):
         tasks = (((chunk, job.json_key, job.domain_key, fail, dtype), done) for chunk, done in _chunks(paths))
         for encoded, done in pool.imap(encode_chunk, tasks, window=2 * job.workers + 2):

@@ -9,10 +9,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import sentencepiece as spm
-from tqdm import tqdm
 
 from .errors import DataPrepError
 from .lock import output_lock
+from .progress import progress
 from .readers import describe_inputs, describe_skipped, expand_inputs, parse_chunk, read_chunks
 
 
@@ -107,7 +107,7 @@ def _reservoir_sample(
     seen = 0
     skipped: Counter = Counter()
     total_bytes = sum(os.path.getsize(path) for path in paths)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="sampling", disable=None) as bar:
+    with progress(total_bytes, "sampling") as bar:
         for path in paths:
             done_before = bar.n
             for chunk, position in read_chunks(path):

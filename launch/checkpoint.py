@@ -38,6 +38,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from launch.console import say
 from megatron_patches.device import on_gpu
 
 STATE_FILE = "trainer_state.json"
@@ -74,7 +75,7 @@ def set_rng_state(state: dict) -> None:
 def warn(message: str) -> None:
     """Printed rather than warned: what happens to a run must not hide behind warning filters."""
     if dist.get_rank() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        say(f"warning: {message}", file=sys.stderr)
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
@@ -183,7 +184,7 @@ class Checkpointer:
                 warn(f"{final} existed (not loaded: it failed verification or loading); kept as {aside}")
             os.replace(tmp, final)
             self._prune()
-            print(f"step {step:>6} | saved checkpoint {final}", flush=True)
+            say(f"step {step:>6} | saved checkpoint {final}")
         dist.barrier()
 
     def _prune(self) -> None:

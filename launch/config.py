@@ -176,6 +176,11 @@ class ReweightConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = True
+    # Weights & Biases beside TensorBoard (rank 0; needs `pip install wandb`). "offline" writes
+    # RUN/wandb/ for a later `wandb sync` (compute nodes often have no internet); "online" uploads.
+    wandb: bool = False
+    wandb_project: str = "loss-reweighting"
+    wandb_mode: Literal["offline", "online"] = "offline"
 
 
 @dataclass(frozen=True)

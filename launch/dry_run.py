@@ -121,6 +121,19 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
 def dry_run_report(cfg: Config, world_size: int) -> str:
     """A readable account of the run; raises ConfigError for a layout that cannot run,
     and lists missing data files under 'problems' (an empty list means ready to run)."""
+    lines = describe_run(cfg, world_size)
+    problems = sources.file_problems(cfg)
+    if problems:
+        lines.append(f"problems: {len(problems)}")
+        lines += [f"  - {problem}" for problem in problems]
+    else:
+        lines.append("problems: none, ready to run")
+    return "\n".join(lines)
+
+
+def describe_run(cfg: Config, world_size: int) -> list[str]:
+    """The lines of the account (layout, batch, model, parameters, memory, reweighting, data);
+    also the start-up summary of a training run. Raises ConfigError for an impossible layout."""
     validate(cfg, world_size)
     m, par, train = cfg.model, cfg.parallel, cfg.train
     dp = par.data_parallel_size(world_size)
@@ -164,13 +177,7 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
     lines.append(f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
                  f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch")
     lines += _describe_data(cfg)
-    problems = sources.file_problems(cfg)
-    if problems:
-        lines.append(f"problems: {len(problems)}")
-        lines += [f"  - {problem}" for problem in problems]
-    else:
-        lines.append("problems: none, ready to run")
-    return "\n".join(lines)
+    return lines
 
 
 def _unused_rows(cfg: Config, vocab: int) -> str:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -14,9 +15,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from launch.console import say
 from megatron_patches.device import device
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
 
 # Row names of the per-step statistics and the loss-report keys they come from, in row order;
 # the per-domain weight and sample shares follow.
@@ -147,10 +150,12 @@ def rows_up_to(path: Path, step: int) -> tuple[list[str], int]:
 class MetricsLog:
     """Appends one JSON object per logged row; resuming drops rows from after the checkpoint."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, wandb: Optional[dict] = None):
+        """`wandb`: None, or the keyword arguments of `wandb.init` (project, mode, config, ...)."""
         self.enabled = dist.get_rank() == 0
         self.path = Path(run_dir) / METRICS_FILE
         self.writer = None
+        self.wandb_run = None
         if not self.enabled:
             return
         self._truncate_after(resume_step)
@@ -158,6 +163,8 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+        if wandb is not None:
+            self.wandb_run = start_wandb(Path(run_dir), wandb)
 
     def _truncate_after(self, step: int) -> None:
         """Rows past the step we resume from would be logged again: drop them, atomically."""
@@ -165,7 +172,7 @@ class MetricsLog:
             return
         kept, torn = rows_up_to(self.path, step)
         if torn:
-            print(f"warning: dropped a torn last line of {self.path} ({torn} bytes)", file=sys.stderr, flush=True)
+            say(f"warning: dropped a torn last line of {self.path} ({torn} bytes)", file=sys.stderr)
         text = "".join(line + "\n" for line in kept)
         if text != self.path.read_text():
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -178,18 +185,46 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
-            prefix = row.get("kind", "train")
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, row["step"])
-                elif isinstance(value, dict):
-                    for name, v in value.items():
-                        self.writer.add_scalar(f"{prefix}/{key}/{name}", v, row["step"])
+            for tag, value in flat_scalars(row).items():
+                self.writer.add_scalar(tag, value, row["step"])
             self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(flat_scalars(row), step=row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def flat_scalars(row: dict) -> dict[str, float]:
+    """`train/loss`, `valid/valid_loss_per_domain/code`, ...: the TensorBoard tags, for W&B."""
+    prefix = row.get("kind", "train")
+    scalars = {}
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+            scalars[f"{prefix}/{key}"] = value
+        elif isinstance(value, dict):
+            scalars.update({f"{prefix}/{key}/{name}": v for name, v in value.items()})
+    return scalars
+
+
+def start_wandb(run_dir: Path, settings: dict):
+    """A W&B run in RUN/wandb/ (unless WANDB_DIR says otherwise), resumed by the run dir's id."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise RuntimeError(
+            "logging.wandb is true but wandb is not installed: `pip install wandb`"
+            " (or `pip install -e '.[wandb]'`), or set logging.wandb=false"
+        ) from error
+    directory = Path(os.environ.get("WANDB_DIR") or run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / WANDB_ID_FILE  # a resumed run continues the same W&B run
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:12] + "\n")
+    return wandb.init(dir=str(directory), id=id_file.read_text().strip(), resume="allow", **settings)
 
 
 def console_line(row: dict, steps: int) -> str:

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
+from launch import quiet
 
-from data_prep.lock import LockHeld, exclusive_lock
-from launch.config import ConfigError, load_config, to_dict, validate
-from launch.dry_run import dry_run_report
-from launch.sources import check_files, file_problems
-from launch.stopping import EXIT_STOPPED_ON_SIGNAL
-from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES
+quiet.install()  # before anything imports Megatron-Core or DeepSpeed (launch.config does)
+
+import yaml  # noqa: E402
+
+from data_prep.lock import LockHeld, exclusive_lock  # noqa: E402
+from launch.config import ConfigError, load_config, to_dict, validate  # noqa: E402
+from launch.console import say  # noqa: E402
+from launch.dry_run import dry_run_report  # noqa: E402
+from launch.sources import check_files, file_problems  # noqa: E402
+from launch.stopping import EXIT_STOPPED_ON_SIGNAL  # noqa: E402
+from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES  # noqa: E402
 
 
 def strategy_table() -> str:
@@ -95,6 +101,8 @@ def main(argv=None) -> int:
             return 1 if file_problems(cfg) else 0
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
         check_files(cfg)
+        if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb=true needs wandb: `pip install wandb` (or `pip install -e '.[wandb]'`), or set logging.wandb=false")
     except ConfigError as error:
         return _refuse(error)
     from launch.trainer import Trainer
@@ -112,7 +120,7 @@ def main(argv=None) -> int:
             stopped_on = trainer.train()
     except KeyboardInterrupt:
         if rank == 0:
-            print("interrupted (Ctrl-C); rerun with the same --run-dir to resume from the last checkpoint", file=sys.stderr, flush=True)
+            say("interrupted (Ctrl-C); rerun with the same --run-dir to resume from the last checkpoint", file=sys.stderr)
         return 130
     except LockHeld as held:
         return _refuse(ConfigError(

@@ -20,7 +20,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from launch.checkpoint import CheckpointError, Checkpointer, warn
 from launch.config import Config, ConfigError, experiment_changes, to_dict
+from launch.console import say
 from launch.data import build_train_dataset, build_validation_datasets, micro_batches
+from launch.dry_run import describe_run
 from launch.engines import engine_class
 from launch.metrics import MetricsLog, StepStatistics, console_line, reduce_to_rank0
 from launch.model import build_model
@@ -100,9 +102,27 @@ class Trainer:
         self.valid_data = build_validation_datasets(cfg, self.sources, valid_blend, cache) if t.eval_interval > 0 else {}
 
         self.statistics = StepStatistics(domains)
+        self.resumed_from: Optional[Path] = None
         self.step = self._resume()
-        self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step)
+        self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step, wandb=self._wandb_settings())
         self.stop_requests = StopRequests(t.exit_duration_minutes)
+
+    def _wandb_settings(self) -> Optional[dict]:
+        lg = self.cfg.logging
+        if not lg.wandb:
+            return None
+        return {"project": lg.wandb_project, "mode": lg.wandb_mode, "name": self.run_dir.name, "config": to_dict(self.cfg)}
+
+    def _announce(self) -> None:
+        """Rank 0: what this run is (the --dry-run account) and where it starts, before the first step."""
+        if dist.get_rank() != 0:
+            return
+        lines = describe_run(self.cfg, dist.get_world_size())
+        if self.resumed_from is None:
+            lines.append(f"starting at step {self.step} of {self.cfg.train.steps}")
+        else:
+            lines.append(f"resuming from {self.resumed_from} at step {self.step} of {self.cfg.train.steps}")
+        say("\n".join(lines))
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -111,6 +131,7 @@ class Trainer:
         t = self.cfg.train
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
         reason = None
+        self._announce()
         while self.step < stop and reason is None:
             start = time.perf_counter()
             reports, grad_norm = self._train_step()
@@ -127,7 +148,7 @@ class Trainer:
                 self._save()
         self.checkpointer.finish_pending()
         if reason and dist.get_rank() == 0:
-            print(f"stopping on {reason} at step {self.step}; checkpoint saved; rerun to resume", flush=True)
+            say(f"stopping on {reason} at step {self.step}; checkpoint saved; rerun to resume")
         self.log.close()
         return reason
 
@@ -161,7 +182,7 @@ class Trainer:
             "domain_sample_share": means.domain_sample_share,
         }
         self.log.write(row)
-        print(console_line(row, self.cfg.train.steps), flush=True)
+        say(console_line(row, self.cfg.train.steps))
 
     def _evaluate(self) -> None:
         """Held-out token-mean loss per domain, on the same samples every time."""
@@ -187,7 +208,7 @@ class Trainer:
         losses = {d: values[2 * i] / max(values[2 * i + 1], 1.0) for i, d in enumerate(self.valid_data)}
         row = {"kind": "valid", "step": self.step, "valid_loss": sum(losses.values()) / len(losses), "valid_loss_per_domain": losses}
         self.log.write(row)
-        print(f"step {self.step:>6} | validation " + " | ".join(f"{d} {v:.4f}" for d, v in losses.items()), flush=True)
+        say(f"step {self.step:>6} | validation " + " | ".join(f"{d} {v:.4f}" for d, v in losses.items()))
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -228,8 +249,7 @@ class Trainer:
             self.loss.schedule.load_state_dict(state["reweight_schedule"])
             if "log_interval" in state:
                 self.statistics.load_state_dict(state["log_interval"])
-            if dist.get_rank() == 0:
-                print(f"resumed from {path} at step {state['step']}", flush=True)
+            self.resumed_from = path
             return state["step"]
         if candidates:  # a partly loaded model must not train on as if it were fresh
             raise CheckpointError(

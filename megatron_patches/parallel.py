@@ -16,7 +16,8 @@ from megatron_patches.device import on_gpu
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> None:
-    """Start the world group from torchrun's environment and build Megatron's TP/PP/CP/DP groups.
+    """Start the world group from torchrun's environment and build Megatron's TP/PP/CP/DP groups;
+    started without torchrun (no RANK), the world is this one process.
 
     On a machine without CUDA this switches on CPU mode and uses gloo; otherwise NCCL on
     the local GPU.  DP is whatever the world size leaves after TP×PP×CP.
@@ -26,13 +27,32 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     else:
         enable_cpu_mode()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if on_gpu() else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        backend = "nccl" if on_gpu() else "gloo"
+        timeout = timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # started by torchrun (or Slurm's srun with the variables set)
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, store=_standalone_store(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
     )
     set_seed(seed)
+
+
+def _standalone_store() -> dist.TCPStore:
+    """`python -m launch.pretrain` without torchrun: a world of one process.
+
+    The store listens on a port the kernel picks (port 0), so two such runs on one machine
+    never race for a port; the variables torchrun would set are filled in for code that
+    reads them (Megatron, DeepSpeed).
+    """
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timedelta(minutes=5))
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port))):
+        os.environ.setdefault(name, value)
+    return store
 
 
 def set_seed(seed: int) -> None:

@@ -274,7 +274,7 @@ def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, cache_dir, deepsp
     pretrain(tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", "train.exit_after=4", config=DEEPSPEED)
     assert [r["step"] for r in rows(tmp_path, "train")] == [2, 4]
     result = pretrain(tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", config=DEEPSPEED)
-    assert "resumed from" in result.stdout and "step_00000004" in result.stdout
+    assert "resuming from" in result.stdout and "step_00000004" in result.stdout
     for kind, keys in (("train", ("step", "loss", "weighted_loss", "lr", "grad_norm")), ("valid", ("step", "valid_loss"))):
         expected = [[r[k] for k in keys] for r in rows(unbroken, kind)]
         assert [[r[k] for k in keys] for r in rows(tmp_path, kind)] == expected

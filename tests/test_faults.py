@@ -59,7 +59,7 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, 
     assert 2 <= stopped_at < 40 and "checkpoint saved; rerun to resume" in output
     assert (tmp_path / f"checkpoints/step_{stopped_at:08d}/manifest.json").is_file()
     resumed = pretrain(tmp_path, demo_dir, *LONG)
-    assert f"resumed from {tmp_path}/checkpoints/step_{stopped_at:08d}" in resumed.stdout
+    assert f"resuming from {tmp_path}/checkpoints/step_{stopped_at:08d}" in resumed.stdout
     assert comparable(tmp_path) == comparable(unbroken)  # nothing lost, bit for bit on CPU
 
 
@@ -138,7 +138,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     _, named = CORRUPTIONS[corruption](newest)
     result = pretrain(run_dir, demo_dir)
     assert f"checkpoint {newest} is incomplete or corrupted" in result.stderr and named in result.stderr
-    assert f"resumed from {run_dir}/checkpoints/step_00000002 at step 2" in result.stdout
+    assert f"resuming from {run_dir}/checkpoints/step_00000002 at step 2" in result.stdout
     assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]
     # Never deleted: the run saved step 4 again and kept the corrupted one aside.
     assert len(list((run_dir / "checkpoints").glob("step_00000004.replaced-*"))) == 1
@@ -153,7 +153,7 @@ def test_a_resume_that_changes_the_experiment_is_refused_unless_allowed(tmp_path
     assert "checkpoint.allow_config_change=true" in refused.stderr
     assert [r["step"] for r in rows(run_dir)] == [2, 4]  # nothing written
     allowed = pretrain(run_dir, demo_dir, "reweight.strategy=quadratic", "checkpoint.allow_config_change=true")
-    assert "resumed from" in allowed.stdout and "resuming with a changed experiment" in allowed.stderr
+    assert "resuming from" in allowed.stdout and "resuming with a changed experiment" in allowed.stderr
     # Every start's config is kept; config.yaml is the latest one.
     starts = sorted((run_dir / "configs").glob("start-*.yaml"))
     assert [p.name for p in starts] == ["start-1.yaml", "start-2.yaml"]  # the refused start trained nothing
@@ -165,7 +165,7 @@ def test_a_resume_that_changes_only_how_the_run_reports_goes_on(tmp_path, demo_d
     run_dir = tmp_path / "run"
     shutil.copytree(stopped_at_4, run_dir)
     result = pretrain(run_dir, demo_dir, "train.log_interval=4", "checkpoint.keep=3")
-    assert "resumed from" in result.stdout and "changed experiment" not in result.stderr
+    assert "resuming from" in result.stdout and "changed experiment" not in result.stderr
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, demo_dir, stopped_at_4):

@@ -54,7 +54,7 @@ def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, unbroken):
     pretrain(tmp_path, demo_dir, "train.exit_after=4")
     assert [r["step"] for r in rows(tmp_path)] == [2, 4]
     result = pretrain(tmp_path, demo_dir)
-    assert "resumed from" in result.stdout and "step_00000004" in result.stdout
+    assert "resuming from" in result.stdout and "step_00000004" in result.stdout
     expected = [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(unbroken)]
     assert [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(tmp_path)] == expected
     assert [r["valid_loss"] for r in rows(tmp_path, "valid")] == [r["valid_loss"] for r in rows(unbroken, "valid")]
@@ -65,7 +65,7 @@ def test_asynchronous_checkpoints_commit_and_resume_exactly(tmp_path, demo_dir, 
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert all((tmp_path / f"checkpoints/{p}/manifest.json").is_file() for p in ("step_00000002", "step_00000004"))
     result = pretrain(tmp_path, demo_dir, "checkpoint.async_save=true")
-    assert "resumed from" in result.stdout and "step_00000004" in result.stdout
+    assert "resuming from" in result.stdout and "step_00000004" in result.stdout
     expected = [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(unbroken)]
     assert [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(tmp_path)] == expected
 
@@ -75,7 +75,7 @@ def test_incomplete_latest_checkpoint_is_skipped_with_a_warning(tmp_path, demo_d
     (tmp_path / "checkpoints" / "step_00000004" / "trainer_state.json").unlink()
     result = pretrain(tmp_path, demo_dir, "train.exit_after=1")
     assert "step_00000004 is incomplete" in result.stderr
-    assert "resumed from" in result.stdout and "step_00000002" in result.stdout
+    assert "resuming from" in result.stdout and "step_00000002" in result.stdout
 
 
 def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(tmp_path, demo_dir, unbroken):

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_RUNS := runs/demo
 PRETRAIN := $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml
 
-.PHONY: venv test test-fast test-unit demo demo-data bench-data clean
+.PHONY: venv test test-fast test-unit demo bench demo-data bench-data clean
 
 # The stamp is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +40,10 @@ demo: demo-data
 	$(PRETRAIN) --run-dir $(DEMO_RUNS)/uniform --set reweight.strategy=uniform
 	$(PRETRAIN) --run-dir $(DEMO_RUNS)/linupper --set reweight.strategy=linupper
 	$(PY) -m launch.report $(DEMO_RUNS)/uniform $(DEMO_RUNS)/linupper --out $(DEMO_RUNS)/report.png
+
+# Training throughput: uniform vs linupper steps interleaved, the demo model on 2 CPU processes.
+bench: demo-data
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m launch.bench --config configs/demo_cpu.yaml --pairs 30
 
 # Preprocessing throughput: data_prep against raw SentencePiece and a Megatron-LM-style pipeline.
 bench-data: $(VENV)/.installed

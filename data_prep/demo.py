@@ -8,7 +8,7 @@ exactly as it splits SlimPajama:
     code         standard-library modules (.py sources)
     docs         docstrings of other standard-library modules, extracted with `ast`
     prose        the reference-manual topics that pydoc shows (`pydoc_data.topics`)
-    licenses     licence texts of the installation and its site-packages
+    licenses     licence texts of Python and of torch (with its bundled dependencies' ones)
     boilerplate  near-duplicate web-crawl junk (cookie banners, legal footers, subscribe
                  prompts): deliberately redundant, the low-loss data that loss-based
                  reweighting should learn to down-weight
@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
 import random
-import site
 import sysconfig
 from pathlib import Path
 
@@ -141,16 +141,18 @@ def _is_licence(name: str) -> bool:
     return any(word in name.upper() for word in ("LICENSE", "LICENCE", "COPYING"))
 
 
+# The licences come from these distributions only (torch is pinned by the Makefile), so that
+# the corpus, and the demo's numbers, do not change when other packages are installed.
+LICENSED_DISTRIBUTIONS = ("torch",)
+
+
 def licence_documents():
-    """Licence files of the Python installation and its site-packages, each text once."""
-    roots = [Path(sysconfig.get_paths()["stdlib"])]
-    roots += sorted({Path(p) for p in (*site.getsitepackages(), sysconfig.get_paths()["purelib"])})
-    candidates = [roots[0] / "LICENSE.txt"]
-    for root in roots[1:]:
-        for dist_info in sorted(root.glob("*.dist-info")):
-            candidates += sorted(
-                path for path in dist_info.rglob("*") if path.is_file() and _is_licence(path.name)
-            )
+    """Python's licence, then the licence files of LICENSED_DISTRIBUTIONS, each text once."""
+    candidates = [Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"]
+    for name in LICENSED_DISTRIBUTIONS:
+        distribution = importlib.metadata.distribution(name)
+        files = sorted(str(f) for f in distribution.files or () if _is_licence(Path(str(f)).name))
+        candidates += [Path(distribution.locate_file(f)) for f in files]
     seen = set()
     for path in candidates:
         text = read_source(path)

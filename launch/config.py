@@ -181,6 +181,9 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "loss-reweighting"
     wandb_mode: Literal["offline", "online"] = "offline"
+    # The device's dense bf16 peak in TFLOP/s for MFU; null = from launch/throughput.py's table
+    # on a GPU it knows, and no MFU on a CPU.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -551,6 +554,8 @@ def _value_problems(cfg: Config) -> list[str]:
         "reweight.anneal_steps": rw.anneal_steps,
     }
     problems += [f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0]
+    if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
+        problems.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (TFLOP/s), or null")
     if train.exit_duration_minutes is not None and not train.exit_duration_minutes > 0:
         problems.append(
             f"train.exit_duration_minutes={train.exit_duration_minutes} must be > 0 (minutes), or null"

@@ -28,6 +28,7 @@ from launch.metrics import MetricsLog, StepStatistics, console_line, reduce_to_r
 from launch.model import build_model
 from launch.sources import DataSources
 from launch.stopping import StopRequests
+from launch.throughput import Throughput
 from megatron_patches.device import device
 from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import initialize_parallel
@@ -102,6 +103,7 @@ class Trainer:
         self.valid_data = build_validation_datasets(cfg, self.sources, valid_blend, cache) if t.eval_interval > 0 else {}
 
         self.statistics = StepStatistics(domains)
+        self.throughput = Throughput(cfg, self.sources.padded_vocab_size, dist.get_world_size())
         self.resumed_from: Optional[Path] = None
         self.step = self._resume()
         self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step, wandb=self._wandb_settings())
@@ -134,7 +136,7 @@ class Trainer:
         self._announce()
         while self.step < stop and reason is None:
             start = time.perf_counter()
-            reports, grad_norm = self._train_step()
+            reports, grad_norm = self.train_step()
             self.step += 1
             self.statistics.add(reports, grad_norm, time.perf_counter() - start)
             last = self.step == t.steps
@@ -152,7 +154,8 @@ class Trainer:
         self.log.close()
         return reason
 
-    def _train_step(self) -> tuple[list[dict], float]:
+    def train_step(self) -> tuple[list[dict], float]:
+        """One optimizer step on the global batch at `self.step`: loss reports and grad norm."""
         batches = micro_batches(self.train_data, self.cfg, self.step)
         reports = self.engine.forward_backward(partial(_forward_step, self.loss), batches, self.micro_batches_per_step, forward_only=False)
         grad_norm = self.engine.step()
@@ -167,7 +170,6 @@ class Trainer:
         if means is None:
             return
         strategy, temperature = self.loss.schedule.current()
-        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         row = {
             "kind": "train",
             "step": self.step,
@@ -175,7 +177,7 @@ class Trainer:
             "lr": self.engine.optimizer.param_groups[0]["lr"],
             "grad_norm": means.grad_norm,
             "step_time_s": means.step_time_s,
-            "tokens_per_s": tokens / means.step_time_s,
+            **self.throughput.row(means.step_time_s),
             "reweight_strategy": strategy,
             "reweight_temperature": temperature,
             "domain_weight_share": means.domain_weight_share,

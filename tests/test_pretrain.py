@@ -12,6 +12,7 @@ from helpers.e2e import REPO, pretrain, rows
 TRAIN_KEYS = {
     "step", "loss", "weighted_loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "weight_ess",
     "weight_max", "weight_entropy", "invalid_fraction", "domain_weight_share", "domain_sample_share",
+    "tflops_per_device", "mfu", "peak_memory_gib",
 }  # fmt: skip
 DOMAINS = {"boilerplate", "code", "docs", "licenses", "prose"}
 
@@ -33,6 +34,7 @@ def test_two_process_run_logs_every_metric_and_saves_checkpoints(unbroken):
         assert set(row["domain_weight_share"]) == DOMAINS
         assert sum(row["domain_weight_share"].values()) == pytest.approx(1.0)
         assert 0 < row["weight_ess"] <= 1 and row["invalid_fraction"] == 0
+        assert row["tflops_per_device"] > 0 and row["mfu"] is None and 0.1 < row["peak_memory_gib"] < 20  # CPU: no peak
     assert train[0]["weight_ess"] == pytest.approx(1.0)  # uniform warm-up
     assert train[-1]["weight_ess"] < 1.0  # linupper weights differ
     assert train[-1]["loss"] < train[0]["loss"]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from helpers.e2e import REPO
-from launch import study
+from launch import stats, study
 from launch.config import load_config, to_dict
 
 CONFIG = str(REPO / "configs" / "demo_cpu.yaml")
@@ -90,34 +90,34 @@ def test_default_arms_are_uniform_then_linupper():
     [(1, 12.706204736174707), (2, 4.302652729911275), (4, 2.7764451051977987), (9, 2.2621571627409915), (30, 2.0422724563012373)],
 )
 def test_t_quantile_matches_tables(df, expected):
-    assert study.t_quantile(0.975, df) == pytest.approx(expected, rel=1e-9)
+    assert stats.t_quantile(0.975, df) == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995, 0.9999])
 def test_t_quantile_matches_closed_forms(p):
-    assert study.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-10)
-    assert study.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-10)
+    assert stats.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-10)
+    assert stats.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-10)
     alpha = 4 * p * (1 - p)
     q = math.cos(math.acos(math.sqrt(alpha)) / 3) / math.sqrt(alpha)
-    assert study.t_quantile(p, 4) == pytest.approx(2 * math.sqrt(q - 1), rel=1e-9)
-    assert study.t_quantile(1 - p, 4) == -study.t_quantile(p, 4)
+    assert stats.t_quantile(p, 4) == pytest.approx(2 * math.sqrt(q - 1), rel=1e-9)
+    assert stats.t_quantile(1 - p, 4) == -stats.t_quantile(p, 4)
 
 
 @pytest.mark.parametrize("x", [0.01, 0.3, 0.6, 0.9, 0.99])
 def test_incomplete_beta_matches_closed_forms_on_both_sides_of_the_switch(x):
-    assert study.regularized_incomplete_beta(2.0, 1.0, x) == pytest.approx(x**2, rel=1e-12)
-    assert study.regularized_incomplete_beta(1.0, 3.0, x) == pytest.approx(1 - (1 - x) ** 3, rel=1e-12)
+    assert stats.regularized_incomplete_beta(2.0, 1.0, x) == pytest.approx(x**2, rel=1e-12)
+    assert stats.regularized_incomplete_beta(1.0, 3.0, x) == pytest.approx(1 - (1 - x) ** 3, rel=1e-12)
 
 
 def test_t_quantile_tends_to_the_normal_one():
-    assert study.t_quantile(0.975, 1e7) == pytest.approx(1.959963984540054, rel=1e-6)
+    assert stats.t_quantile(0.975, 1e7) == pytest.approx(1.959963984540054, rel=1e-6)
 
 
 def test_interval_is_mean_plus_minus_t_times_standard_error():
-    mean, (low, high) = study.mean_and_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    mean, (low, high) = stats.mean_and_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     half = 2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5)  # sd = sqrt(2.5), df = 4
     assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), rel=1e-9)
-    assert study.mean_and_interval([0.25]) == (0.25, None)
+    assert stats.mean_and_interval([0.25]) == (0.25, None)
 
 
 # --------------------------------------------------------------------------- fabricated runs

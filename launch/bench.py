@@ -1,0 +1,140 @@
+"""What reweighting costs: training steps of `uniform` and a reweighted strategy, interleaved.
+
+    torchrun --standalone --nproc-per-node 2 -m launch.bench --config configs/demo_cpu.yaml
+
+One process group and one model: pairs of steps alternate the loss's schedule between the
+two strategies (and which of them goes first), so warm-up, caches, clock drift and other
+load fall on both alike. The overhead is the mean of the per-pair ratios of step times, with
+a 95 % Student t-interval over the pairs. The model trains on as usual (the figures are of
+speed, not of the model); checkpoints and metrics go to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launch.config import ConfigError, load_config, validate
+from launch.console import say
+from launch.sources import check_files
+from launch.stats import mean_and_interval
+from launch.throughput import Throughput
+from megatron_patches.device import on_gpu
+from megatron_patches.reweighting import ReweightSchedule, check_strategy
+
+EXAMPLE = """\
+example (the demo model on 2 CPU processes; make demo-data first):
+  torchrun --standalone --nproc-per-node 2 -m launch.bench --config configs/demo_cpu.yaml --pairs 30
+on a GPU node, the same with a model config and --nproc-per-node 8.
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="the run's YAML config")
+    parser.add_argument("--strategy", default="linupper", help="the reweighted strategy (default: linupper)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="its temperature (default: 1.0)")
+    parser.add_argument("--pairs", type=int, default=30, help="timed pairs of steps (default: 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed pairs first (default: 3)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="extend", nargs="+", default=[],
+                        help="override a config field, as for launch.pretrain")
+    args = parser.parse_args(argv)
+    if args.pairs < 2 or args.warmup < 0:
+        parser.error("--pairs must be >= 2 and --warmup >= 0")
+    return args
+
+
+def _timed_step(trainer) -> float:
+    if on_gpu():
+        torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    trainer.train_step()
+    if on_gpu():
+        torch.cuda.synchronize()
+    dist.barrier()  # a step is as slow as its slowest rank
+    trainer.step += 1
+    return time.perf_counter() - start
+
+
+def measure(trainer, strategy: str, temperature: float, pairs: int, warmup: int) -> dict[str, list[float]]:
+    """Step times of both strategies, `pairs` each after `warmup` untimed pairs."""
+    schedules = {
+        "uniform": ReweightSchedule(strategy="uniform", temperature=1.0),
+        strategy: ReweightSchedule(strategy=strategy, temperature=temperature),
+    }
+    times = {name: [] for name in schedules}
+    for pair in range(warmup + pairs):
+        order = list(schedules) if pair % 2 == 0 else list(reversed(schedules))
+        for name in order:
+            trainer.loss.schedule = schedules[name]
+            seconds = _timed_step(trainer)
+            if pair >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def report(times: dict[str, list[float]], throughput: Throughput) -> str:
+    (baseline, base_times), (name, reweighted) = times.items()
+    ratios = [r / u for r, u in zip(reweighted, base_times)]
+    overhead, interval = mean_and_interval(ratios)
+    lines = [f"{'strategy':<12} {'step ms (median, IQR)':>24} {'tokens/s':>11} {'TFLOP/s/dev':>12} {'MFU':>7} {'peak GiB':>9}"]
+    for label, values in times.items():
+        median = statistics.median(values)
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        figures = throughput.row(median)
+        mfu = "n/a" if figures["mfu"] is None else f"{100 * figures['mfu']:.1f}%"
+        lines.append(
+            f"{label:<12} {1e3 * median:>10.1f} [{1e3 * q1:.1f}, {1e3 * q3:.1f}]".ljust(37)
+            + f" {figures['tokens_per_s']:>11,.0f} {figures['tflops_per_device']:>12.4f} {mfu:>7} {figures['peak_memory_gib']:>9.2f}"
+        )
+    lines.append(
+        f"overhead {name}/{baseline}: {overhead:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+        f" (mean of {len(ratios)} paired step-time ratios, 95% t-interval)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = [*args.overrides, "checkpoint.interval=1000000000", "train.eval_interval=1000000000"]
+    try:
+        check_strategy(args.strategy, args.temperature)
+        cfg = load_config(args.config, settings)
+        steps = 2 * (args.warmup + args.pairs)
+        if cfg.train.steps < steps:  # the LR schedule must last the whole measurement
+            cfg = load_config(args.config, [*settings, f"train.steps={steps}"])
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_files(cfg)
+    except (ConfigError, ValueError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    from launch.trainer import Trainer
+
+    # One directory for the ranks of this job (torchrun's run id; the pid without torchrun), so
+    # that they share Megatron's sample-index cache; on several nodes set data.cache_dir.
+    run_dir = Path(tempfile.gettempdir()) / f"launch-bench-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
+    trainer = Trainer(cfg, run_dir)
+    times = measure(trainer, args.strategy, args.temperature, args.pairs, args.warmup)
+    throughput = Throughput(cfg, trainer.sources.padded_vocab_size, dist.get_world_size())
+    dist.barrier()
+    if dist.get_rank() == 0:
+        say(report(times, throughput))
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,10 +88,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted or loaded; the message names the file and why."""
 
 
-def file_manifest(directory: Path) -> dict[str, dict]:
-    """Every file under `directory` (but the manifest) with its size and SHA-256, by relative path.
-    Files are hashed in threads: hashlib releases the GIL, so large shards hash in parallel."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+def file_manifest(directory: Path, share: tuple[int, int] = (0, 1)) -> dict[str, dict]:
+    """Size and SHA-256 of the files under `directory` (but the manifest), by relative path.
+
+    `share` = (rank, ranks): this rank hashes every ranks-th file, so that a large checkpoint
+    is hashed by all ranks together; within a rank, threads hash files in parallel (hashlib
+    releases the GIL)."""
+    rank, ranks = share
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)[rank::ranks]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(_sha256, files))
     return {
@@ -108,8 +112,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(directory: Path) -> Optional[str]:
-    """Why `directory` does not match its manifest (the first differing file), or None."""
+def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
+    """Why `directory` does not match its manifest, or None: every file's presence and size,
+    and the SHA-256 of this rank's share of the files (see `file_manifest`)."""
     try:
         expected = json.loads((directory / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -120,11 +125,14 @@ def verify(directory: Path) -> Optional[str]:
             return f"{path} is missing"
         if path.stat().st_size != entry["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-    actual = file_manifest(directory)
-    for name, entry in expected.items():
-        if actual[name]["sha256"] != entry["sha256"]:
+    for name, entry in file_manifest(directory, share).items():
+        if name in expected and entry["sha256"] != expected[name]["sha256"]:
             return f"{directory / name} does not match its SHA-256 in the manifest (corrupted)"
     return None
+
+
+def _world_share() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
 
 
 class Checkpointer:
@@ -177,7 +185,11 @@ class Checkpointer:
         dist.barrier()
         if dist.get_rank() == 0:
             write_json_atomically(tmp / STATE_FILE, {**trainer_state, "step": step, "layout": current_layout()})
-            write_json_atomically(tmp / MANIFEST, {"files": file_manifest(tmp)})
+        dist.barrier()
+        shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(file_manifest(tmp, _world_share()), shares, dst=0)
+        if dist.get_rank() == 0:
+            write_json_atomically(tmp / MANIFEST, {"files": dict(sorted(kv for share in shares for kv in share.items()))})
             if final.exists():  # the same step saved again: keep the old one aside, unverified
                 aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(final, aside)
@@ -207,12 +219,14 @@ class Checkpointer:
         return complete
 
     def load(self, path: Path) -> dict:
-        """Verify `path` (rank 0 hashes, every rank hears the verdict) and restore the engine's
-        state from it; returns the trainer state saved with it. Raises CheckpointError."""
-        verdict = [verify(path) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0] is not None:
-            raise CheckpointError(verdict[0])
+        """Verify `path` (every rank hashes its share of the files and hears every verdict), then
+        restore the engine's state from it; returns the trainer state saved with it. Raises
+        CheckpointError."""
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, verify(path, _world_share()))
+        problem = next((v for v in verdicts if v is not None), None)
+        if problem is not None:
+            raise CheckpointError(problem)
         try:
             trainer_state = json.loads((path / STATE_FILE).read_text())
             self.shards.read_shards(path, trainer_state["layout"])

@@ -100,7 +100,7 @@ class Trainer:
         cache = Path(cfg.data.cache_dir or self.run_dir / "data_cache")
         self.train_data = build_train_dataset(cfg, self.sources, cache)
         valid_blend = self.sources.valid or self.sources.train
-        self.valid_data = build_validation_datasets(cfg, self.sources, valid_blend, cache) if t.eval_interval > 0 else {}
+        self.valid_data = build_validation_datasets(cfg, self.sources, valid_blend, cache)
 
         self.statistics = StepStatistics(domains)
         self.throughput = Throughput(cfg, self.sources.padded_vocab_size, dist.get_world_size())

@@ -20,16 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from launch import quiet
 
-from launch.config import ConfigError, load_config, validate
-from launch.console import say
-from launch.sources import check_files
-from launch.stats import mean_and_interval
-from launch.throughput import Throughput
-from megatron_patches.device import on_gpu
-from megatron_patches.reweighting import ReweightSchedule, check_strategy
+quiet.install()  # before anything imports Megatron-Core (launch.config does)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from launch.config import ConfigError, load_config, validate  # noqa: E402
+from launch.console import say  # noqa: E402
+from launch.sources import check_files  # noqa: E402
+from launch.stats import mean_and_interval  # noqa: E402
+from launch.throughput import Throughput  # noqa: E402
+from megatron_patches.device import on_gpu  # noqa: E402
+from megatron_patches.reweighting import ReweightSchedule, check_strategy  # noqa: E402
 
 EXAMPLE = """\
 example (the demo model on 2 CPU processes; make demo-data first):

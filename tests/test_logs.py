@@ -103,14 +103,14 @@ def test_two_rank_run_prints_a_summary_timestamped_lines_and_no_library_noise(tm
 
 @pytest.mark.e2e
 def test_run_without_torchrun_is_a_single_process(tmp_path, demo_dir):
-    command = pretrain_command(tmp_path, demo_dir, "train.steps=2", "optim.warmup_steps=1", "train.eval_interval=2")
+    command = pretrain_command(tmp_path, demo_dir, "train.steps=3", "optim.warmup_steps=1", "train.eval_interval=2")
     command = [sys.executable] + command[command.index("-m", 2) :]  # `python -m launch.pretrain ...`
     env = {k: v for k, v in USER_ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    result = subprocess.run(command + ["train.exit_after=2"], cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "world size 1 = TP 1 x PP 1 x CP 1 x DP 1" in result.stdout
     assert [r["step"] for r in rows(tmp_path)] == [2]
-    resumed = subprocess.run(command + ["train.steps=3"], cwd=REPO, capture_output=True, text=True, env=env)
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert f"resuming from {tmp_path}/checkpoints/step_00000002 at step 2 of 3" in resumed.stdout
 

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.e2e
 
 # Model and optimizer state dominate, as in pretraining. The activation term is Korthikanti et
 # al.'s for flash attention; the CPU's math attention and allocator keep about 1.5x that
-# (measured: 150-170 MiB against 106 estimated at 6 x 512 hidden, seq 128, 4 samples).
-SHAPE = ["model.num_layers=6", "model.hidden_size=768", "model.num_attention_heads=12", "model.seq_length=64",
+# (measured: 150-170 MiB against 106 estimated at 6 x 512 hidden, seq 128, 4 samples). Measured
+# here: 1794-1864 MiB against 1640 estimated, the higher ones with a second test running.
+SHAPE = ["model.num_layers=8", "model.hidden_size=1024", "model.num_attention_heads=16", "model.seq_length=64",
          "model.vocab_size=2048", "model.precision=fp32", "train.micro_batch_size=2", "train.global_batch_size=2"]
 
 
@@ -65,7 +66,10 @@ def _measure(overrides: list[str]) -> dict:
     return dict(measured=measured, estimate=estimate._asdict(), total=estimate.total)
 
 
-def test_the_memory_estimate_is_within_20_percent_of_a_real_step():
+def test_the_memory_estimate_is_within_20_percent_of_a_real_step(monkeypatch):
+    # Fewer malloc arenas: the resident set then follows what the tensors take, not how many
+    # threads happened to allocate (an unbounded count of arenas varied it by ~100 MiB).
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     [result] = run_distributed(_measure, 1, [])
     print(f"measured {result['measured'] / 2**20:.0f} MiB, estimated {result['total'] / 2**20:.0f} MiB:"
           f" { {k: round(v / 2**20) for k, v in result['estimate'].items()} }")

@@ -18,6 +18,8 @@ into any TP/PP/DP layout.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -88,6 +90,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted or loaded; the message names the file and why."""
 
 
+class DiskFullError(RuntimeError):
+    """A save that does not fit on its filesystem; nothing half-written is left behind."""
+
+
 def file_manifest(directory: Path, share: tuple[int, int] = (0, 1)) -> dict[str, dict]:
     """Size and SHA-256 of the files under `directory` (but the manifest), by relative path.
 
@@ -131,6 +137,30 @@ def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
     return None
 
 
+def _disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC anywhere in the exception chain, or (as
+    torch's checkpoint writer reports a short write only as "unexpected pos") a full filesystem."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
+    return usage.free < max(usage.total // 1000, 1 << 20)
+
+
+def _bytes_under(directory: Path) -> int:
+    total = 0
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):  # rank 0 may be removing the directory meanwhile
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
 def _world_share() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
@@ -155,20 +185,57 @@ class Checkpointer:
         self.finish_pending()  # one save in flight at a time: it owns the .tmp directory
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
+        problem = [None]
         if dist.get_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(f"{PREFIX}*.tmp"):
                 shutil.rmtree(stale)
-            tmp.mkdir()
-        dist.barrier()
+            problem = [self._space_problem(tmp)]
+            if problem[0] is None:
+                tmp.mkdir()
+        dist.broadcast_object_list(problem, src=0)  # every rank refuses the save together
+        if problem[0] is not None:
+            raise DiskFullError(problem[0])
         commit = partial(self._commit, step, trainer_state, tmp, final)
-        request = self.shards.write_shards(tmp, asynchronous=self.pending is not None)
-        if request is None:
-            commit()
-        else:
+        try:
+            request = self.shards.write_shards(tmp, asynchronous=self.pending is not None)
+            if request is None:
+                commit()
+        except Exception as error:
+            if not _disk_full(error, tmp):
+                raise
+            written = _bytes_under(tmp)
+            if dist.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskFullError(
+                f"no space left on device writing checkpoint {tmp} ({_gib(self._last_size() or written)} needed,"
+                f" {_gib(shutil.disk_usage(self.root).free)} free after removing the half-written one):"
+                f" free space on {self.root}, or lower checkpoint.keep"
+            ) from error
+        if request is not None:
             request.add_finalize_fn(commit)  # runs on every rank after every rank's write
             self.pending.schedule_async_request(request)
         return final
+
+    def _last_size(self) -> Optional[int]:
+        """Bytes of the newest checkpoint (from its manifest): what the next save will need."""
+        for path in self.complete_checkpoints():
+            try:
+                files = json.loads((path / MANIFEST).read_text())["files"]
+            except (OSError, ValueError, KeyError):
+                continue
+            return sum(entry["bytes"] for entry in files.values())
+        return None
+
+    def _space_problem(self, tmp: Path) -> Optional[str]:
+        """Why a save of the newest checkpoint's size would not fit now, or None (also when unknown)."""
+        needed, free = self._last_size(), shutil.disk_usage(self.root).free
+        if needed is None or free >= needed:
+            return None
+        return (
+            f"no space left on device for checkpoint {tmp} ({_gib(needed)} needed, {_gib(free)} free):"
+            f" free space on {self.root}, or lower checkpoint.keep"
+        )
 
     def poll(self) -> None:
         """Commit an asynchronous save whose writes have finished on every rank (call each step)."""

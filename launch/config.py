@@ -193,6 +193,20 @@ class DeepSpeedConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """When a job that cannot go on ends, so that torchrun's restart or the job's requeue takes
+    over from the last checkpoint (launch/watchdog.py)."""
+
+    # A step is hung once it has run hang_multiple x the median of the last 20 steps, but
+    # never before hang_min_seconds; the first step, evaluation and saves get hang_max_minutes.
+    hang_multiple: float = 10.0
+    hang_min_seconds: float = 120.0
+    hang_max_minutes: float = 20.0
+    # A collective that waits this long for a lost rank fails (gloo and NCCL process groups).
+    collective_timeout_minutes: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     engine: Literal["megatron", "deepspeed"] = "megatron"  # a module of launch/engines/
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -204,6 +218,7 @@ class Config:
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -229,7 +244,7 @@ def to_dict(cfg: Config) -> dict:
 
 # Fields a resumed run may change freely: how it runs and reports, not what it trains.
 RESUMABLE_CHANGES = (
-    "parallel.", "logging.", "checkpoint.", "deepspeed.config", "data.cache_dir",
+    "parallel.", "logging.", "checkpoint.", "faults.", "deepspeed.config", "data.cache_dir",
     "train.log_interval", "train.eval_interval", "train.eval_iters", "train.exit_after",
     "train.exit_duration_minutes", "model.transformer_impl",
 )
@@ -441,6 +456,7 @@ def validate(cfg: Config, world_size: int) -> None:
     problems = _layout_problems(cfg, world_size)
     problems += engine_class(cfg.engine).config_problems(cfg, world_size)
     problems += _value_problems(cfg)
+    problems += _fault_problems(cfg.faults)
     problems += _data_problems(cfg.data)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -521,6 +537,22 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
                 f" train.global_batch_size to a multiple of {step}"
                 f" (e.g. {_next_multiple(train.global_batch_size, step)})"
             )
+    return problems
+
+
+def _fault_problems(faults: FaultsConfig) -> list[str]:
+    problems = [
+        f"faults.{key}={value} must be > 0"
+        for key, value in dataclasses.asdict(faults).items()
+        if not value > 0
+    ]
+    if not faults.hang_multiple > 1:
+        problems.append(f"faults.hang_multiple={faults.hang_multiple} must be > 1 (a multiple of the median step time)")
+    if faults.hang_max_minutes * 60 < faults.hang_min_seconds:
+        problems.append(
+            f"faults.hang_max_minutes={faults.hang_max_minutes} is below faults.hang_min_seconds="
+            f"{faults.hang_min_seconds}: raise hang_max_minutes"
+        )
     return problems
 
 

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from launch import quiet
+from launch import quiet, stopping
 
+stopping.catch_stop_signals()  # first: a stop signal during the slow imports below is honoured, not fatal
 quiet.install()  # before anything imports Megatron-Core or DeepSpeed (launch.config does)
 
 import yaml  # noqa: E402
@@ -22,7 +23,6 @@ from launch.config import ConfigError, load_config, to_dict, validate  # noqa: E
 from launch.console import say  # noqa: E402
 from launch.dry_run import dry_run_report  # noqa: E402
 from launch.sources import check_files, file_problems  # noqa: E402
-from launch.stopping import EXIT_STOPPED_ON_SIGNAL  # noqa: E402
 from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES  # noqa: E402
 
 
@@ -105,6 +105,7 @@ def main(argv=None) -> int:
             raise ConfigError("logging.wandb=true needs wandb: `pip install wandb` (or `pip install -e '.[wandb]'`), or set logging.wandb=false")
     except ConfigError as error:
         return _refuse(error)
+    from launch.checkpoint import DiskFullError
     from launch.trainer import Trainer
 
     run_dir = Path(args.run_dir)
@@ -118,6 +119,10 @@ def main(argv=None) -> int:
             if rank == 0:
                 _keep_config(run_dir, cfg)
             stopped_on = trainer.train()
+    except DiskFullError as error:
+        if rank == 0:
+            say(f"error: {error}", file=sys.stderr)
+        return stopping.EXIT_DISK_FULL
     except KeyboardInterrupt:
         if rank == 0:
             say("interrupted (Ctrl-C); rerun with the same --run-dir to resume from the last checkpoint", file=sys.stderr)
@@ -127,7 +132,7 @@ def main(argv=None) -> int:
             f"another job is training in {run_dir} ({held.holder}; lock file {held.path}):"
             " wait for it to end or stop it, or choose another --run-dir"
         ))
-    return EXIT_STOPPED_ON_SIGNAL if stopped_on and stopped_on.startswith("SIG") else 0
+    return stopping.EXIT_STOPPED_ON_SIGNAL if stopped_on and stopped_on.startswith("SIG") else 0
 
 
 def _keep_config(run_dir: Path, cfg) -> None:
@@ -159,7 +164,7 @@ def _refuse(error: ConfigError) -> int:
         print(f"config error: {error}", file=sys.stderr, flush=True)
     else:
         time.sleep(5)
-    return 2
+    return stopping.EXIT_REFUSED
 
 
 if __name__ == "__main__":

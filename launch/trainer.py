@@ -29,6 +29,7 @@ from launch.model import build_model
 from launch.sources import DataSources
 from launch.stopping import StopRequests
 from launch.throughput import Throughput
+from launch.watchdog import Watchdog
 from megatron_patches.device import device
 from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import initialize_parallel
@@ -83,7 +84,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         p, t = cfg.parallel, cfg.train
-        initialize_parallel(p.tp, p.pp, p.cp, seed=t.seed)
+        initialize_parallel(p.tp, p.pp, p.cp, seed=t.seed, timeout_minutes=cfg.faults.collective_timeout_minutes)
         self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
         self.sources = DataSources.open(cfg)
 
@@ -108,6 +109,8 @@ class Trainer:
         self.step = self._resume()
         self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step, wandb=self._wandb_settings())
         self.stop_requests = StopRequests(t.exit_duration_minutes)
+        f = cfg.faults
+        self.watchdog = Watchdog(f.hang_multiple, f.hang_min_seconds, 60 * f.hang_max_minutes, dist.get_rank())
 
     def _wandb_settings(self) -> Optional[dict]:
         lg = self.cfg.logging
@@ -132,13 +135,17 @@ class Trainer:
         """Train to the end, or until a stop request; returns what the run stopped for, if anything."""
         t = self.cfg.train
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
-        reason = None
         self._announce()
+        first = self.step
+        reason = self.stop_requests.agreed()  # a signal during start-up: stop before training
         while self.step < stop and reason is None:
+            self.watchdog.step_started(self.step + 1)
             start = time.perf_counter()
             reports, grad_norm = self.train_step()
             self.step += 1
-            self.statistics.add(reports, grad_norm, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.watchdog.step_finished(self.step, seconds)
+            self.statistics.add(reports, grad_norm, seconds)
             last = self.step == t.steps
             if self.step % t.log_interval == 0 or last:
                 self._log_train()
@@ -149,8 +156,10 @@ class Trainer:
             if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop or reason:
                 self._save()
         self.checkpointer.finish_pending()
+        self.watchdog.stop()
         if reason and dist.get_rank() == 0:
-            say(f"stopping on {reason} at step {self.step}; checkpoint saved; rerun to resume")
+            saved = "checkpoint saved" if self.step > first else "nothing trained since the last checkpoint"
+            say(f"stopping on {reason} at step {self.step}; {saved}; rerun to resume")
         self.log.close()
         return reason
 

@@ -15,12 +15,13 @@ from megatron_patches.cpu import enable_cpu_mode
 from megatron_patches.device import on_gpu
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> None:
+def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, timeout_minutes: float = 10) -> None:
     """Start the world group from torchrun's environment and build Megatron's TP/PP/CP/DP groups;
     started without torchrun (no RANK), the world is this one process.
 
     On a machine without CUDA this switches on CPU mode and uses gloo; otherwise NCCL on
-    the local GPU.  DP is whatever the world size leaves after TP×PP×CP.
+    the local GPU.  DP is whatever the world size leaves after TP×PP×CP.  A collective that
+    waits `timeout_minutes` for a lost rank fails, in every group.
     """
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -37,6 +38,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        distributed_timeout_minutes=timeout_minutes,  # used as timedelta(minutes=...): a float is fine
     )
     set_seed(seed)
 

@@ -3,6 +3,7 @@ two jobs on one run directory, a wall-clock limit. Each case says what happens a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,10 +22,27 @@ pytestmark = pytest.mark.e2e
 LONG = ("train.steps=40", "train.eval_interval=20", "checkpoint.interval=1000")
 
 
-def start(run_dir, demo_dir, *overrides):
+def start(run_dir, demo_dir, *overrides, launcher=()):
     """A run in the background whose stdout is read line by line."""
-    command = pretrain_command(run_dir, demo_dir, *overrides)
+    command = pretrain_command(run_dir, demo_dir, *overrides, launcher=launcher)
     return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def job_processes(pid: int) -> list[int]:
+    """`pid` and all its descendants: the launcher, the ranks, Megatron's checkpoint helpers."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [p for child in children for p in job_processes(int(child))]
+
+
+def signal_job(process, number):
+    """As Slurm signals a job step (preemption, scancel --signal): every process at once."""
+    for pid in job_processes(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, number)
+
+
+def stopped_at(output: str, reason: str) -> int:
+    return int(output.rsplit(f"stopping on {reason} at step ", 1)[1].split(";")[0])
 
 
 def read_until(process, text: str) -> str:
@@ -61,6 +79,65 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, 
     resumed = pretrain(tmp_path, demo_dir, *LONG)
     assert f"resuming from {tmp_path}/checkpoints/step_{stopped_at:08d}" in resumed.stdout
     assert comparable(tmp_path) == comparable(unbroken)  # nothing lost, bit for bit on CPU
+
+
+@pytest.mark.parametrize("save", ["sync", "async"])
+def test_a_signal_to_every_process_after_periodic_checkpoints_saves_and_resumes_exactly(tmp_path, demo_dir, unbroken, save):
+    """Megatron's checkpoint helper process gets the signal too; the stop-save must not need it alive."""
+    extra = ("checkpoint.async_save=true",) if save == "async" else ()
+    number, name = (signal.SIGUSR1, "SIGUSR1") if save == "async" else (signal.SIGTERM, "SIGTERM")
+    run = start(tmp_path, demo_dir, *LONG, "checkpoint.interval=5", *extra)
+    read_until(run, "saved checkpoint")
+    read_until(run, "saved checkpoint")  # two saves served by the helper before the signal
+    signal_job(run, number)
+    output = read_until(run, f"stopping on {name}")
+    output += run.stdout.read()
+    assert run.wait(timeout=120) == 75
+    step = stopped_at(output, name)
+    assert "checkpoint saved; rerun to resume" in output and "Traceback" not in output
+    assert "launch.torchrun: the ranks stopped with a checkpoint (exit 75)" in output
+    assert (tmp_path / f"checkpoints/step_{step:08d}/manifest.json").is_file()
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    pretrain(tmp_path, demo_dir, *LONG, "checkpoint.interval=5", *extra)
+    assert comparable(tmp_path) == comparable(unbroken)
+
+
+def test_a_signal_during_a_save_still_leaves_the_checkpoint_of_the_step_reached(tmp_path, demo_dir, unbroken):
+    run = start(tmp_path, demo_dir, *LONG, "checkpoint.interval=3")
+    checkpoints, deadline = tmp_path / "checkpoints", time.monotonic() + 120
+    while not [p for p in checkpoints.glob("step_*.tmp") if int(p.name[5:13]) >= 6]:
+        assert time.monotonic() < deadline and run.poll() is None, "no save in progress was seen"
+        time.sleep(0.002)
+    signal_job(run, signal.SIGTERM)  # while step 6's (or a later) checkpoint is being written
+    output = run.stdout.read()
+    assert run.wait(timeout=120) == 75, output[-3000:]
+    step = stopped_at(output, "SIGTERM")
+    assert (checkpoints / f"step_{step:08d}/manifest.json").is_file() and not list(checkpoints.glob("*.tmp"))
+    pretrain(tmp_path, demo_dir, *LONG, "checkpoint.interval=3")
+    assert comparable(tmp_path) == comparable(unbroken)
+
+
+def test_a_hung_rank_is_caught_by_the_watchdog_and_the_job_restarts_from_its_checkpoint(tmp_path, demo_dir, unbroken):
+    hang = ("faults.hang_min_seconds=3", "faults.hang_multiple=5", "checkpoint.interval=5")
+    run = start(tmp_path, demo_dir, *LONG, *hang, launcher=("--max-restarts=1",))
+    read_until(run, "saved checkpoint")
+    read_until(run, "step     12/40")
+    frozen = job_processes(run.pid)[1:]  # the ranks and their helpers
+    rank_1 = max(int(p) for p in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split())
+    try:
+        os.kill(rank_1, signal.SIGSTOP)  # a rank that stops answering, as a stalled node does
+        begun = time.monotonic()
+        output = run.stdout.read()
+        assert run.wait(timeout=240) == 0, output[-3000:]
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert "rank 0: hang: step" in output and "over the watchdog's 3 s" in output
+    assert "Current thread" in output and "(most recent call first)" in output  # rank 0's stacks
+    assert f"resuming from {tmp_path}/checkpoints/step_00000010" in output
+    assert time.monotonic() - begun < 200
+    assert comparable(tmp_path) == comparable(unbroken)  # the restart lost nothing but time
 
 
 def test_a_wall_clock_limit_stops_with_a_checkpoint(tmp_path, demo_dir):

@@ -22,6 +22,7 @@ from launch.checkpoint import current_layout, rng_state, set_rng_state, warn
 from launch.config import Config
 from launch.engines import StateBytes
 from launch.model import use_bf16
+from megatron_patches.checkpoint_writer import start_write_results_helper
 
 
 def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
@@ -63,6 +64,7 @@ class Engine:
         self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg), [self.wrapped_model])
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.grad_scale_func = self.optimizer.scale_loss
+        start_write_results_helper()  # before any stop signal can reach the first save
 
     @staticmethod
     def config_problems(cfg: Config, world_size: int) -> list[str]:

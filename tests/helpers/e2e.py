@@ -11,8 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pretrain_command(run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2) -> list[str]:
-    """`torchrun -m launch.pretrain` with a tiny model and 8 steps of linupper; `overrides` win."""
+def pretrain_command(
+    run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2, launcher: tuple = ()
+) -> list[str]:
+    """`python -m launch.torchrun -m launch.pretrain` with a tiny model and 8 steps of linupper; `overrides` win."""
     settings = [
         f"data.blend={demo_dir / 'train.blend.json'}",
         f"data.valid_blend={demo_dir / 'valid.blend.json'}",
@@ -32,7 +34,7 @@ def pretrain_command(run_dir: Path, demo_dir: Path, *overrides: str, config: str
         "reweight.warmup_steps=2",
         *overrides,
     ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [sys.executable, "-m", "launch.torchrun", "--standalone", f"--nproc-per-node={nproc}", *launcher]
     return command + ["-m", "launch.pretrain", "--config", config, "--run-dir", str(run_dir), "--set", *settings]
 
 

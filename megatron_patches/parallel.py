@@ -30,7 +30,10 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     if not dist.is_initialized():
         backend = "nccl" if on_gpu() else "gloo"
         timeout = timedelta(minutes=timeout_minutes)
-        if "RANK" in os.environ:  # started by torchrun (or Slurm's srun with the variables set)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's workers
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout), rank=rank, world_size=world_size)
+        elif "RANK" in os.environ:  # started with the variables set (e.g. by Slurm's srun)
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, timeout=timeout, store=_standalone_store(), rank=0, world_size=1)
@@ -41,6 +44,15 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
         distributed_timeout_minutes=timeout_minutes,  # used as timedelta(minutes=...): a float is fine
     )
     set_seed(seed)
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """torchrun's agent store, under a prefix of this attempt.  After a restart
+    (`--max-restarts`) the agent's store still holds the previous attempt's keys, among them
+    the dead ranks' gloo addresses: a rank that reads one before its peer has rewritten it
+    fails with "connection refused"."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _standalone_store() -> dist.TCPStore:

@@ -118,7 +118,7 @@ def test_a_signal_during_a_save_still_leaves_the_checkpoint_of_the_step_reached(
 
 
 def test_a_hung_rank_is_caught_by_the_watchdog_and_the_job_restarts_from_its_checkpoint(tmp_path, demo_dir, unbroken):
-    hang = ("faults.hang_min_seconds=3", "faults.hang_multiple=5", "checkpoint.interval=5")
+    hang = ("faults.hang_min_seconds=3", "faults.hang_multiple=5", "faults.hang_max_minutes=0.5", "checkpoint.interval=5")
     run = start(tmp_path, demo_dir, *LONG, *hang, launcher=("--max-restarts=1",))
     read_until(run, "saved checkpoint")
     read_until(run, "step     12/40")
@@ -128,12 +128,12 @@ def test_a_hung_rank_is_caught_by_the_watchdog_and_the_job_restarts_from_its_che
         os.kill(rank_1, signal.SIGSTOP)  # a rank that stops answering, as a stalled node does
         begun = time.monotonic()
         output = run.stdout.read()
-        assert run.wait(timeout=240) == 0, output[-3000:]
+        assert run.wait(timeout=240) == 0, output[-12000:]
     finally:
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert "rank 0: hang: step" in output and "over the watchdog's 3 s" in output
+    assert "rank 0: hang: " in output and "then exit 70 for a restart" in output
     assert "Current thread" in output and "(most recent call first)" in output  # rank 0's stacks
     assert f"resuming from {tmp_path}/checkpoints/step_00000010" in output
     assert time.monotonic() - begun < 200

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -280,6 +281,15 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{path} is a directory, not a YAML config file: give a file, e.g. configs/demo_cpu.yaml"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path} is not a YAML file (not UTF-8 text): give a YAML config file,"
+            " e.g. configs/demo_cpu.yaml"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     raw = {} if raw is None else raw
@@ -380,8 +390,9 @@ def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check `value` against a field type; the only conversions are int -> float and
-    number-like strings -> float (YAML reads `1e-3` without a dot as a string)."""
+    """Check `value` against a field type; the only conversions are int -> float,
+    number-like strings -> float (YAML reads `1e-3` without a dot as a string) and whole
+    numbers such as `1e9` or `2.0` -> int."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (Union, types.UnionType):
         errors = []
@@ -418,6 +429,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return float(value)
     elif annotation in (int, str, bool) and type(value) is annotation:
         return value
+    elif annotation is int and _is_number(value) and float(value).is_integer():
+        return int(float(value))
     raise ConfigError(
         f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
     )
@@ -452,12 +465,14 @@ def _type_name(annotation: Any) -> str:
 
 def validate(cfg: Config, world_size: int) -> None:
     """Refuse configs that cannot run at `world_size`, listing every problem at once.
-    Data files are checked by `launch.sources`."""
+    Data files are checked by `launch.sources`; the checkpoint to start from and the data
+    cache to write are checked here."""
     problems = _layout_problems(cfg, world_size)
     problems += engine_class(cfg.engine).config_problems(cfg, world_size)
     problems += _value_problems(cfg)
     problems += _fault_problems(cfg.faults)
     problems += _data_problems(cfg.data)
+    problems += _path_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -506,10 +521,10 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
             f" (each TP rank holds whole K/V groups, or a whole group is shared by TP ranks):"
             f" change parallel.tp or model.num_query_groups"
         )
-    if model.num_layers < 1 or model.num_layers % par.pp:
+    if model.num_layers >= 1 and model.num_layers % par.pp:  # below 1: refused by _value_problems
         problems.append(
             f"model.num_layers={model.num_layers} is not divisible by parallel.pp={par.pp}:"
-            f" choose parallel.pp among {_divisors(max(model.num_layers, 1))}"
+            f" choose parallel.pp among {_divisors(model.num_layers)}"
         )
     if par.cp > 1 and model.seq_length % (2 * par.cp):
         step = 2 * par.cp
@@ -559,6 +574,7 @@ def _fault_problems(faults: FaultsConfig) -> list[str]:
 def _value_problems(cfg: Config) -> list[str]:
     model, train, optim, rw = cfg.model, cfg.train, cfg.optim, cfg.reweight
     at_least_one = {
+        "model.num_layers": model.num_layers,
         "model.hidden_size": model.hidden_size,
         "model.seq_length": model.seq_length,
         "model.ffn_hidden_size": model.ffn_hidden_size,
@@ -592,6 +608,19 @@ def _value_problems(cfg: Config) -> list[str]:
         problems.append(
             f"train.exit_duration_minutes={train.exit_duration_minutes} must be > 0 (minutes), or null"
         )
+    if train.seed > 2**32 - 1:
+        problems.append(
+            f"train.seed={train.seed} is above 2**32-1, numpy's largest seed (Megatron's data"
+            " shuffling uses it): choose a seed in [0, 4294967295]"
+        )
+    samples = train.steps * train.global_batch_size
+    index_gib = samples * SAMPLE_INDEX_BYTES / 2**30
+    if index_gib > MAX_SAMPLE_INDEX_GIB:
+        problems.append(
+            f"train.steps={train.steps} needs a sample index of {index_gib:,.0f} GiB"
+            f" ({samples:,} samples = train.steps x train.global_batch_size, ~{SAMPLE_INDEX_BYTES}"
+            f" bytes each; at most {MAX_SAMPLE_INDEX_GIB} GiB): lower train.steps"
+        )
     if optim.warmup_steps >= train.steps:
         problems.append(
             f"optim.warmup_steps={optim.warmup_steps} must be below train.steps={train.steps}:"
@@ -616,6 +645,10 @@ def _value_problems(cfg: Config) -> list[str]:
         problems.append(f"model.init_method_std={model.init_method_std} must be > 0 (0.02 is GPT-2's)")
     if optim.lr <= 0 or optim.eps <= 0:
         problems.append(f"optim.lr={optim.lr} and optim.eps={optim.eps} must be > 0")
+    elif optim.lr > 1:  # Adam moves every weight by ~lr per step: above 1 the loss diverges to NaN
+        problems.append(
+            f"optim.lr={optim.lr} must be in (0, 1]: lower it (GPT-2 small trains at 5e-4)"
+        )
     elif optim.min_lr > optim.lr:
         problems.append(
             f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr"
@@ -629,9 +662,30 @@ def _value_problems(cfg: Config) -> list[str]:
                 f"{key}={value} must be > 0 (small = sharp weights, large = near uniform;"
                 " 1.0 is a good start)"
             )
+    # A warm-up with warmup_temperature reweights too; without one it is uniform throughout.
+    if rw.strategy != "uniform" and rw.warmup_temperature is None and rw.warmup_steps >= train.steps:
+        problems.append(
+            f"reweight.warmup_steps={rw.warmup_steps} >= train.steps={train.steps}: the run would"
+            " never reweight; lower warmup_steps or use reweight.strategy=uniform"
+        )
+    if model.position_embedding == "rope" and model.rotary_base <= 0:
+        problems.append(
+            f"model.rotary_base={model.rotary_base} must be > 0 with model.position_embedding=rope"
+            " (10000 is the usual base)"
+        )
     if rw.delta <= 0:
         problems.append(f"reweight.delta={rw.delta} must be > 0 (1.0 is the paper's value)")
     return problems
+
+
+# Megatron's GPTDataset and BlendedDataset index every sample of the run in numpy (built on
+# one rank, then memory-mapped by every rank): at worst 34 bytes each, a sample index of
+# 2 x int64, a shuffle index of int64 and the blend's int16 dataset id and int64 sample id.
+# The bound is fixed, not a share of this machine's memory, so that a --dry-run on a login node
+# judges as the job would: 16 GiB is ~500M samples, 20x the largest shipped config's (25.6M),
+# so more is a typo rather than a run.
+SAMPLE_INDEX_BYTES = 34
+MAX_SAMPLE_INDEX_GIB = 16
 
 
 def _data_problems(data: DataConfig) -> list[str]:
@@ -664,9 +718,56 @@ def _data_problems(data: DataConfig) -> list[str]:
         problems.append(
             f"data.split={data.split!r} must be three shares train,valid,test, e.g. '99,1,0'"
         )
+    elif data.valid_blend is None:  # with a held-out blend the split is not used
+        train_share, valid_share, _ = (float(s) for s in shares)
+        if train_share == 0:
+            problems.append(
+                f"data.split={data.split!r} leaves nothing to train on: give the first share"
+                " most of the data, e.g. data.split='99,1,0'"
+            )
+        elif valid_share == 0:  # evaluation runs every train.eval_interval steps and at the end
+            problems.append(
+                f"data.split={data.split!r} holds out no validation share and data.valid_blend"
+                " is null: set data.split='99,1,0' or data.valid_blend to a held-out blend"
+            )
     if data.tokenizer_model is None:
         problems.append(
             "data.tokenizer_model is null: give the SentencePiece model the data was"
             " tokenized with"
         )
     return problems
+
+
+def _path_problems(cfg: Config) -> list[str]:
+    """The checkpoint a run starts from and the cache it writes, checked before any rank starts."""
+    problems = []
+    load = cfg.checkpoint.load
+    if load is not None and not Path(load).is_dir():
+        what = "is not a directory" if Path(load).exists() else "does not exist"
+        problems.append(
+            f"checkpoint.load={load} {what}: point it at a checkpoint directory"
+            " (e.g. RUN/checkpoints/step_1000) or set checkpoint.load=null"
+        )
+    if cfg.data.cache_dir is not None:
+        why = _unwritable(Path(cfg.data.cache_dir))
+        if why:
+            problems.append(
+                f"data.cache_dir={cfg.data.cache_dir}: {why}: set data.cache_dir to a writable"
+                " directory, or null for <run_dir>/data_cache"
+            )
+    return problems
+
+
+def _unwritable(path: Path) -> str:
+    """Why the directory `path` cannot be made or written, or "". Tried with a temporary file
+    in its nearest existing folder: permission bits say nothing for root or read-only mounts."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        return f"cannot write in {existing} ({error.strerror})"
+    return ""

@@ -82,7 +82,7 @@ def test_console_lines_carry_wall_clock_time():
 
 @pytest.mark.e2e
 def test_two_rank_run_prints_a_summary_timestamped_lines_and_no_library_noise(tmp_path, demo_dir):
-    command = pretrain_command(tmp_path, demo_dir, "train.steps=2", "optim.warmup_steps=1", "train.eval_interval=2")
+    command = pretrain_command(tmp_path, demo_dir, "train.steps=2", "optim.warmup_steps=1", "reweight.warmup_steps=1", "train.eval_interval=2")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=USER_ENV)
     assert result.returncode == 0, result.stderr[-5000:]
     for message in NOISE + ["Falling back", "UserWarning", "FutureWarning", "DeprecationWarning"]:
@@ -119,7 +119,7 @@ def test_run_without_torchrun_is_a_single_process(tmp_path, demo_dir):
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="pip install -e '.[test]' installs wandb")
 def test_wandb_offline_run_records_the_logged_metrics(tmp_path, demo_dir):
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb_dir"
-    command = pretrain_command(run_dir, demo_dir, "train.steps=2", "optim.warmup_steps=1", "train.eval_interval=2",
+    command = pretrain_command(run_dir, demo_dir, "train.steps=2", "optim.warmup_steps=1", "reweight.warmup_steps=1", "train.eval_interval=2",
                                "logging.wandb=true", "logging.wandb_project=test", nproc=2)
     env = {**USER_ENV, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)

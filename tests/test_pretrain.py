@@ -48,7 +48,7 @@ def test_two_process_run_logs_every_metric_and_saves_checkpoints(unbroken):
 
 
 def test_single_process_run(tmp_path, demo_dir):
-    pretrain(tmp_path, demo_dir, "train.steps=2", "optim.warmup_steps=1", "train.eval_interval=2", nproc=1)
+    pretrain(tmp_path, demo_dir, "train.steps=2", "optim.warmup_steps=1", "reweight.warmup_steps=1", "train.eval_interval=2", nproc=1)
     assert [r["step"] for r in rows(tmp_path)] == [2]
 
 

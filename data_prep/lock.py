@@ -31,15 +31,24 @@ class LockHeld(Exception):
 
 @contextlib.contextmanager
 def output_lock(prefix: str) -> Iterator[None]:
-    """Hold `prefix.lock` (creating the directory), or refuse naming the run that holds it."""
-    try:
-        with exclusive_lock(prefix + ".lock"):
-            yield
-    except LockHeld as held:
-        raise DataPrepError(
-            f"another data_prep run is writing {prefix} ({held.holder}; lock file {held.path}); "
-            "wait for it to finish or stop it, or choose another --output-prefix"
-        ) from None
+    """Hold `prefix.lock` (creating the directory), or refuse naming the run that holds it.
+
+    Taking the lock is the run's first write, so an output place that cannot be written (a
+    read-only file system, a path through a regular file) is refused here, before any work."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive_lock(prefix + ".lock"))
+        except LockHeld as held:
+            raise DataPrepError(
+                f"another data_prep run is writing {prefix} ({held.holder}; lock file {held.path}); "
+                "wait for it to finish or stop it, or choose another --output-prefix"
+            ) from None
+        except OSError as exc:
+            raise DataPrepError(
+                f"cannot write output prefix {prefix}: {exc.strerror} ({exc.filename}); "
+                "choose a writable --output-prefix"
+            ) from None
+        yield  # errors of the run itself pass through unchanged
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ reads and slices, and workers do the decoding and JSON parsing in parallel.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import gzip
@@ -163,8 +164,11 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[Chu
     """
     line = 1
     unfinished: list[bytes] = []  # blocks of a line whose end has not been read yet
+    first = True
     with open_decompressed(path) as (stream, raw):
         while block := _read(stream, chunk_bytes, path, line):
+            if first:  # a UTF-8 byte order mark (Windows editors write one) is not text of line 1
+                block, first = block.removeprefix(codecs.BOM_UTF8), False
             cut = block.rfind(b"\n") + 1
             if cut == 0:
                 unfinished.append(block)

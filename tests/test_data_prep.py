@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import functools
 import gzip
 import json
 import multiprocessing
@@ -23,8 +25,9 @@ import sentencepiece as spm
 import zstandard
 
 from data_prep import indexed
+from data_prep import tokenize as tokenize_module
 from data_prep.errors import DataPrepError
-from data_prep.readers import read_chunks
+from data_prep.readers import Chunk, read_chunks
 from data_prep.workers import OrderedPool
 from data_prep.tokenizer import train_tokenizer
 
@@ -178,6 +181,77 @@ def test_worker_count_does_not_change_the_output(tmp_path, tokenizer):
         assert result.returncode == 0, result.stderr
         files.append([(tmp_path / f"w{workers}{s}").read_bytes() for s in (".bin", ".idx")])
     assert files[0] == files[1]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path, tokenizer):
+    """Windows editors start UTF-8 files with one; it must not make line 1 malformed JSON."""
+    texts = sample_texts(5)
+    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    text_data = "".join(t.replace("\n", " ").replace("\r", " ") + "\n" for t in texts).encode()
+    inputs = {
+        "plain.jsonl": data,
+        "bom.jsonl": codecs.BOM_UTF8 + data,
+        "bom.jsonl.gz": gzip.compress(codecs.BOM_UTF8 + data),
+        "bom.jsonl.zst": zstandard.ZstdCompressor().compress(codecs.BOM_UTF8 + data),
+        "plain.txt": text_data,
+        "bom.txt": codecs.BOM_UTF8 + text_data,
+    }
+    outputs = {}
+    for name, content in inputs.items():
+        (tmp_path / name).write_bytes(content)
+        result = run_cli("tokenize", "--input", name, "--output-prefix", f"out_{name}",
+                         "--tokenizer-model", tokenizer, cwd=tmp_path)  # --on-error fail
+        assert result.returncode == 0, result.stderr
+        outputs[name] = [(tmp_path / f"out_{name}{s}").read_bytes() for s in (".bin", ".idx")]
+    assert outputs["plain.jsonl"] == outputs["bom.jsonl"] == outputs["bom.jsonl.gz"] == outputs["bom.jsonl.zst"]
+    assert outputs["plain.txt"] == outputs["bom.txt"]
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_tokens_of_the_whole(tokenizer, processor, monkeypatch):
+    """Cut points are at spaces after non-space characters (not inside indentation), and the
+    ordinary documents around the long one keep their order; small sizes stand in for 1 MB."""
+    monkeypatch.setattr(tokenize_module, "_processor", processor)
+    continuation = functools.cache(tokenize_module._continuation_processor.__wrapped__)
+    monkeypatch.setattr(tokenize_module, "_continuation_processor", continuation)
+    monkeypatch.setattr(tokenize_module, "LONG_CHARS", 2000)
+    monkeypatch.setattr(tokenize_module, "PIECE_CHARS", 300)
+    long_text = "  ".join(sample_texts(60) * 3)  # code indentation, tabs, CRLF, non-ASCII, "  "
+    texts = ["before", long_text, "after"]
+    chunk = Chunk("in.jsonl", 1, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    tokens, lengths = tokenize_module.encode_chunk(chunk, "text", None, True, np.dtype(np.uint16)).documents[""]
+    expected = [processor.encode(t) + [processor.eos_id()] for t in texts]
+    assert lengths.tolist() == [len(ids) for ids in expected]
+    assert tokens.tolist() == sum(expected, [])
+
+    # Without spaces there is no safe cut: pieces end where they must, and the text survives.
+    spaceless = "世界,naïve;" * 400
+    tokens = tokenize_module._encode_long(spaceless, np.dtype(np.uint16))
+    assert len(tokens) > 1 and processor.decode(np.concatenate(tokens).tolist()[:-1]) == spaceless
+
+
+def peak_rss_mb(args: list[str], cwd: Path) -> float:
+    """Peak resident set of the largest process of a CLI run (the parent or a worker)."""
+    measure = ("import resource, subprocess, sys\n"
+               "subprocess.run([sys.executable, '-m', 'data_prep', *sys.argv[1:]], check=True)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", measure, *args], cwd=cwd, env=_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1]) / 1024
+
+
+def test_memory_of_a_huge_single_line_document_stays_bounded(tmp_path, tokenizer):
+    """A 20 MB document used to take 850 MB (SentencePiece needs ~35 bytes per character it
+    encodes at once); in pieces it takes ~3.5 bytes per character (copies of the line's text).
+    The bound allows 10: far below the old figure, far above the new one."""
+    rng = random.Random(7)
+    paragraph = make_text(rng, 10_000)
+    write_jsonl(tmp_path / "huge.jsonl", [{"text": " ".join([paragraph] * (20_000_000 // len(paragraph)))}])
+    write_jsonl(tmp_path / "small.jsonl", [{"text": t} for t in sample_texts()])
+    common = ["--tokenizer-model", tokenizer, "--workers", "1"]
+    baseline = peak_rss_mb(["tokenize", "--input", "small.jsonl", "--output-prefix", "small", *common], tmp_path)
+    huge = peak_rss_mb(["tokenize", "--input", "huge.jsonl", "--output-prefix", "huge", *common], tmp_path)
+    assert huge < baseline + 10 * 20, f"{huge:.0f} MB for a 20 MB document (baseline {baseline:.0f} MB)"
 
 
 def test_chunks_are_whole_lines_numbered_from_one_even_when_a_line_spans_many_reads(tmp_path):
@@ -703,6 +777,22 @@ def test_usage_errors_say_what_to_change(tmp_path, tokenizer, args, message):
     result = run_cli("tokenize", *args, "--output-prefix", "out", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("data_prep: error:") and message in result.stderr
+
+
+@pytest.mark.parametrize("command", ["tokenize", "train-tokenizer"])
+@pytest.mark.parametrize("prefix", ["file/out", "file/sub/out"])
+def test_an_unwritable_output_prefix_is_one_error_line_before_any_work(tmp_path, tokenizer, command, prefix):
+    """A path through a regular file cannot be written even by root (whose writes a chmod
+    would not stop), as a read-only file system cannot."""
+    (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "file").write_text("not a directory")
+    args = ["--tokenizer-model", tokenizer] if command == "tokenize" else ["--vocab-size", "300"]
+    result = run_cli(command, "--input", "in.jsonl", "--output-prefix", prefix, *args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"data_prep: error: cannot write output prefix {prefix}: ")
+    assert result.stderr.endswith("; choose a writable --output-prefix\n")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.jsonl"]
 
 
 def test_help_teaches_with_examples(tmp_path):

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 DEMO_RUNS := runs/demo
-PRETRAIN := $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml
+PRETRAIN := $(PY) -m launch.torchrun --standalone --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml
 
 .PHONY: venv test test-fast test-unit demo bench demo-data bench-data clean
 
@@ -43,7 +43,7 @@ demo: demo-data
 
 # Training throughput: uniform vs linupper steps interleaved, the demo model on 2 CPU processes.
 bench: demo-data
-	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m launch.bench --config configs/demo_cpu.yaml --pairs 30
+	$(PY) -m launch.torchrun --standalone --nproc-per-node 2 -m launch.bench --config configs/demo_cpu.yaml --pairs 30
 
 # Preprocessing throughput: data_prep against raw SentencePiece and a Megatron-LM-style pipeline.
 bench-data: $(VENV)/.installed

@@ -34,5 +34,5 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
   exec "$PYTHON" -m launch.pretrain --config "$CONFIG" --dry-run --world-size "$NPROC" "$@"
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+exec "$PYTHON" -m launch.torchrun --standalone --nproc-per-node "$NPROC" \
   -m launch.pretrain --config "$CONFIG" --run-dir "$RUN_DIR" "$@"

@@ -194,7 +194,7 @@ def pretrain_args(config: str, run: Run) -> list[str]:
 
 
 def pretrain_command(config: str, run: Run, nproc: int) -> list[str]:
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    torchrun = [sys.executable, "-m", "launch.torchrun", "--standalone", f"--nproc-per-node={nproc}"]
     return torchrun + pretrain_args(config, run)
 
 
@@ -264,6 +264,9 @@ def slurm_script(config: str, runs: list[Run], nproc: int, out: Path) -> str:
 #SBATCH --gpus-per-node={nproc}
 #SBATCH --time=48:00:00
 #SBATCH --output={out}/slurm-%A_%a.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
 set -euo pipefail
 
 REPO="${{SLURM_SUBMIT_DIR:-$PWD}}"
@@ -283,7 +286,8 @@ if [[ -n "${{IMAGE:-}}" ]]; then
   srun_args+=(--container-image "$IMAGE" --container-mounts "${{CONTAINER_MOUNTS:-$REPO:$REPO}}" --container-workdir "$REPO")
 fi
 echo "array task $SLURM_ARRAY_TASK_ID: ${{args[*]}}"
-srun "${{srun_args[@]}}" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node {nproc} "${{args[@]}}"
+source "$REPO/launch/slurm/step.sh"  # stop signals save a checkpoint; USR1 requeues the task
+run_step srun "${{srun_args[@]}}" "$PYTHON" -m launch.torchrun --standalone --nproc-per-node {nproc} "${{args[@]}}"
 """
 
 

@@ -601,7 +601,7 @@ def test_run_sh_starts_torchrun_or_a_dry_run(tmp_path):
     env = {"PYTHON": str(tmp_path / "python"), "NGPU": "4", "CONFIG": "configs/gpt2-124m.yaml"}
     train = run_script("launch/run.sh", ["--set", "a=b c"], env)
     assert train == (
-        "<-m><torch.distributed.run><--standalone><--nproc-per-node><4><-m><launch.pretrain>"
+        "<-m><launch.torchrun><--standalone><--nproc-per-node><4><-m><launch.pretrain>"
         "<--config><configs/gpt2-124m.yaml><--run-dir><runs/gpt2-124m><--set><a=b c>"
     )
     dry = run_script("launch/run.sh", [], {**env, "DRY_RUN": "1"})
@@ -627,19 +627,22 @@ def test_slurm_script_starts_one_torchrun_per_node_with_c10d_rendezvous(tmp_path
     assert "<--ntasks-per-node=1><--kill-on-bad-exit=1><--container-image><pretrain.sqsh>" in out
     assert f"<--container-mounts><{tmp_path}:{tmp_path}>" in out
     assert out.endswith(
-        "<python><-m><torch.distributed.run><--nnodes><2><--nproc-per-node><4>"
-        "<--rdzv-backend><c10d><--rdzv-endpoint><node-a:29500><--rdzv-id><42>"
-        "<--signals-to-handle><SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1>"
+        "<python><-m><launch.torchrun><--nnodes><2><--nproc-per-node><4>"
+        "<--rdzv-backend><c10d><--rdzv-endpoint><node-a:29500><--rdzv-id><42><--max-restarts><3>"
         "<-m><launch.pretrain><--config><c.yaml><--set><a=b c>"
     )
 
 
-def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
-    """USR1 (time limit ahead) reaches the training step and the job requeues itself."""
+@pytest.mark.parametrize("number, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_slurm_script_passes_the_stop_signal_to_the_step_and_requeues_only_before_the_time_limit(tmp_path, number, requeued):
+    """USR1 (the time-limit warning) and TERM (scancel, preemption) reach the ranks through
+    `scancel --signal`, not through srun; only USR1 requeues. tests/test_slurm.py runs the real thing."""
     bin_dir = tmp_path / "bin"
     fake_command(bin_dir, "scontrol", 'if [ "$1" = requeue ]; then echo "requeue $2"; else printf "node-a\\n"; fi')
-    # A stand-in for srun: records the signal it receives and exits 75, as the ranks do.
-    fake_command(bin_dir, "srun", "trap 'echo srun got USR1; exit 75' USR1; echo started; while :; do sleep 0.1; done")
+    # srun stands for the job step: its ranks save and exit 75 on USR1 or TERM; srun itself
+    # must never be signalled (the real one turns TERM into SIGKILL of the step).
+    fake_command(bin_dir, "srun", 'echo $$ > "$SLURM_SUBMIT_DIR/step.pid"; trap "exit 75" USR1 TERM; echo started; while :; do sleep 0.1; done')
+    fake_command(bin_dir, "scancel", 'echo "scancel $*"; kill -s "${1#--signal=}" "$(cat "$SLURM_SUBMIT_DIR/step.pid")"')
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a", "SLURM_NNODES": "1",
         "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": "1",
@@ -650,7 +653,8 @@ def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
     )
     while "started" not in job.stdout.readline():
         pass
-    job.send_signal(signal.SIGUSR1)
+    job.send_signal(number)
     out, _ = job.communicate(timeout=60)
-    assert "srun got USR1" in out and "requeue 42" in out
+    assert f"scancel --signal={number.name[3:]} 42" in out
+    assert ("requeue 42" in out) == requeued
     assert job.returncode == 75

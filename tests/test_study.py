@@ -245,7 +245,7 @@ def test_finished_runs_are_reused_and_unfinished_ones_resumed_in_their_folder(tm
     assert study.main(argv) == 0
     assert [c[c.index("--run-dir") + 1] for c in started] == [str(r.run_dir) for r in runs[1:]]
     first = started[0]
-    assert first[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert first[:5] == [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc-per-node=2"]
     assert first[5:9] == ["-m", "launch.pretrain", "--config", CONFIG]
     assert first[-3:] == ["reweight.strategy=linupper", "reweight.temperature=0.5", "train.seed=1"]
     assert (tmp_path / "study" / "summary.json").is_file()
@@ -309,7 +309,7 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
         env["SLURM_SUBMIT_DIR"] = str(tmp_path)
         result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
         args = result.stdout.splitlines()
-        start = args.index("torch.distributed.run")
+        start = args.index("launch.torchrun")
         expected = ["--standalone", "--nproc-per-node", "4", *study.pretrain_args(CONFIG, run)]
         assert args[start + 1 :] == expected
     result = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "3"}, capture_output=True, text=True)

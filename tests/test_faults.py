@@ -13,13 +13,10 @@ import time
 import pytest
 
 from data_prep.lock import exclusive_lock
-from helpers.e2e import ENV, REPO, pretrain, pretrain_command, rows
+from helpers.e2e import ENV, LONG, REPO, comparable, pretrain, pretrain_command, rows
 
 pytestmark = pytest.mark.e2e
 
-# Long enough that a signal sent at the first log line lands mid-run; no periodic checkpoint,
-# so only the stop's own checkpoint can save the work.
-LONG = ("train.steps=40", "train.eval_interval=20", "checkpoint.interval=1000")
 
 
 def start(run_dir, demo_dir, *overrides, launcher=()):
@@ -52,19 +49,6 @@ def read_until(process, text: str) -> str:
         if text in line:
             return seen
     raise AssertionError(f"the run ended without printing {text!r}:\n{seen[-3000:]}")
-
-
-def comparable(run_dir):
-    return [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(run_dir)], [
-        r["valid_loss"] for r in rows(run_dir, "valid")
-    ]
-
-
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory, demo_dir):
-    run_dir = tmp_path_factory.mktemp("unbroken")
-    pretrain(run_dir, demo_dir, *LONG)
-    return run_dir
 
 
 def test_sigterm_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, demo_dir, unbroken):

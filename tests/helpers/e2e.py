@@ -40,6 +40,10 @@ def pretrain_command(
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
+# Long enough that a signal sent at the first log line lands mid-run; no periodic checkpoint,
+# so only the stop's own checkpoint can save the work (tests add one where they need it).
+LONG = ("train.steps=40", "train.eval_interval=20", "checkpoint.interval=1000")
+
 
 def pretrain(run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2, check: bool = True):
     """Run `pretrain_command` to its end; raises with the output unless it succeeds or `check` is off."""
@@ -54,3 +58,10 @@ def rows(run_dir: Path, kind: str = "train") -> list[dict]:
     """The metrics.jsonl rows of one kind ("train" or "valid")."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def comparable(run_dir: Path):
+    """What must not change when a run is stopped and resumed: every logged loss, weight and LR."""
+    return [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(run_dir)], [
+        r["valid_loss"] for r in rows(run_dir, "valid")
+    ]

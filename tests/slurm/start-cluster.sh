@@ -38,8 +38,6 @@ ReturnToService=2
 KillWait=30
 MinJobAge=600
 JobRequeue=1
-# Time limits are checked every 30 s by default: 5 s gives the tests a tighter clock.
-MessageTimeout=10
 NodeName=$node CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from torch.distributed.checkpoint.api import CheckpointException
 
 from launch.console import say
 from megatron_patches.device import on_gpu
@@ -138,15 +139,20 @@ def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
 
 
 def _disk_full(error: BaseException, directory: Path) -> bool:
-    """Whether a failed write ran out of space: ENOSPC anywhere in the exception chain, or (as
-    torch's checkpoint writer reports a short write only as "unexpected pos") a full filesystem."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+    """Whether a failed write ran out of space: ENOSPC (or a quota) in the exception chain or in
+    the per-rank failures a torch CheckpointException carries, or a short write (torch's writer
+    reports one only as "unexpected pos") on a filesystem with little space left."""
+    causes, short_write = [error], False
+    while causes:
+        seen = causes.pop()
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        seen = seen.__cause__ or seen.__context__
+        short_write = short_write or "unexpected pos" in str(seen)
+        for failure in getattr(seen, "failures", {}).values():  # (exception, traceback) per rank
+            causes += [part for part in (failure if isinstance(failure, tuple) else (failure,)) if isinstance(part, BaseException)]
+        causes += [cause for cause in (seen.__cause__, seen.__context__) if cause is not None]
     usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
-    return usage.free < max(usage.total // 1000, 1 << 20)
+    return short_write and (usage.free < 2**30 or usage.free < usage.total // 20)
 
 
 def _bytes_under(directory: Path) -> int:
@@ -157,8 +163,8 @@ def _bytes_under(directory: Path) -> int:
     return total
 
 
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"
+def _size(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def _world_share() -> tuple[int, int]:
@@ -201,15 +207,19 @@ class Checkpointer:
             request = self.shards.write_shards(tmp, asynchronous=self.pending is not None)
             if request is None:
                 commit()
-        except Exception as error:
-            if not _disk_full(error, tmp):
+        except (Exception, CheckpointException) as error:  # torch's is a BaseException
+            # Every rank's save fails together (dist_checkpointing shares the failure), but only
+            # the ranks that hit the full disk can tell; they tell the others.
+            verdicts = [None] * dist.get_world_size()
+            dist.all_gather_object(verdicts, _disk_full(error, tmp))
+            if not any(verdicts):
                 raise
             written = _bytes_under(tmp)
             if dist.get_rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise DiskFullError(
-                f"no space left on device writing checkpoint {tmp} ({_gib(self._last_size() or written)} needed,"
-                f" {_gib(shutil.disk_usage(self.root).free)} free after removing the half-written one):"
+                f"no space left on device writing checkpoint {tmp} ({_size(self._last_size() or written)} needed,"
+                f" {_size(shutil.disk_usage(self.root).free)} free after removing the half-written one):"
                 f" free space on {self.root}, or lower checkpoint.keep"
             ) from error
         if request is not None:
@@ -233,7 +243,7 @@ class Checkpointer:
         if needed is None or free >= needed:
             return None
         return (
-            f"no space left on device for checkpoint {tmp} ({_gib(needed)} needed, {_gib(free)} free):"
+            f"no space left on device for checkpoint {tmp} ({_size(needed)} needed, {_size(free)} free):"
             f" free space on {self.root}, or lower checkpoint.keep"
         )
 

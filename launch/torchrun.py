@@ -51,7 +51,7 @@ class StopAwareAgent(LocalElasticAgent):
         if self._others_still_finishing():
             return RunResult(state=WorkerState.HEALTHY)
         result = super()._monitor_workers(worker_group)
-        if result.is_failed() and all(f.exitcode in FINAL_EXITS for f in result.failures.values()):
+        if result.is_failed() and _first(result.failures).exitcode in FINAL_EXITS:
             self._remaining_restarts = 0  # a planned stop or a refusal: a restart would repeat it
         return result
 
@@ -104,14 +104,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         torchrun.run(args)
     except ChildFailedError as failed:
-        codes = sorted({f.exitcode for f in failed.failures.values()})
-        if codes == [EXIT_STOPPED_ON_SIGNAL]:
+        code = _first(failed.failures).exitcode
+        if {f.exitcode for f in failed.failures.values()} == {EXIT_STOPPED_ON_SIGNAL}:
             say(f"launch.torchrun: the ranks stopped with a checkpoint (exit {EXIT_STOPPED_ON_SIGNAL}); rerun to resume")
-            return EXIT_STOPPED_ON_SIGNAL
-        print(failed.format_msg(), file=sys.stderr)
-        positive = [code for code in codes if code > 0]
-        return positive[0] if positive else 1  # a rank killed by a signal has a negative code
+        elif code not in FINAL_EXITS:  # those the ranks have explained themselves
+            print(failed.format_msg(), file=sys.stderr)
+        return code if code > 0 else 1  # a rank killed by a signal has a negative code
     return 0
+
+
+def _first(failures: dict):
+    """The failure that came first: its cause is the job's (the other ranks often fail after it)."""
+    return min(failures.values(), key=lambda failure: failure.timestamp)
 
 
 if __name__ == "__main__":

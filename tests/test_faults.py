@@ -237,3 +237,45 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, demo_dir, stopp
     result = pretrain(run_dir, demo_dir)
     assert f"dropped a torn last line of {run_dir / 'metrics.jsonl'}" in result.stderr
     assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a few MiB for the run directory; `resize` frees space as a user would."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+
+    def resize(megabytes: int):
+        subprocess.run(["mount", "-o", f"remount,size={megabytes}m", str(mount)], check=True)
+
+    yield mount, resize
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_during_a_save_is_reported_and_leaves_nothing_half_written(tmp_path, demo_dir, small_disk):
+    disk, resize = small_disk  # 2 MiB: less than one checkpoint (about 3 MiB)
+    run_dir, cache = disk / "run", f"data.cache_dir={tmp_path / 'cache'}"
+    result = pretrain(run_dir, demo_dir, cache, check=False)
+    assert result.returncode == 74, result.stderr[-3000:]
+    assert f"no space left on device writing checkpoint {run_dir}/checkpoints/step_00000002.tmp" in result.stderr
+    assert "Traceback" not in result.stderr and not list((run_dir / "checkpoints").glob("*"))
+    resize(64)
+    pretrain(run_dir, demo_dir, cache)  # with space freed, the rerun trains to the end
+    assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing_and_the_run_resumes_once_there_is_space(tmp_path, demo_dir, small_disk):
+    disk, resize = small_disk
+    resize(7)  # two checkpoints fit, a third does not
+    run_dir, cache = disk / "run", f"data.cache_dir={tmp_path / 'cache'}"
+    result = pretrain(run_dir, demo_dir, cache, check=False)
+    assert result.returncode == 74, result.stderr[-3000:]
+    assert f"no space left on device for checkpoint {run_dir}/checkpoints/step_00000006.tmp (" in result.stderr
+    assert " MiB needed, " in result.stderr and "lower checkpoint.keep" in result.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    resize(64)
+    resumed = pretrain(run_dir, demo_dir, cache)
+    assert f"resuming from {run_dir}/checkpoints/step_00000004 at step 4" in resumed.stdout
+    assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]

@@ -8,6 +8,10 @@
 # preemption) it does not: a cancelled job stays cancelled, and a preempted one is requeued by
 # Slurm's PreemptMode if at all. A finished run (exit 0) is never requeued.
 
+# One array task, not the whole array: scancel and scontrol take an array's job id as all its tasks.
+this_job="${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
+this_job="${this_job:-${SLURM_JOB_ID:-}}"
+
 run_step() {
   "$@" &
   local step_pid=$! status=0
@@ -17,8 +21,8 @@ run_step() {
   # `wait` returns early when a trapped signal arrives: wait again until the step has ended.
   while kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid" || status=$?; done
   if [[ "$status" == 75 && "$stop_signal" == USR1 ]]; then
-    echo "stopped with a checkpoint before the time limit: requeueing job $SLURM_JOB_ID to resume from the run directory"
-    scontrol requeue "$SLURM_JOB_ID"
+    echo "stopped with a checkpoint before the time limit: requeueing job $this_job to resume from the run directory"
+    scontrol requeue "$this_job"
   elif [[ "$status" == 75 ]]; then
     echo "stopped with a checkpoint (${stop_signal:+SIG$stop_signal, }exit 75): not requeued; resubmit to resume"
   fi
@@ -28,5 +32,5 @@ run_step() {
 pass_on() {
   stop_signal="$1"
   echo "received SIG$1: asking the ranks to save and stop"
-  scancel --signal="$1" "$SLURM_JOB_ID" || true
+  scancel --signal="$1" "$this_job" || true
 }

@@ -139,13 +139,16 @@ def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
 
 
 def _disk_full(error: BaseException, directory: Path) -> bool:
-    """Whether a failed write ran out of space: ENOSPC (or a quota) in the exception chain or in
-    the per-rank failures a torch CheckpointException carries, or a short write (torch's writer
-    reports one only as "unexpected pos") on a filesystem with little space left."""
+    """Whether a failed write ran out of space: ENOSPC (or a quota), as an exception or as the
+    text of one, in the exception chain or in the per-rank failures a torch CheckpointException
+    carries; or a short write (torch's writer reports one only as "unexpected pos") on a
+    filesystem with little space left."""
     causes, short_write = [error], False
     while causes:
         seen = causes.pop()
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if os.strerror(errno.ENOSPC) in str(seen):  # an ENOSPC passed on as text by a writer process
             return True
         short_write = short_write or "unexpected pos" in str(seen)
         for failure in getattr(seen, "failures", {}).values():  # (exception, traceback) per rank
@@ -214,13 +217,13 @@ class Checkpointer:
             dist.all_gather_object(verdicts, _disk_full(error, tmp))
             if not any(verdicts):
                 raise
-            written = _bytes_under(tmp)
+            last, free = self._last_size(), shutil.disk_usage(self.root).free
+            sizes = f"{_size(last)} needed" if last else f"{_size(_bytes_under(tmp))} written when it filled"
             if dist.get_rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise DiskFullError(
-                f"no space left on device writing checkpoint {tmp} ({_size(self._last_size() or written)} needed,"
-                f" {_size(shutil.disk_usage(self.root).free)} free after removing the half-written one):"
-                f" free space on {self.root}, or lower checkpoint.keep"
+                f"no space left on device writing checkpoint {tmp} ({sizes}, {_size(free)} free);"
+                f" the half-written checkpoint was removed: free space on {self.root}, or lower checkpoint.keep"
             ) from error
         if request is not None:
             request.add_finalize_fn(commit)  # runs on every rank after every rank's write

@@ -109,8 +109,6 @@ class Trainer:
         self.step = self._resume()
         self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step, wandb=self._wandb_settings())
         self.stop_requests = StopRequests(t.exit_duration_minutes)
-        f = cfg.faults
-        self.watchdog = Watchdog(f.hang_multiple, f.hang_min_seconds, 60 * f.hang_max_minutes, dist.get_rank())
 
     def _wandb_settings(self) -> Optional[dict]:
         lg = self.cfg.logging
@@ -136,15 +134,17 @@ class Trainer:
         t = self.cfg.train
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
         self._announce()
+        f = self.cfg.faults
+        watchdog = Watchdog(f.hang_multiple, f.hang_min_seconds, 60 * f.hang_max_minutes, dist.get_rank())
         first = self.step
         reason = self.stop_requests.agreed()  # a signal during start-up: stop before training
         while self.step < stop and reason is None:
-            self.watchdog.step_started(self.step + 1)
+            watchdog.step_started(self.step + 1)
             start = time.perf_counter()
             reports, grad_norm = self.train_step()
             self.step += 1
             seconds = time.perf_counter() - start
-            self.watchdog.step_finished(self.step, seconds)
+            watchdog.step_finished(self.step, seconds)
             self.statistics.add(reports, grad_norm, seconds)
             last = self.step == t.steps
             if self.step % t.log_interval == 0 or last:
@@ -156,7 +156,7 @@ class Trainer:
             if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop or reason:
                 self._save()
         self.checkpointer.finish_pending()
-        self.watchdog.stop()
+        watchdog.stop()
         if reason and dist.get_rank() == 0:
             saved = "checkpoint saved" if self.step > first else "nothing trained since the last checkpoint"
             say(f"stopping on {reason} at step {self.step}; {saved}; rerun to resume")

@@ -619,13 +619,13 @@ def test_slurm_script_starts_one_torchrun_per_node_with_c10d_rendezvous(tmp_path
         "SLURM_JOB_NODELIST": "node-[a-b]",
         "SLURM_NNODES": "2",
         "SLURM_JOB_ID": "42",
-        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_SUBMIT_DIR": str(REPO),  # sbatch runs a copy of the script: the repository is where it was submitted
         "GPUS_PER_NODE": "4",
         "IMAGE": "pretrain.sqsh",
     }
     out = run_script("launch/slurm/pretrain.sbatch", ["--config", "c.yaml", "--set", "a=b c"], env)
     assert "<--ntasks-per-node=1><--kill-on-bad-exit=1><--container-image><pretrain.sqsh>" in out
-    assert f"<--container-mounts><{tmp_path}:{tmp_path}>" in out
+    assert f"<--container-mounts><{REPO}:{REPO}>" in out
     assert out.endswith(
         "<python><-m><launch.torchrun><--nnodes><2><--nproc-per-node><4>"
         "<--rdzv-backend><c10d><--rdzv-endpoint><node-a:29500><--rdzv-id><42><--max-restarts><3>"
@@ -641,18 +641,21 @@ def test_slurm_script_passes_the_stop_signal_to_the_step_and_requeues_only_befor
     fake_command(bin_dir, "scontrol", 'if [ "$1" = requeue ]; then echo "requeue $2"; else printf "node-a\\n"; fi')
     # srun stands for the job step: its ranks save and exit 75 on USR1 or TERM; srun itself
     # must never be signalled (the real one turns TERM into SIGKILL of the step).
-    fake_command(bin_dir, "srun", 'echo $$ > "$SLURM_SUBMIT_DIR/step.pid"; trap "exit 75" USR1 TERM; echo started; while :; do sleep 0.1; done')
-    fake_command(bin_dir, "scancel", 'echo "scancel $*"; kill -s "${1#--signal=}" "$(cat "$SLURM_SUBMIT_DIR/step.pid")"')
+    fake_command(bin_dir, "srun", f'echo $$ > {tmp_path}/step.pid; trap "exit 75" USR1 TERM; echo started; while :; do sleep 0.1; done')
+    fake_command(bin_dir, "scancel", f'echo "scancel $*"; kill -s "${{1#--signal=}}" "$(cat {tmp_path}/step.pid)"')
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a", "SLURM_NNODES": "1",
-        "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(tmp_path), "GPUS_PER_NODE": "1",
+        "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "1",
     }
     job = subprocess.Popen(
         ["bash", str(REPO / "launch/slurm/pretrain.sbatch"), "--config", "c.yaml"],
         env=env, stdout=subprocess.PIPE, text=True,
     )
-    while "started" not in job.stdout.readline():
-        pass
+    for line in job.stdout:
+        if "started" in line:
+            break
+    else:
+        raise AssertionError(f"the script ended before its step started (exit {job.wait()})")
     job.send_signal(number)
     out, _ = job.communicate(timeout=60)
     assert f"scancel --signal={number.name[3:]} 42" in out

@@ -306,7 +306,7 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
     (fake_bin / "srun").chmod(0o755)
     for task, run in enumerate(runs[1:]):
         env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task)}
-        env["SLURM_SUBMIT_DIR"] = str(tmp_path)
+        env["SLURM_SUBMIT_DIR"] = str(REPO)  # the script sources launch/slurm/step.sh from where it was submitted
         result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
         args = result.stdout.splitlines()
         start = args.index("launch.torchrun")

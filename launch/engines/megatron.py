@@ -1,8 +1,9 @@
 """Megatron-Core's engine: DDP over DP×CP, Megatron's optimizer, `dist_checkpointing` shards.
 
-Gradients are reduced in fp32 buffers; the optimizer keeps fp32 master weights and Adam's
-moments, sharded over the data-parallel group with `parallel.distributed_optimizer`.
-Checkpoints are reshardable: any TP/PP/DP layout loads them.
+In bf16 the model is wrapped as Megatron-LM wraps it (`Float16Module`: every parameter in
+bf16, fp32 outputs); gradients are reduced in fp32 buffers; the optimizer keeps fp32 master
+weights and Adam's moments, sharded over the data-parallel group with
+`parallel.distributed_optimizer`. Checkpoints are reshardable: any TP/PP/DP layout loads them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from launch.checkpoint import current_layout, rng_state, set_rng_state, warn
 from launch.config import Config
 from launch.engines import StateBytes
 from launch.model import use_bf16
 from megatron_patches.checkpoint_writer import start_write_results_helper
+from megatron_patches.distrib_optimizer import patch_distributed_optimizer
 
 
 def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
@@ -43,15 +46,25 @@ def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
     )
 
 
+# The distributed optimizer's checkpoint format that reshards over TP and PP as well as DP
+# (Megatron-Core 0.16 cannot save `fully_sharded_model_space` any more; `dp_reshardable` keeps
+# TP and PP). Gathered on the first DP rank only: that rank alone writes the optimizer state,
+# so gathering it on every rank would only cost host memory.
+DISTRIBUTED_OPTIMIZER_FORMAT = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+
+
 class Engine:
     """Megatron DDP (gradient reduction over DP×CP) and Megatron's optimizer."""
-
-    # Fully sharded in model space: the distributed optimizer's state reshards across layouts.
-    OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
 
     def __init__(self, cfg: Config, model: torch.nn.Module, micro_batches_per_step: int):
         self.cfg = cfg
         self.model = model
+        # Float16Module casts the parameters the builder left in fp32 (learned positions, norms)
+        # in place, so `model` stays the module whose state the checkpoints hold.
+        module = Float16Module(model.config, model) if use_bf16(cfg) else model
         self.wrapped_model = DistributedDataParallel(
             model.config,
             DistributedDataParallelConfig(
@@ -59,9 +72,13 @@ class Engine:
                 use_distributed_optimizer=cfg.parallel.distributed_optimizer,
                 check_for_nan_in_grad=True,
             ),
-            model,
+            module,
         )
         self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg), [self.wrapped_model])
+        # Saved with the checkpoint (content metadata); a load reads the format it was saved in.
+        self.optimizer_format = DISTRIBUTED_OPTIMIZER_FORMAT if cfg.parallel.distributed_optimizer else {}
+        if cfg.parallel.distributed_optimizer:
+            patch_distributed_optimizer()
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.grad_scale_func = self.optimizer.scale_loss
         start_write_results_helper()  # before any stop signal can reach the first save
@@ -99,11 +116,11 @@ class Engine:
 
     # ---- checkpoint shards: RNG states per (PP, TP, CP) rank, replicated over DP ------------
 
-    def _sharded_state(self, rng: Optional[dict], is_loading: bool) -> dict:
+    def _sharded_state(self, rng: Optional[dict], is_loading: bool, optimizer_format: dict) -> dict:
         model_state = self.model.sharded_state_dict()
         state = {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=self.OPTIMIZER_METADATA),
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=optimizer_format),
         }
         if rng is not None or is_loading:
             state["rng_state"] = ShardedObject(
@@ -117,7 +134,10 @@ class Engine:
 
     def write_shards(self, directory: Path, asynchronous: bool = False):
         return dist_checkpointing.save(
-            self._sharded_state(rng_state(), is_loading=False), str(directory), async_sharded_save=asynchronous
+            self._sharded_state(rng_state(), is_loading=False, optimizer_format=self.optimizer_format),
+            str(directory),
+            async_sharded_save=asynchronous,
+            content_metadata=self.optimizer_format,
         )
 
     @staticmethod
@@ -128,7 +148,14 @@ class Engine:
         same_layout = {k: v for k, v in saved_layout.items() if k != "dp"} == {
             k: v for k, v in current_layout().items() if k != "dp"
         }
-        state = self._sharded_state(None, is_loading=True)
+        # Checkpoints written before the format was recorded hold a plain optimizer's state.
+        saved_format = dist_checkpointing.load_content_metadata(str(directory)) or {}
+        if bool(saved_format) != self.cfg.parallel.distributed_optimizer:
+            raise RuntimeError(
+                f"checkpoint {directory} holds the optimizer state of parallel.distributed_optimizer={bool(saved_format)}"
+                f" and this run has {self.cfg.parallel.distributed_optimizer}: resume with the checkpoint's setting"
+            )
+        state = self._sharded_state(None, is_loading=True, optimizer_format=saved_format)
         if not same_layout:
             # RNG streams belong to model-parallel ranks; a new layout starts fresh ones.
             del state["rng_state"]

@@ -82,7 +82,7 @@ class MemoryEstimate(NamedTuple):
 
 MEMORY_ASSUMPTIONS = (
     "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 12 for the optimizer"
-    " (fp32 master, Adam m, v), gradients 4 (Megatron's fp32 buffers) or 2 (DeepSpeed);"
+    " (fp32 master, Adam m, v), gradients 4 (accumulated in fp32 by both engines);"
     " fp32 4+4+8; activations per layer seq*batch*hidden*(10+24/TP) bytes in bf16, 34/TP"
     " with sequence parallelism (Korthikanti et al. 2022; SDPA/flash attention, no"
     " recomputation), for min(PP, micro-batches) micro-batches, plus fp32 logits"

@@ -25,6 +25,11 @@ step on DP data-parallel ranks, where `loss_func` gives (L, n) on rank r for mic
              divisor is 1, the mpu having no sequence-parallel names)
                                                                   ->  (1/DP) Σ_r Σ_m ∇L/(n·M)
 
+In bf16 both reduce and accumulate the gradient in fp32: Megatron's DDP in fp32 buffers
+(`grad_reduce_in_fp32`), DeepSpeed with `data_types.grad_accum_dtype` and
+`communication_data_type` fp32 (`launch.engines.deepspeed.deepspeed_config`); the losses the
+step back-propagates are fp32 in both (Megatron's cross entropy upcasts the logits).
+
 With `ReweightedLoss` (L = DP · Σ_{i on r} w_i l_i, n = 1) both are (1/M) Σ_m ∇ Σ_{i∈B_m} w_i l_i:
 the paper's objective on each global micro-batch B_m, averaged over the step.  Clipping
 agrees as well: both multiply by max_norm / (‖g‖ + 1e-6) when that is below 1, ‖g‖ counting

@@ -264,6 +264,11 @@ def test_help_teaches_with_examples(capsys):
             2,
             "use deepspeed.zero_stage >= 1",
         ),
+        (
+            "engine=deepspeed deepspeed.zero_stage=0 model.precision=bf16",
+            2,
+            "DeepSpeed accumulates gradients in fp32 (as Megatron's engine does) only under ZeRO",
+        ),
         ("reweight.temperature=0", 2, "reweight.temperature=0.0 must be > 0"),
         ("reweight.warmup_temperature=-1", 2, "reweight.warmup_temperature=-1.0 must be > 0"),
         ("optim.min_lr=1", 2, "optim.min_lr=1.0 exceeds optim.lr=0.001"),

@@ -203,9 +203,24 @@ def test_deepspeed_json_adds_settings(tmp_path):
 
     cfg = _config_with_json(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}, "log_level": "info"})
     settings = deepspeed_config(cfg, micro_batches_per_step=2)
-    assert settings["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert settings["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 1000}
     assert settings["log_level"] == "info"
     assert settings["gradient_accumulation_steps"] == 2 and settings["train_batch_size"] == cfg.train.global_batch_size
+
+
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_gradients_accumulate_and_reduce_in_fp32_and_overlap_where_deepspeed_can(tmp_path, stage):
+    from launch.engines.deepspeed import deepspeed_config
+
+    cfg = _config(1, 2, "model.precision=bf16", f"deepspeed.zero_stage={stage}")
+    settings = deepspeed_config(cfg, micro_batches_per_step=2)
+    assert settings["bf16"] == {"enabled": True}
+    assert settings["data_types"] == {"grad_accum_dtype": "fp32"} and settings["communication_data_type"] == "fp32"
+    # DeepSpeed refuses overlap_comm without its own accumulation below stage 2.
+    assert settings["zero_optimization"].get("overlap_comm", False) == (stage >= 2)
+    # A JSON may turn the overlap off (a performance choice), not the fp32 accumulation.
+    off = _config_with_json(tmp_path, {"zero_optimization": {"overlap_comm": False}})
+    assert deepspeed_config(off, micro_batches_per_step=2)["zero_optimization"]["overlap_comm"] is False
 
 
 @pytest.mark.parametrize(
@@ -214,6 +229,7 @@ def test_deepspeed_json_adds_settings(tmp_path):
         ({"gradient_accumulation_steps": 3}, "gradient_accumulation_steps"),
         ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
         ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
+        ({"data_types": {"grad_accum_dtype": "bf16"}}, "data_types.grad_accum_dtype"),
     ],
 )
 def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path, settings, named):

@@ -33,7 +33,8 @@ def deepspeed_config(cfg: Config, micro_batches_per_step: int) -> dict:
 
     The JSON may add settings (e.g. offloading, bucket sizes) but not contradict the run
     config: batch sizes, accumulation, clipping, precision and the ZeRO stage define the
-    step that both engines must compute, so each has one place to be set.
+    step that both engines must compute, so each has one place to be set.  In bf16 that step
+    accumulates and reduces the gradients in fp32, as Megatron's engine does.
     """
     step = {
         "train_batch_size": cfg.train.global_batch_size,
@@ -44,8 +45,15 @@ def deepspeed_config(cfg: Config, micro_batches_per_step: int) -> dict:
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": use_bf16(cfg)},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
     }
     settings = {**step, "log_level": "warning"}  # DeepSpeed's INFO lines would drown the step lines
+    if cfg.deepspeed.zero_stage >= 2:
+        # Reduce the gradients during the backward (DeepSpeed's default at stage 3 only).
+        # Stages 0 and 1 reduce once, in step(): DeepSpeed refuses overlap_comm there
+        # without its own gradient accumulation.
+        settings = deep_merge(settings, {"zero_optimization": {"overlap_comm": True}})
     if cfg.deepspeed.config is None:
         return settings
     try:
@@ -119,6 +127,11 @@ class Engine:
                 "parallel.sequence_parallel=true needs engine=megatron: DeepSpeed does not reduce"
                 " the layer-norm gradients over the tensor-parallel group; set it to false"
             )
+        if use_bf16(cfg) and cfg.deepspeed.zero_stage == 0:
+            problems.append(
+                "bf16 with deepspeed.zero_stage=0: DeepSpeed accumulates gradients in fp32 (as Megatron's"
+                " engine does) only under ZeRO; set deepspeed.zero_stage >= 1 or model.precision=fp32"
+            )
         if cfg.checkpoint.async_save:
             problems.append("checkpoint.async_save=true needs engine=megatron (dist_checkpointing); set it to false")
         samples_per_micro_step = cfg.train.micro_batch_size * max(1, par.data_parallel_size(world_size))
@@ -130,11 +143,11 @@ class Engine:
 
     @staticmethod
     def state_bytes(cfg: Config, data_parallel_size: int) -> StateBytes:
-        weights, grads, optimizer = (4, 4, 8) if cfg.model.precision == "fp32" else (2, 2, 12)
+        weights, optimizer = (4, 8) if cfg.model.precision == "fp32" else (2, 12)
         zero, dp = cfg.deepspeed.zero_stage, data_parallel_size
         return StateBytes(
             weights=weights / (dp if zero == 3 else 1),
-            grads=grads / (dp if zero >= 2 else 1),
+            grads=4 / (dp if zero >= 2 else 1),  # accumulated in fp32 (data_types.grad_accum_dtype)
             optimizer=optimizer / (dp if zero >= 1 else 1),
         )
 

@@ -151,9 +151,10 @@ class Engine:
         # Checkpoints written before the format was recorded hold a plain optimizer's state.
         saved_format = dist_checkpointing.load_content_metadata(str(directory)) or {}
         if bool(saved_format) != self.cfg.parallel.distributed_optimizer:
+            saved = str(bool(saved_format)).lower()
             raise RuntimeError(
-                f"checkpoint {directory} holds the optimizer state of parallel.distributed_optimizer={bool(saved_format)}"
-                f" and this run has {self.cfg.parallel.distributed_optimizer}: resume with the checkpoint's setting"
+                f"checkpoint {directory} holds the optimizer state of parallel.distributed_optimizer={saved},"
+                f" which this run does not use: resume with --set parallel.distributed_optimizer={saved}"
             )
         state = self._sharded_state(None, is_loading=True, optimizer_format=saved_format)
         if not same_layout:

@@ -1,10 +1,10 @@
-"""`python -m launch.report`: runs with other domains, runs of the same name, bad paths."""
+"""`python -m launch.tools.report`: runs with other domains, runs of the same name, bad paths."""
 
 from __future__ import annotations
 
 import json
 
-from launch import report
+from launch.tools import report
 
 
 def fake_run(run_dir, losses: dict[str, float], step: int = 8):
@@ -67,6 +67,6 @@ def test_missing_or_non_run_directories_are_one_line_errors(tmp_path, capsys):
     ]:
         assert report.main([str(run), str(bad)]) == 2
         captured = capsys.readouterr()
-        assert captured.err == f"python -m launch.report: error: {bad}: {message}\n" and captured.out == ""
+        assert captured.err == f"python -m launch.tools.report: error: {bad}: {message}\n" and captured.out == ""
     assert report.main([str(run), str(run)]) == 2
     assert "given twice" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`python -m launch.study`: arms, the t-interval, the summary's numbers, resuming, Slurm."""
+"""`python -m launch.tools.study`: arms, the t-interval, the summary's numbers, resuming, Slurm."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from helpers.e2e import REPO
-from launch import stats, study
+from launch.tools import stats, study
 from launch.config import load_config, to_dict
 
 CONFIG = str(REPO / "configs" / "demo_cpu.yaml")

@@ -61,7 +61,7 @@ def test_bench_interleaves_the_strategies_and_reports_the_overhead(demo_dir):
         "model.seq_length=64", "train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1",
         "logging.peak_tflops=1.0",
     ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "launch.bench",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "launch.tools.bench",
                "--config", "configs/demo_cpu.yaml", "--pairs", "4", "--warmup", "1", "--set", *settings]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]

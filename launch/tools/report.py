@@ -1,6 +1,6 @@
 """Compare runs: a table of per-domain validation loss and a figure of curves and weight statistics.
 
-    python -m launch.report runs/demo/uniform runs/demo/linupper --out runs/demo/report.png
+    python -m launch.tools.report runs/demo/uniform runs/demo/linupper --out runs/demo/report.png
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def plot(runs: dict[str, Path], out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.tools.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (launch.pretrain's --run-dir); each column is named by the shortest distinct end of its path")
     parser.add_argument("--out", type=Path, help="write the figure here (PNG)")
     args = parser.parse_args(argv)
@@ -108,10 +108,10 @@ def main(argv=None) -> int:
         elif not (path / METRICS_FILE).is_file():
             problem = f"not a run directory (no {METRICS_FILE}): give the --run-dir of a launch.pretrain run"
         if problem:
-            print(f"python -m launch.report: error: {path}: {problem}", file=sys.stderr)
+            print(f"python -m launch.tools.report: error: {path}: {problem}", file=sys.stderr)
             return 2
     if len({os.path.abspath(p) for p in args.runs}) != len(args.runs):
-        print("python -m launch.report: error: a run directory is given twice", file=sys.stderr)
+        print("python -m launch.tools.report: error: a run directory is given twice", file=sys.stderr)
         return 2
     runs = dict(zip(labels(args.runs), args.runs))
     print(validation_table(runs))

@@ -1,6 +1,6 @@
 """Export a run's checkpoint as a Hugging Face `transformers` model directory.
 
-    python -m launch.export --run-dir runs/gpt2 --out exports/gpt2
+    python -m launch.tools.export --run-dir runs/gpt2 --out exports/gpt2
 
 GPT-2-style runs (learned positions, LayerNorm, exact GELU) become `GPT2LMHeadModel`,
 Llama-style runs (RoPE, RMSNorm, SwiGLU, optional GQA) `LlamaForCausalLM`; any other model
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 EXAMPLES = """\
 examples:
-  python -m launch.export --run-dir runs/gpt2 --out exports/gpt2
-  python -m launch.export --run-dir runs/l7 --step 20000 --out exports/l7-20k
-  python -m launch.export --run-dir runs/demo/linupper --out exports/demo \\
+  python -m launch.tools.export --run-dir runs/gpt2 --out exports/gpt2
+  python -m launch.tools.export --run-dir runs/l7 --step 20000 --out exports/l7-20k
+  python -m launch.tools.export --run-dir runs/demo/linupper --out exports/demo \\
       --tokenizer-model data/demo/tokenizer.model   # when the run's path no longer resolves
 
 Then, offline:
@@ -361,7 +361,7 @@ def _id(token_id: int) -> Optional[int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.export",
+        prog="python -m launch.tools.export",
         description="Export a checkpoint of a launch.pretrain run as a Hugging Face transformers model "
         "(GPT2LMHeadModel or LlamaForCausalLM) with its tokenizer. Runs on CPU, in one process.",
         epilog=EXAMPLES,

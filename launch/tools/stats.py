@@ -1,6 +1,6 @@
 """Small-sample statistics without scipy: Student's t quantiles and t-intervals.
 
-Used by `launch.study` (differences over paired seeds) and `launch.bench` (ratios over
+Used by `launch.tools.study` (differences over paired seeds) and `launch.tools.bench` (ratios over
 paired steps). The t quantile is computed from the regularized incomplete beta function.
 """
 

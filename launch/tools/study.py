@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 import yaml
 
 from launch.config import ConfigError, load_config, to_dict, validate
-from launch.stats import CONFIDENCE, mean_and_interval, t_quantile
+from launch.tools.stats import CONFIDENCE, mean_and_interval, t_quantile
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
@@ -249,10 +249,10 @@ def slurm_script(config: str, runs: list[Run], nproc: int, out: Path) -> str:
         for i, r in enumerate(runs)
     )
     return f"""#!/usr/bin/env bash
-# Paired-seed study, one array task per unfinished run, written by `python -m launch.study`.
+# Paired-seed study, one array task per unfinished run, written by `python -m launch.tools.study`.
 # Not tested on a real cluster. Submit from the directory the study was planned in:
 #   sbatch {out}/study.sbatch
-# When every task is done, run the same `python -m launch.study ...` command again: it reuses
+# When every task is done, run the same `python -m launch.tools.study ...` command again: it reuses
 # the finished runs and writes the summary (a failed task is resumed by resubmitting it).
 # Environment (all optional): IMAGE (pyxis container), CONTAINER_MOUNTS, PYTHON.
 # Tasks:
@@ -527,14 +527,14 @@ arms (the first is the baseline; each becomes OUT/<name>/seed<k>):
 examples:
   # the default: uniform vs linupper:0.5 on the demo corpus (make demo-data), 5 seeds,
   # configs/demo_cpu.yaml's 200 steps, 2 processes per run (about 40 s a run on 2 CPU cores)
-  python -m launch.study --out runs/study
-  python -m launch.study --out runs/study3 --arm uniform --arm linupper:0.5 --arm quadratic:1.0 \\
+  python -m launch.tools.study --out runs/study
+  python -m launch.tools.study --out runs/study3 --arm uniform --arm linupper:0.5 --arm quadratic:1.0 \\
       --arm 'boilerplate-down=data.weights={boilerplate: 0.25, code: 1, docs: 1, licenses: 1, prose: 1}'
   # your data: data_prep's DIR/train.blend.json, DIR/valid.blend.json, DIR/tokenizer.model
-  python -m launch.study --config configs/gpt2-124m.yaml --data data/mine --nproc 8 --seeds 3 \\
+  python -m launch.tools.study --config configs/gpt2-124m.yaml --data data/mine --nproc 8 --seeds 3 \\
       --set train.steps=5000 --arm uniform --arm linupper:0.4 --out runs/mine
   # a cluster: one Slurm array task per run; then the same command again for the summary
-  python -m launch.study --config configs/paper/gpt2-124m-uniform.yaml --nproc 4 --slurm \\
+  python -m launch.tools.study --config configs/paper/gpt2-124m-uniform.yaml --nproc 4 --slurm \\
       --arm uniform --arm quadratic:1.0 --out runs/paper124m
 
 Runs go one after another. Interrupted? Run the same command again: finished runs are
@@ -548,7 +548,7 @@ warm-up; every number is recomputable from the runs' config.yaml and metrics.jso
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.study",
+        prog="python -m launch.tools.study",
         description="Train arms (config variants) over paired seeds and summarise the held-out"
         " loss differences to the first arm with 95% confidence intervals.",
         epilog=EXAMPLES,

@@ -116,7 +116,7 @@ class TrainConfig:
 
     def micro_batches_per_step(self, data_parallel_size: int) -> int:
         """Micro-batches each data-parallel rank runs per optimizer step (gradient accumulation).
-        At least 1, so that a config `validate` will refuse can still be checked further."""
+        At least 1 even for a config `validate` refuses, so that checks needing it still run."""
         return max(1, self.global_batch_size // max(1, self.micro_batch_size * data_parallel_size))
 
 

@@ -103,7 +103,7 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
     state = engine_class(cfg.engine).state_bytes(cfg, dp)
 
     fp32 = m.precision == "fp32"  # "auto" is estimated as on GPU: bf16
-    micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    micro_batches = cfg.train.micro_batches_per_step(dp)
     tokens = m.seq_length // par.cp * cfg.train.micro_batch_size
     # Korthikanti et al.: without sequence parallelism norms and dropouts stay unsharded.
     bytes_per_token = 34 / par.tp if par.sequence_parallel else 10 + 24 / par.tp
@@ -121,6 +121,7 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
 def dry_run_report(cfg: Config, world_size: int) -> str:
     """A readable account of the run; raises ConfigError for a layout that cannot run,
     and lists missing data files under 'problems' (an empty list means ready to run)."""
+    validate(cfg, world_size)
     lines = describe_run(cfg, world_size)
     problems = sources.file_problems(cfg)
     if problems:
@@ -133,11 +134,11 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
 
 def describe_run(cfg: Config, world_size: int) -> list[str]:
     """The lines of the account (layout, batch, model, parameters, memory, reweighting, data);
-    also the start-up summary of a training run. Raises ConfigError for an impossible layout."""
-    validate(cfg, world_size)
+    also the start-up summary of a training run. For a config `validate` accepted at
+    `world_size` (the run validates once per start, before any process group)."""
     m, par, train = cfg.model, cfg.parallel, cfg.train
     dp = par.data_parallel_size(world_size)
-    micro_batches = train.global_batch_size // (train.micro_batch_size * dp)
+    micro_batches = train.micro_batches_per_step(dp)
     lines = [
         f"engine: {cfg.engine}"
         + (f" (ZeRO stage {cfg.deepspeed.zero_stage})" if cfg.engine == "deepspeed" else ""),

@@ -1,4 +1,6 @@
-"""Specification of `megatron_patches.reweighting` (see /work/shared/METHOD.md).
+"""Specification of `megatron_patches.reweighting`: the method of Sow et al., "Dynamic Loss-Based
+Sample Reweighting for Improved Large Language Model Pretraining" (ICLR 2025), as the README's
+"The method, exactly" states it.
 
 For the losses l_i of one global batch and the valid set V (flagged valid, finite loss):
 
@@ -38,7 +40,7 @@ PROPERTY = settings(max_examples=60, deadline=None)
 
 
 # ---------------------------------------------------------------------------------------
-# Independent reference: METHOD.md's formulas in plain numpy.
+# Independent reference: the README's formulas in plain numpy.
 
 REFERENCE_F = {
     "uniform": lambda x, d: np.zeros_like(x),

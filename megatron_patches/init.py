@@ -60,8 +60,8 @@ def _shard(full: torch.Tensor, param: torch.Tensor, tp: int, rank: int) -> torch
     if not getattr(param, "tensor_model_parallel", False):
         return full
     dim, stride = param.partition_dim, param.partition_stride
-    pieces = torch.split(full, param.shape[dim] // stride, dim=dim)
-    return torch.cat(pieces[rank::tp], dim=dim)
+    pieces = torch.split(full, param.shape[dim] // stride, dim=dim)[rank::tp]
+    return pieces[0] if stride == 1 else torch.cat(pieces, dim=dim)
 
 
 def _full(config, name: str, seed: int, shape: list[int]) -> torch.Tensor:
@@ -71,15 +71,18 @@ def _full(config, name: str, seed: int, shape: list[int]) -> torch.Tensor:
     if re.search(r"(layernorm|layer_norm)(\.|_)weight$", name):
         return torch.ones(shape)
     init = _init_method(config, name)
-    if name in _VOCAB_ROWS:
-        blocks = []
-        for block, start in enumerate(range(0, shape[0], VOCAB_BLOCK)):
-            rows = torch.empty(VOCAB_BLOCK, *shape[1:])
-            init(rows, generator=_generator(seed, f"{name}/{block}"))
-            blocks.append(rows[: shape[0] - start])
-        return torch.cat(blocks)
     full = torch.empty(shape)
-    init(full, generator=_generator(seed, name))
+    if name not in _VOCAB_ROWS:
+        init(full, generator=_generator(seed, name))
+        return full
+    for block, start in enumerate(range(0, shape[0], VOCAB_BLOCK)):
+        rows = full[start : start + VOCAB_BLOCK]
+        if len(rows) < VOCAB_BLOCK:  # the last block: drawn whole, as under a longer padding
+            drawn = torch.empty(VOCAB_BLOCK, *shape[1:])
+            init(drawn, generator=_generator(seed, f"{name}/{block}"))
+            rows.copy_(drawn[: len(rows)])
+        else:
+            init(rows, generator=_generator(seed, f"{name}/{block}"))
     return full
 
 

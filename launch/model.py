@@ -10,6 +10,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from launch.config import Config
 from megatron_patches.device import on_gpu
+from megatron_patches.init import initialize_weights
 from megatron_patches.specs import gpt_layer_spec, transformer_engine_available
 
 
@@ -78,4 +79,5 @@ def build_model(cfg: Config, padded_vocab_size: int) -> GPTModel:
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
     )
+    initialize_weights(model, cfg.train.seed)  # the same weights under every parallel layout
     return model.cuda() if on_gpu() else model

@@ -9,7 +9,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from launch.config import Config
+from launch.config import Config, ConfigError
 from launch.models import family_of
 from megatron_patches.device import on_gpu
 from megatron_patches.specs import transformer_engine_available
@@ -36,6 +36,11 @@ def transformer_config(cfg: Config, *, gpu: bool, te: bool) -> TransformerConfig
     bf16 = use_bf16(cfg, gpu)
     dtype = torch.bfloat16 if bf16 else torch.float32
     te_spec = use_transformer_engine(cfg, gpu=gpu, te=te)
+    if p.sequence_parallel and not te_spec:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs Transformer Engine's layers (the local layer's torch"
+            " norms refuse it): run where transformer_engine is installed or set parallel.sequence_parallel=false"
+        )
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,

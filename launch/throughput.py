@@ -9,7 +9,8 @@ multiply-add of every matmul, so per token
 with N_matmul the weights that multiply activations (every layer's linear layers and the
 output layer, vocab × hidden, counted even when tied to the input embedding) and the second
 term the attention scores and their product with the values over the whole sequence
-(causal masking is not subtracted). Embedding lookups, norms and biases are left out.
+(causal masking is not subtracted). Embedding lookups, norms and biases are left out. Each
+model family (`launch/models/`) counts its own matmuls.
 MFU is the model FLOPs per second per device over the device's dense bf16 peak.
 """
 

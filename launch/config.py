@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from launch.engines import engine_class
+from launch.models import FAMILIES, family_problems
 from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES
 
 
@@ -52,6 +53,8 @@ class ModelConfig:
     rotary_base: int = 10000
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     activation: Literal["gelu", "swiglu"] = "gelu"
+    # A module of launch/models/; auto = the family whose signature (the three fields above) they match.
+    family: Literal[("auto", *FAMILIES)] = "auto"
     add_bias_linear: bool = True
     untie_embeddings: bool = False
     init_method_std: float = 0.02
@@ -482,6 +485,7 @@ def validate(cfg: Config, world_size: int) -> None:
     cache to write are checked here."""
     problems = _layout_problems(cfg, world_size)
     problems += engine_class(cfg.engine).config_problems(cfg, world_size)
+    problems += family_problems(cfg.model)
     problems += _value_problems(cfg)
     problems += _fault_problems(cfg.faults)
     problems += _data_problems(cfg.data)

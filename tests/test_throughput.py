@@ -8,7 +8,7 @@ import pytest
 
 from helpers.e2e import REPO
 from launch.config import load_config
-from launch.throughput import Throughput, device_peak_tflops, flops_per_token
+from launch.throughput import Throughput, device_peak_tflops, flops_per_token, peak_tflops
 
 
 def test_flops_per_token_of_gpt2_small_by_hand():
@@ -21,7 +21,7 @@ def test_flops_per_token_of_gpt2_small_by_hand():
 
 def test_swiglu_and_grouped_queries_count_their_own_matmuls():
     cfg = load_config(REPO / "configs/demo_cpu.yaml", [
-        "model.activation=swiglu", "model.ffn_hidden_size=256", "model.num_query_groups=2",
+        "model.position_embedding=rope", "model.normalization=RMSNorm", "model.activation=swiglu", "model.ffn_hidden_size=256", "model.num_query_groups=2",
         "model.num_layers=1", "model.hidden_size=128", "model.num_attention_heads=4", "model.seq_length=16",
     ])
     head_dim = 32
@@ -47,7 +47,11 @@ def test_throughput_row_arithmetic_and_the_peak_override():
     assert row["tflops_per_device"] == pytest.approx(798_031_872 * tokens_per_s / 8 / 1e12)
     assert row["mfu"] == pytest.approx(row["tflops_per_device"] / 100)
     assert row["peak_memory_gib"] > 0
-    assert Throughput(load_config(REPO / "configs/gpt2-124m.yaml"), 50_304, 8).row(2.0)["mfu"] is None  # CPU
+    # Without the override: this machine's GPU peak, or no MFU (a CPU, an unknown GPU).
+    plain = load_config(REPO / "configs/gpt2-124m.yaml")
+    known = peak_tflops(plain)
+    expected = None if known is None else pytest.approx(row["tflops_per_device"] / known)
+    assert Throughput(plain, 50_304, 8).row(2.0)["mfu"] == expected
 
 
 ROW = re.compile(

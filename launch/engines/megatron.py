@@ -28,8 +28,18 @@ from megatron_patches.checkpoint_writer import start_write_results_helper
 from megatron_patches.distrib_optimizer import patch_distributed_optimizer
 
 
-def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
+def ddp_config(cfg: Config) -> DistributedDataParallelConfig:
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+
+
+def megatron_optimizer_config(cfg: Config, gpu: Optional[bool] = None) -> OptimizerConfig:
+    """`gpu`: the device to configure for; None = whether this process has one."""
     o = cfg.optim
+    bf16 = use_bf16(cfg, gpu)
     return OptimizerConfig(
         optimizer="adam",
         lr=o.lr,
@@ -40,8 +50,8 @@ def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
         adam_beta2=o.beta2,
         adam_eps=o.eps,
         clip_grad=o.clip_grad,
-        bf16=use_bf16(cfg),
-        params_dtype=torch.bfloat16 if use_bf16(cfg) else torch.float32,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
 
@@ -65,15 +75,7 @@ class Engine:
         # Float16Module casts the parameters the builder left in fp32 (learned positions, norms)
         # in place, so `model` stays the module whose state the checkpoints hold.
         module = Float16Module(model.config, model) if use_bf16(cfg) else model
-        self.wrapped_model = DistributedDataParallel(
-            model.config,
-            DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-                check_for_nan_in_grad=True,
-            ),
-            module,
-        )
+        self.wrapped_model = DistributedDataParallel(model.config, ddp_config(cfg), module)
         self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg), [self.wrapped_model])
         # Saved with the checkpoint (content metadata); a load reads the format it was saved in.
         self.optimizer_format = DISTRIBUTED_OPTIMIZER_FORMAT if cfg.parallel.distributed_optimizer else {}

@@ -13,9 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from torch.distributed.checkpoint import FileSystemReader
-
 from helpers.e2e import REPO, pretrain, pretrain_command, rows
+from torch.distributed.checkpoint import FileSystemReader
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +52,15 @@ def _bytes(dry_run: str, part: str) -> float:
 
 def test_dry_run_accounts_for_what_the_run_saves(unbroken, tmp_path, demo_dir):
     trained = pretrain_command(tmp_path, demo_dir, *SETTINGS)  # the run's own settings
-    command = [sys.executable, "-m", "launch.pretrain", "--dry-run", "--world-size", "2", *trained[trained.index("--config") :]]
+    command = [
+        sys.executable,
+        "-m",
+        "launch.pretrain",
+        "--dry-run",
+        "--world-size",
+        "2",
+        *trained[trained.index("--config") :],
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "distributed_optimizer=true" in result.stdout and "problems: none" in result.stdout
@@ -73,11 +80,18 @@ def test_resumes_exactly(stopped, unbroken, tmp_path, demo_dir, cache_dir):
     run_dir = shutil.copytree(stopped, tmp_path / "run")
     result = pretrain(run_dir, demo_dir, f"data.cache_dir={cache_dir}", *SETTINGS)
     assert "resuming from" in result.stdout and "step_00000004" in result.stdout
-    for kind, keys in (("train", ("step", "loss", "weighted_loss", "lr", "grad_norm")), ("valid", ("step", "valid_loss"))):
-        assert [[r[k] for k in keys] for r in rows(run_dir, kind)] == [[r[k] for k in keys] for r in rows(unbroken, kind)]
+    for kind, keys in (
+        ("train", ("step", "loss", "weighted_loss", "lr", "grad_norm")),
+        ("valid", ("step", "valid_loss")),
+    ):
+        assert [[r[k] for k in keys] for r in rows(run_dir, kind)] == [
+            [r[k] for k in keys] for r in rows(unbroken, kind)
+        ]
 
 
-@pytest.mark.parametrize("nproc, layout", [(1, "parallel.tp=1"), (2, "parallel.tp=2"), (2, "parallel.pp=2")], ids=["dp1", "tp2", "pp2"])
+@pytest.mark.parametrize(
+    "nproc, layout", [(1, "parallel.tp=1"), (2, "parallel.tp=2"), (2, "parallel.pp=2")], ids=["dp1", "tp2", "pp2"]
+)
 def test_checkpoint_reshards(nproc, layout, stopped, unbroken, tmp_path, demo_dir, cache_dir):
     run_dir = shutil.copytree(stopped, tmp_path / "run")
     result = pretrain(run_dir, demo_dir, f"data.cache_dir={cache_dir}", *SETTINGS, layout, nproc=nproc)

@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from launch.engines import engine_class
-from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES
+from megatron_patches.reweighting import ReweightSettings
 
 
 class ConfigError(ValueError):
@@ -157,21 +157,9 @@ class CheckpointConfig:
     allow_config_change: bool = False
 
 
-@dataclass(frozen=True)
-class ReweightConfig:
-    """Loss-based sample reweighting (Sow et al., ICLR 2025); the math is in
-    megatron_patches/reweighting.py."""
-
-    # The names of megatron_patches.reweighting.STRATEGIES; reference names such as `mid` are
-    # accepted as their aliases (STRATEGY_ALIASES) and saved under this project's name.
-    strategy: Literal[tuple(STRATEGIES)] = field(default="uniform", metadata={"aliases": STRATEGY_ALIASES})
-    temperature: float = 1.0  # r > 0: small = sharp weights, large = near uniform
-    delta: float = 1.0  # losses are normalised to [-delta, delta]
-    warmup_steps: int = 0
-    warmup_temperature: Optional[float] = None  # null = uniform weights during warm-up
-    # After warm-up, 1/temperature moves linearly from the warm-up's (0 when uniform) to the
-    # target's over anneal_steps steps; 0 = switch at once.
-    anneal_steps: int = 0
+# Loss-based sample reweighting (Sow et al., ICLR 2025): one definition with the
+# `--reweight-*` flags of megatron_patches.megatron_lm; the math is in megatron_patches/reweighting.py.
+ReweightConfig = ReweightSettings
 
 
 @dataclass(frozen=True)
@@ -598,8 +586,6 @@ def _value_problems(cfg: Config) -> list[str]:
         "optim.min_lr": optim.min_lr,
         "optim.weight_decay": optim.weight_decay,
         "optim.clip_grad": optim.clip_grad,
-        "reweight.warmup_steps": rw.warmup_steps,
-        "reweight.anneal_steps": rw.anneal_steps,
     }
     problems += [f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0]
     if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
@@ -653,28 +639,12 @@ def _value_problems(cfg: Config) -> list[str]:
         problems.append(
             f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr"
         )
-    for key, value in {
-        "reweight.temperature": rw.temperature,
-        "reweight.warmup_temperature": rw.warmup_temperature,
-    }.items():
-        if value is not None and value <= 0:
-            problems.append(
-                f"{key}={value} must be > 0 (small = sharp weights, large = near uniform;"
-                " 1.0 is a good start)"
-            )
-    # A warm-up with warmup_temperature reweights too; without one it is uniform throughout.
-    if rw.strategy != "uniform" and rw.warmup_temperature is None and rw.warmup_steps >= train.steps:
-        problems.append(
-            f"reweight.warmup_steps={rw.warmup_steps} >= train.steps={train.steps}: the run would"
-            " never reweight; lower warmup_steps or use reweight.strategy=uniform"
-        )
     if model.position_embedding == "rope" and model.rotary_base <= 0:
         problems.append(
             f"model.rotary_base={model.rotary_base} must be > 0 with model.position_embedding=rope"
             " (10000 is the usual base)"
         )
-    if rw.delta <= 0:
-        problems.append(f"reweight.delta={rw.delta} must be > 0 (1.0 is the paper's value)")
+    problems += rw.problems(train.steps, name=lambda key: f"reweight.{key}", train_steps_name="train.steps")
     return problems
 
 

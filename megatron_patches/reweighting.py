@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -300,3 +300,50 @@ class ReweightSchedule:
             # Changing the schedule on resume is allowed but should never pass silently.
             warnings.warn(f"reweighting schedule changed on resume: checkpoint {settings}, now {asdict(self)}")
         self.step = int(state["step"])
+
+
+@dataclass(frozen=True)
+class ReweightSettings:
+    """The reweighting a run asks for: the config's `reweight:` section and the
+    `--reweight-*` flags of `megatron_patches.megatron_lm` are this one definition."""
+
+    # The names of STRATEGIES; reference names such as `mid` are accepted as their aliases
+    # (STRATEGY_ALIASES) and saved under this project's name.
+    strategy: Literal[tuple(STRATEGIES)] = field(default="uniform", metadata={"aliases": STRATEGY_ALIASES})
+    temperature: float = 1.0  # r > 0: small = sharp weights, large = near uniform
+    delta: float = 1.0  # losses are normalised to [-delta, delta]
+    warmup_steps: int = 0
+    warmup_temperature: Optional[float] = None  # null = uniform weights during warm-up
+    # After warm-up, 1/temperature moves linearly from the warm-up's (0 when uniform) to the
+    # target's over anneal_steps steps; 0 = switch at once.
+    anneal_steps: int = 0
+
+    def problems(self, train_steps: int, name: Callable[[str], str], train_steps_name: str) -> list[str]:
+        """What cannot run, each naming its setting as `name(field)` (a config key or a flag)."""
+        problems = [
+            f"{name(key)}={getattr(self, key)} must be >= 0"
+            for key in ("warmup_steps", "anneal_steps")
+            if getattr(self, key) < 0
+        ]
+        for key in ("temperature", "warmup_temperature"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                problems.append(
+                    f"{name(key)}={value} must be > 0 (small = sharp weights, large = near uniform;"
+                    " 1.0 is a good start)"
+                )
+        # A warm-up with warmup_temperature reweights too; without one it is uniform throughout.
+        if self.strategy != "uniform" and self.warmup_temperature is None and self.warmup_steps >= train_steps:
+            problems.append(
+                f"{name('warmup_steps')}={self.warmup_steps} >= {train_steps_name}={train_steps}: the run"
+                f" would never reweight; lower {name('warmup_steps')} or use {name('strategy')}=uniform"
+            )
+        if self.delta <= 0:
+            problems.append(f"{name('delta')}={self.delta} must be > 0 (1.0 is the paper's value)")
+        return problems
+
+    def schedule(self) -> ReweightSchedule:
+        return ReweightSchedule(
+            self.strategy, self.temperature, self.warmup_steps, self.warmup_temperature, self.anneal_steps
+        )
+

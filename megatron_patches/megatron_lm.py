@@ -103,7 +103,9 @@ def refusals(args: argparse.Namespace) -> list[str]:
         "use_legacy_models": "--use-legacy-models is not the Megatron-Core GPTModel this loss reads",
     }
     problems += [
-        f"{why}: the per-sample losses cannot be formed; leave it off" for name, why in unsupported.items() if getattr(args, name, False)
+        f"{why}: the per-sample losses cannot be formed; leave it off"
+        for name, why in unsupported.items()
+        if getattr(args, name, False)
     ]
     train_steps = args.train_iters if args.train_iters is not None else sys.maxsize  # None: sample-based, unknown here
     problems += settings_from_args(args).problems(train_steps, name=flag, train_steps_name="--train-iters")

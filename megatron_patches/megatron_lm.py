@@ -23,12 +23,13 @@ resumed run continues its warm-up and annealing where the checkpoint left them.
 from __future__ import annotations
 
 import argparse
+import builtins
 import functools
 import importlib.util
-import runpy
 import sys
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -174,6 +175,16 @@ def _pretrain_with_reweighting(pretrain):
     return wrapper
 
 
+def run_script(path: str) -> None:
+    """Run a Megatron-LM script as `__main__`, as `python path` would, except that
+    `sys.modules["__main__"]` stays the launcher (unlike runpy): a process multiprocessing
+    spawns (dist_checkpointing's write-results queue) then re-imports the launcher, not the
+    script, whose imports need the CPU layer on a machine without Triton."""
+    sys.argv[0] = path
+    code = compile(Path(path).read_bytes(), path, "exec")
+    exec(code, {"__name__": "__main__", "__file__": path, "__spec__": None, "__package__": None, "__builtins__": builtins})
+
+
 def main() -> None:
     enable_megatron_lm_cpu_mode()  # on a machine without CUDA only (tests)
     spec = importlib.util.find_spec("pretrain_gpt")
@@ -183,8 +194,7 @@ def main() -> None:
 
     # pretrain_gpt.py imports `pretrain` from megatron.training when it runs.
     megatron.training.pretrain = _pretrain_with_reweighting(megatron.training.pretrain)
-    sys.argv[0] = spec.origin
-    runpy.run_path(spec.origin, run_name="__main__")
+    run_script(spec.origin)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import torch
 
-from megatron_patches.megatron_lm import add_reweight_args, refusals, settings_from_args
+from megatron_patches.megatron_lm import add_reweight_args, refusals, reweighted_loss_func, settings_from_args
 from megatron_patches.reweighting import ReweightSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +140,8 @@ def test_uniform_logs_megatron_lms_own_loss_at_every_iteration(runs, layout):
     uniform = runs("drop-in", "--reweight-strategy", "uniform", *LAYOUTS[layout])
     assert uniform.column("lm loss") == plain.column("lm loss")
     assert uniform.column("grad norm") == plain.column("grad norm")
-    assert uniform.validations == plain.validations and len(plain.validations) == 2
+    # Evaluations at iterations 3 and 6, and pretrain()'s final one.
+    assert uniform.validations == plain.validations and len(plain.validations) == 3
     assert set(uniform.column("weight ess")) == {"1.000000E+00"}
 
 
@@ -158,9 +160,8 @@ def test_linupper_differs_after_its_warm_up_and_logs_its_statistics(runs, checkp
     assert all(0 < float(value) < 1 for value in linupper.column("weight entropy")[WARMUP:])
     assert linupper.column("inverse temperature")[WARMUP:] == ["2.500000E+00"] * (ITERATIONS - WARMUP)
     assert all(value is not None for value in linupper.column("weighted loss"))
-    # Evaluation reports the plain loss only: at iteration 3 the parameters are still the same.
-    assert [set(row) for row in linupper.validations] == [set(row) for row in plain.validations]
-    assert linupper.validations[0] == plain.validations[0]
+    # Evaluation reports the plain loss only: no reweighting statistics.
+    assert [set(row) for row in linupper.validations] == [{"lm loss value", "lm loss PPL"}] * 3
 
 
 @pytest.mark.e2e
@@ -207,6 +208,15 @@ def test_layouts_without_per_sample_losses_are_refused_naming_the_flag(flag):
     args = parsed()
     setattr(args, flag, True)
     assert [problem for problem in refusals(args) if "--" + flag.replace("_", "-") in problem]
+
+
+def test_evaluation_gets_pretrain_gpts_own_loss_untouched():
+    def plain_loss_func(loss_mask, output_tensor, model=None):
+        return output_tensor.sum(), loss_mask.sum(), {"lm loss": output_tensor.sum().view(1)}
+
+    mask, losses = torch.ones(2, 4), torch.rand(2, 4)
+    with torch.no_grad():
+        assert reweighted_loss_func(plain_loss_func)(mask, losses) == plain_loss_func(mask, losses)
 
 
 @pytest.mark.e2e

@@ -12,7 +12,7 @@ need CUDA, a compiler or Triton.  Each is replaced here by what it means on a CP
   `torch.cuda.get_rng_state()`: streams become no-ops, the CUDA RNG state is empty.
 * Megatron-Core forks a CUDA RNG state around weight init and dropout; a CPU has no CUDA
   generator, so the tracker is Megatron-Core's one that forks nothing (made for inference):
-  both draw from the CPU generator.
+  both draw from the CPU generator, which checkpoints save and restore.
 * `validate_args` reads the GPU architecture when TP or CP > 1 (to require
   CUDA_DEVICE_MAX_CONNECTIONS=1): a CPU has no such limit, reported as Blackwell's 10.
 * `megatron.training.initialize` imports the Triton kernels of `--batch-invariant-mode`
@@ -101,7 +101,10 @@ def enable_megatron_lm_cpu_mode() -> bool:
     from megatron.core import tensor_parallel
     from megatron.training import arguments, initialize, training
 
-    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True)
+    tracker = tensor_parallel.get_cuda_rng_tracker(inference_rng_tracker=True)
+    # Megatron-LM's checkpoint load refuses an empty tracker; the CPU generator itself is saved
+    # as `torch_rng_state`, so the tracker holds one placeholder, which it never uses.
+    tracker.states_["no-cuda-generator"] = torch.empty(0, dtype=torch.uint8)
 
     training.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
     initialize._initialize_distributed = _one_device_during(initialize._initialize_distributed)

@@ -53,6 +53,11 @@ VARIANTS = {
     "llama_gqa_untied": ("rope", "RMSNorm", "swiglu", 2, False, False, 48, 1e-6),
     "llama_mqa_bias_tied": ("rope", "RMSNorm", "swiglu", 1, True, True, 40, 1e-5),
 }
+# Built by launch.model.build_model from the demo config, as a run builds them: GPT-2's tanh GELU.
+FAMILY_BUILT = {
+    "gpt2_family": ("model.ffn_hidden_size=80",),
+    "llama_family": (*LLAMA_STYLE, "model.ffn_hidden_size=48"),
+}
 REFUSED = {
     "learned_rmsnorm": ("learned_absolute", "RMSNorm", "gelu", 4, True, True, 64, 1e-5),
     "rope_layernorm_gelu": ("rope", "LayerNorm", "gelu", 4, True, True, 64, 1e-5),
@@ -86,6 +91,16 @@ def _tiny_megatron(position, norm, activation, groups, bias, tied, ffn, eps):
     ).eval()
 
 
+def _family_built(overrides):
+    from launch.config import load_config
+    from launch.model import build_model
+
+    shape = (f"model.num_layers={TINY['num_layers']}", f"model.hidden_size={TINY['hidden_size']}",
+             f"model.num_attention_heads={TINY['num_attention_heads']}", f"model.seq_length={TINY['seq']}")  # fmt: skip
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", [*shape, *overrides])
+    return build_model(cfg, TINY["vocab"]).eval()
+
+
 def _convert_random_models(out_dir: str):
     """Every parameter random (norm gains and biases too, so a misplaced one shows), then
     Megatron's logits and the saved conversion of each variant, and the refusals' messages."""
@@ -95,8 +110,9 @@ def _convert_random_models(out_dir: str):
     initialize_parallel(1, 1, 1)
     tokens = torch.randint(0, TINY["vocab"], (2, TINY["seq"]), generator=torch.Generator().manual_seed(0))
     logits = {}
-    for name, variant in VARIANTS.items():
-        model = _tiny_megatron(*variant)
+    models = {name: _tiny_megatron(*variant) for name, variant in VARIANTS.items()}
+    models |= {name: _family_built(overrides) for name, overrides in FAMILY_BUILT.items()}
+    for name, model in models.items():
         with torch.no_grad():
             for param in model.parameters():
                 param.copy_(torch.randn_like(param) * 0.5)
@@ -118,13 +134,15 @@ def random_conversions(tmp_path_factory):
     return out, result
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", [*VARIANTS, *FAMILY_BUILT])
 def test_conversion_of_random_weights_is_exact(random_conversions, name):
     from transformers import AutoModelForCausalLM
 
     out, (tokens, megatron_logits, _) = random_conversions
     model = AutoModelForCausalLM.from_pretrained(out / name, local_files_only=True)
     assert type(model).__name__ == ("GPT2LMHeadModel" if name.startswith("gpt2") else "LlamaForCausalLM")
+    if name.startswith("gpt2"):  # the GELU trained: exact in the hand-built variants, tanh as runs train it
+        assert model.config.activation_function == ("gelu_new" if name == "gpt2_family" else "gelu")
     with torch.no_grad():
         logits = model(tokens).logits
     error = assert_logits_equal(logits, megatron_logits[name])

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from data_prep.files import write_text_atomically
+
 EXAMPLES = """\
 examples:
   python -m launch.tools.evaluate --model exports/gpt2 --tasks hellaswag,arc_easy --limit 200 --out results.json
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     from lm_eval.utils import handle_non_serializable, make_table
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    write_text_atomically(args.out, json.dumps(results, indent=2, default=handle_non_serializable))
     print(make_table(results))
     print(f"results written to {args.out}")
     return 0

@@ -6,16 +6,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from launch.metrics import METRICS_FILE
+from data_prep.files import replaced_atomically
+from launch.metrics import METRICS_FILE, MetricsFileError, read_metrics
 
 
 def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines() if line.strip()]
+    """(train rows, held-out rows); a torn last line is left out."""
+    rows = read_metrics(run_dir)
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "valid"]
 
 
@@ -91,9 +92,8 @@ def plot(runs: dict[str, Path], out: Path) -> None:
             ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, out)
+    with replaced_atomically(out) as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def main(argv=None) -> int:
@@ -114,10 +114,14 @@ def main(argv=None) -> int:
         print("python -m launch.tools.report: error: a run directory is given twice", file=sys.stderr)
         return 2
     runs = dict(zip(labels(args.runs), args.runs))
-    print(validation_table(runs))
-    if args.out:
-        plot(runs, args.out)
-        print(f"figure: {args.out}")
+    try:
+        print(validation_table(runs))
+        if args.out:
+            plot(runs, args.out)
+            print(f"figure: {args.out}")
+    except MetricsFileError as error:
+        print(f"python -m launch.tools.report: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

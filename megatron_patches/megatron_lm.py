@@ -74,8 +74,12 @@ def add_reweight_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     for setting in fields(ReweightSettings):
         kind = hints[setting.name]
         if setting.name == "strategy":
-            group.add_argument(flag(setting.name), default=setting.default, choices=[*STRATEGIES, *STRATEGY_ALIASES],
-                               help=_HELP[setting.name])
+            group.add_argument(
+                flag(setting.name),
+                default=setting.default,
+                choices=[*STRATEGIES, *STRATEGY_ALIASES],
+                help=_HELP[setting.name],
+            )
         else:
             number = float if float in typing.get_args(kind) else kind  # Optional[float] → float
             group.add_argument(flag(setting.name), type=number, default=setting.default, help=_HELP[setting.name])
@@ -151,7 +155,9 @@ def _pretrain_with_reweighting(pretrain):
     checked before initialisation, and the script's `loss_func` reweighted."""
 
     @functools.wraps(pretrain)
-    def wrapper(dataset_provider, model_provider, model_type, forward_step_func, *args, extra_args_provider=None, **kwargs):
+    def wrapper(
+        dataset_provider, model_provider, model_type, forward_step_func, *args, extra_args_provider=None, **kwargs
+    ):
         def extra_args(parser):
             parser = add_reweight_args(parser)
             return parser if extra_args_provider is None else extra_args_provider(parser)
@@ -169,8 +175,15 @@ def _pretrain_with_reweighting(pretrain):
                 " reweighted_loss_func in your own script instead"
             )
         script["loss_func"] = reweighted_loss_func(script["loss_func"])
-        return pretrain(dataset_provider, model_provider, model_type, forward_step_func, *args,
-                        extra_args_provider=extra_args, **kwargs)
+        return pretrain(
+            dataset_provider,
+            model_provider,
+            model_type,
+            forward_step_func,
+            *args,
+            extra_args_provider=extra_args,
+            **kwargs,
+        )
 
     return wrapper
 
@@ -182,14 +195,19 @@ def run_script(path: str) -> None:
     script, whose imports need the CPU layer on a machine without Triton."""
     sys.argv[0] = path
     code = compile(Path(path).read_bytes(), path, "exec")
-    exec(code, {"__name__": "__main__", "__file__": path, "__spec__": None, "__package__": None, "__builtins__": builtins})
+    exec(
+        code,
+        {"__name__": "__main__", "__file__": path, "__spec__": None, "__package__": None, "__builtins__": builtins},
+    )
 
 
 def main() -> None:
     enable_megatron_lm_cpu_mode()  # on a machine without CUDA only (tests)
     spec = importlib.util.find_spec("pretrain_gpt")
     if spec is None or spec.origin is None:
-        raise SystemExit("megatron_patches.megatron_lm: put Megatron-LM's root (the folder with pretrain_gpt.py) on PYTHONPATH")
+        raise SystemExit(
+            "megatron_patches.megatron_lm: put Megatron-LM's root (the folder with pretrain_gpt.py) on PYTHONPATH"
+        )
     import megatron.training
 
     # pretrain_gpt.py imports `pretrain` from megatron.training when it runs.

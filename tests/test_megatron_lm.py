@@ -61,7 +61,15 @@ def environment() -> dict:
 
 
 def run(entry: list[str], args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *entry, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *entry,
+        *args,
+    ]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment(), timeout=600)
 
 
@@ -74,7 +82,9 @@ class Log:
     """What Megatron-LM printed: per iteration and per evaluation, its `key: value` fields."""
 
     def __init__(self, output: str):
-        self.iterations = [fields_of(line) for line in output.splitlines() if " iteration " in line and "lm loss:" in line]
+        self.iterations = [
+            fields_of(line) for line in output.splitlines() if " iteration " in line and "lm loss:" in line
+        ]
         self.validations = [fields_of(line) for line in output.splitlines() if "validation loss at iteration" in line]
 
     def column(self, key: str) -> list[str]:
@@ -227,7 +237,9 @@ def test_evaluation_gets_pretrain_gpts_own_loss_untouched():
 
 @pytest.mark.e2e
 def test_the_drop_in_refuses_before_initialising(megatron_lm, demo_dir):
-    result = run(["-m", "megatron_patches.megatron_lm"], model_args(demo_dir) + ["--reweight-temperature", "0"], nproc=1)
+    result = run(
+        ["-m", "megatron_patches.megatron_lm"], model_args(demo_dir) + ["--reweight-temperature", "0"], nproc=1
+    )
     assert result.returncode != 0
     assert "megatron_patches.megatron_lm: --reweight-temperature=0.0 must be > 0" in result.stderr
     assert "initializing torch distributed" not in result.stdout

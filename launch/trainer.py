@@ -234,7 +234,8 @@ class Trainer:
         self.checkpointer.save(self.step, state)
 
     def _check_same_experiment(self, path: Path, saved: dict) -> None:
-        changes = experiment_changes(saved, self.cfg)
+        """`saved`: the checkpoint's trainer state (its config, and the layout it was saved under)."""
+        changes = experiment_changes(saved["config"], self.cfg, saved_dp=saved["layout"]["dp"], dp=ps.get_data_parallel_world_size())
         if not changes:
             return
         if not self.cfg.checkpoint.allow_config_change:
@@ -255,7 +256,7 @@ class Trainer:
             except CheckpointError as error:
                 warn(f"checkpoint {path} is incomplete or corrupted, not used: {error}; trying an earlier one")
                 continue
-            self._check_same_experiment(path, state["config"])
+            self._check_same_experiment(path, state)
             self.scheduler.load_state_dict(state["scheduler"])  # after the optimizer's param groups
             self.loss.schedule.load_state_dict(state["reweight_schedule"])
             if "log_interval" in state:

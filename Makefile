@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not e2e'
@@ -39,11 +39,11 @@ demo-data: $(VENV)/.installed
 demo: demo-data
 	$(PRETRAIN) --run-dir $(DEMO_RUNS)/uniform --set reweight.strategy=uniform
 	$(PRETRAIN) --run-dir $(DEMO_RUNS)/linupper --set reweight.strategy=linupper
-	$(PY) -m launch.report $(DEMO_RUNS)/uniform $(DEMO_RUNS)/linupper --out $(DEMO_RUNS)/report.png
+	$(PY) -m launch.tools.report $(DEMO_RUNS)/uniform $(DEMO_RUNS)/linupper --out $(DEMO_RUNS)/report.png
 
 # Training throughput: uniform vs linupper steps interleaved, the demo model on 2 CPU processes.
 bench: demo-data
-	$(PY) -m launch.torchrun --standalone --nproc-per-node 2 -m launch.bench --config configs/demo_cpu.yaml --pairs 30
+	$(PY) -m launch.torchrun --standalone --nproc-per-node 2 -m launch.tools.bench --config configs/demo_cpu.yaml --pairs 30
 
 # Preprocessing throughput: data_prep against raw SentencePiece and a Megatron-LM-style pipeline.
 bench-data: $(VENV)/.installed

@@ -25,7 +25,7 @@ import time
 
 import sentencepiece as spm
 
-from .tokenize import TokenizeJob, default_workers, tokenize
+from .tokenize_corpus import TokenizeJob, default_workers, tokenize
 from .tokenizer import train_tokenizer
 
 

@@ -8,7 +8,6 @@ that training can refuse a tokenizer other than the one the tokens came from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,14 +45,6 @@ class BlendFile:
             "tokenizer_sha256": self.tokenizer_sha256,
             "domains": {name: asdict(domain) for name, domain in self.domains.items()},
         }
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_blend_file(path: str | Path) -> BlendFile:

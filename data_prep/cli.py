@@ -8,9 +8,9 @@ import sys
 from collections import Counter
 
 from .errors import DataPrepError
-from .inspect import inspect_dataset
+from .inspect_dataset import inspect_dataset
 from .readers import describe_skipped
-from .tokenize import TokenizeJob, default_workers, tokenize
+from .tokenize_corpus import TokenizeJob, default_workers, tokenize
 from .tokenizer import train_tokenizer
 
 DESCRIPTION = """\

@@ -27,7 +27,6 @@ import hashlib
 import importlib.metadata
 import json
 import math
-import os
 import random
 import sysconfig
 from pathlib import Path
@@ -35,7 +34,8 @@ from pathlib import Path
 import pydoc_data.topics
 
 from .blend import read_blend_file
-from .tokenize import TokenizeJob, tokenize
+from .files import replaced_atomically
+from .tokenize_corpus import TokenizeJob, tokenize
 from .tokenizer import train_tokenizer
 
 SEED = 0
@@ -234,13 +234,11 @@ def split_valid(
 
 def write_jsonl(path: Path, documents: dict[str, list[str]]) -> None:
     """Written under a temporary name and renamed, so a file that exists is complete."""
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as out:
+    with replaced_atomically(path) as partial, partial.open("w", encoding="utf-8") as out:
         for domain, texts in documents.items():
             for text in texts:
                 record = {"text": text, "meta": {"redpajama_set_name": domain}}
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
 
 
 def write_corpus(out: Path) -> None:

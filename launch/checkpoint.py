@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
@@ -42,6 +41,7 @@ from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch.distributed.checkpoint.api import CheckpointException
 
+from data_prep.files import file_sha256, write_text_atomically
 from launch.console import say
 from megatron_patches.device import on_gpu
 
@@ -83,9 +83,7 @@ def warn(message: str) -> None:
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2))
 
 
 class CheckpointError(RuntimeError):
@@ -145,19 +143,11 @@ def file_manifest(directory: Path, share: tuple[int, int] = (0, 1)) -> dict[str,
     rank, ranks = share
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)[rank::ranks]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_sha256, files))
+        digests = list(pool.map(file_sha256, files))
     return {
         str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": digest}
         for p, digest in zip(files, digests)
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> Optional[str]:

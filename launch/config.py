@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from launch.engines import engine_class
+from launch.models import FAMILIES, family_problems
 from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES
 
 
@@ -52,6 +53,8 @@ class ModelConfig:
     rotary_base: int = 10000
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     activation: Literal["gelu", "swiglu"] = "gelu"
+    # A module of launch/models/; auto = the family whose signature (the three fields above) they match.
+    family: Literal[("auto", *FAMILIES)] = "auto"
     add_bias_linear: bool = True
     untie_embeddings: bool = False
     init_method_std: float = 0.02
@@ -114,6 +117,11 @@ class TrainConfig:
     # Megatron-LM's --exit-duration-in-mins); null = no limit.
     exit_duration_minutes: Optional[float] = None
 
+    def micro_batches_per_step(self, data_parallel_size: int) -> int:
+        """Micro-batches each data-parallel rank runs per optimizer step (gradient accumulation).
+        At least 1 even for a config `validate` refuses, so that checks needing it still run."""
+        return max(1, self.global_batch_size // max(1, self.micro_batch_size * data_parallel_size))
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -140,7 +148,10 @@ class DataConfig:
     weights: Union[dict[str, float], list[float], None] = None
     valid_blend: Optional[str] = None  # held-out blend for per-domain validation
     tokenizer_model: Optional[str] = None  # SentencePiece model
-    split: str = "99,1,0"  # train,valid,test shares; used only when valid_blend is null
+    # train,valid,test shares of every training dataset's documents, used only when valid_blend
+    # is null. Megatron normalises all three, so the test share holds documents back from both
+    # training and validation; no test set is built from them.
+    split: str = "99,1,0"
     cache_dir: Optional[str] = None  # null = <run_dir>/data_cache
 
 
@@ -148,7 +159,10 @@ class DataConfig:
 class CheckpointConfig:
     interval: int = 1000  # save every `interval` steps
     keep: Optional[int] = None  # null = keep all; else the last `keep`
-    load: Optional[str] = None  # checkpoint directory to initialise from
+    # A checkpoint directory to resume from when the run directory has none of its own: the
+    # model, optimizer, RNG, schedules and step all continue from it (and the experiment must
+    # match it, as on any resume).
+    load: Optional[str] = None
     # Write shards from a background process while training goes on (Megatron-LM's --async-save);
     # a checkpoint counts only once every rank's write has finished.
     async_save: bool = False
@@ -259,7 +273,7 @@ def experiment_changes(saved: dict, current: Config, *, saved_dp: int, dp: int) 
     Weights are normalised over each global micro-batch, DP × micro_batch_size samples, so
     that product is compared rather than micro_batch_size alone: DP 1 → 2 with micro-batch
     8 → 4 normalises the same samples together and is the same experiment."""
-    old, new = _flatten(from_dict(saved)), _flatten(current)
+    old, new = flatten(to_dict(from_dict(saved))), flatten(to_dict(current))
     changes = []
     for key in new:
         if key == "train.micro_batch_size":
@@ -275,9 +289,11 @@ def experiment_changes(saved: dict, current: Config, *, saved_dp: int, dp: int) 
     return changes
 
 
-def _flatten(cfg: Config) -> dict[str, Any]:
+def flatten(settings: dict) -> dict[str, Any]:
+    """`section.key` -> value, from plain config data (`to_dict`'s or a saved config.yaml's);
+    a field whose value is a mapping (data.weights) stays one value."""
     flat = {}
-    for section, values in to_dict(cfg).items():
+    for section, values in settings.items():
         if isinstance(values, dict):
             flat.update({f"{section}.{key}": value for key, value in values.items()})
         else:
@@ -482,6 +498,7 @@ def validate(cfg: Config, world_size: int) -> None:
     cache to write are checked here."""
     problems = _layout_problems(cfg, world_size)
     problems += engine_class(cfg.engine).config_problems(cfg, world_size)
+    problems += family_problems(cfg.model)
     problems += _value_problems(cfg)
     problems += _fault_problems(cfg.faults)
     problems += _data_problems(cfg.data)

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 from launch.config import Config, ConfigError, validate
 from launch.engines import engine_class
+from launch.models import family_of
+from launch.models.family import ParameterCount
 from launch import sources
 
 
@@ -21,50 +23,9 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes / 2**10:.2f} KiB"
 
 
-class ParameterCount(NamedTuple):
-    """Parameters of a Megatron-Core GPTModel, counted once (tied weights once)."""
-
-    word_embedding: int  # padded vocabulary x hidden
-    position_embedding: int  # 0 with rotary embeddings
-    per_layer: int
-    final_norm: int
-    output: int  # 0 when the output layer shares the word embeddings
-    num_layers: int
-
-    @property
-    def total(self) -> int:
-        return (
-            self.word_embedding
-            + self.position_embedding
-            + self.num_layers * self.per_layer
-            + self.final_norm
-            + self.output
-        )
-
-
 def count_parameters(cfg: Config, vocab_size: int) -> ParameterCount:
-    """Exact count for GPTModel built from these options (QKV with grouped K/V heads,
-    two MLP matrices for GELU and three for SwiGLU, biases only with add_bias_linear)."""
-    m = cfg.model
-    hidden, heads, groups = m.hidden_size, m.num_attention_heads, m.num_query_groups
-    head_dim = hidden // heads
-    vocab = sources.padded_vocab_size(cfg, vocab_size)
-    norm = 2 * hidden if m.normalization == "LayerNorm" else hidden  # LayerNorm has a bias
-    bias = int(m.add_bias_linear)
-
-    qkv_out = head_dim * (heads + 2 * groups)
-    attention = hidden * qkv_out + bias * qkv_out + heads * head_dim * hidden + bias * hidden
-    fc1_out = m.ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
-    mlp = hidden * fc1_out + bias * fc1_out + m.ffn_hidden_size * hidden + bias * hidden
-    learned_positions = m.position_embedding == "learned_absolute"
-    return ParameterCount(
-        word_embedding=vocab * hidden,
-        position_embedding=m.max_position_embeddings * hidden if learned_positions else 0,
-        per_layer=2 * norm + attention + mlp,
-        final_norm=norm,
-        output=vocab * hidden if m.untie_embeddings else 0,
-        num_layers=m.num_layers,
-    )
+    """Exact count for the GPTModel of this config, as its family builds it."""
+    return family_of(cfg.model).count_parameters(cfg.model, sources.padded_vocab_size(cfg, vocab_size))
 
 
 class MemoryEstimate(NamedTuple):
@@ -80,13 +41,17 @@ class MemoryEstimate(NamedTuple):
         return sum(self)
 
 
-MEMORY_ASSUMPTIONS = (
-    "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 12 for the optimizer"
-    " (fp32 master, Adam m, v), gradients 4 (Megatron's fp32 buffers) or 2 (DeepSpeed);"
-    " fp32 4+4+8; activations per layer seq*batch*hidden*(10+24/TP) bytes in bf16, 34/TP"
-    " with sequence parallelism (Korthikanti et al. 2022; SDPA/flash attention, no"
-    " recomputation), for min(PP, micro-batches) micro-batches, plus fp32 logits"
-)
+def memory_assumptions(cfg: Config) -> str:
+    family = family_of(cfg.model)
+    activations = family.activation_bytes(cfg.model)
+    return (
+        "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 12 for the optimizer"
+        " (fp32 master, Adam m, v), gradients 4 (Megatron's fp32 buffers) or 2 (DeepSpeed);"
+        f" fp32 4+4+8; activations per layer and token {activations.replicated:g} + {activations.sharded:g}/TP"
+        f" bytes in bf16, all /TP with sequence parallelism ({family.name} layer,"
+        " Korthikanti et al. 2022; SDPA/flash attention, no recomputation), for"
+        " min(PP, micro-batches) micro-batches, plus fp32 logits"
+    )
 
 
 def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> MemoryEstimate:
@@ -103,11 +68,15 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
     state = engine_class(cfg.engine).state_bytes(cfg, dp)
 
     fp32 = m.precision == "fp32"  # "auto" is estimated as on GPU: bf16
-    micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    micro_batches = cfg.train.micro_batches_per_step(dp)
     tokens = m.seq_length // par.cp * cfg.train.micro_batch_size
-    # Korthikanti et al.: without sequence parallelism norms and dropouts stay unsharded.
-    bytes_per_token = 34 / par.tp if par.sequence_parallel else 10 + 24 / par.tp
-    per_layer = bytes_per_token * tokens * m.hidden_size * (2 if fp32 else 1)
+    activations = family_of(m).activation_bytes(m)
+    # Without sequence parallelism norms and dropouts stay whole on every TP rank.
+    if par.sequence_parallel:
+        bytes_per_token = (activations.replicated + activations.sharded) / par.tp
+    else:
+        bytes_per_token = activations.replicated + activations.sharded / par.tp
+    per_layer = bytes_per_token * tokens * (2 if fp32 else 1)
     logits = 4 * tokens * (params.word_embedding // m.hidden_size) / par.tp
     in_flight = min(par.pp, micro_batches)
     return MemoryEstimate(
@@ -121,6 +90,7 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
 def dry_run_report(cfg: Config, world_size: int) -> str:
     """A readable account of the run; raises ConfigError for a layout that cannot run,
     and lists missing data files under 'problems' (an empty list means ready to run)."""
+    validate(cfg, world_size)
     lines = describe_run(cfg, world_size)
     problems = sources.file_problems(cfg)
     if problems:
@@ -133,11 +103,11 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
 
 def describe_run(cfg: Config, world_size: int) -> list[str]:
     """The lines of the account (layout, batch, model, parameters, memory, reweighting, data);
-    also the start-up summary of a training run. Raises ConfigError for an impossible layout."""
-    validate(cfg, world_size)
+    also the start-up summary of a training run. For a config `validate` accepted at
+    `world_size` (the run validates once per start, before any process group)."""
     m, par, train = cfg.model, cfg.parallel, cfg.train
     dp = par.data_parallel_size(world_size)
-    micro_batches = train.global_batch_size // (train.micro_batch_size * dp)
+    micro_batches = train.micro_batches_per_step(dp)
     lines = [
         f"engine: {cfg.engine}"
         + (f" (ZeRO stage {cfg.deepspeed.zero_stage})" if cfg.engine == "deepspeed" else ""),
@@ -148,7 +118,7 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
         f" x {micro_batches} micro-batches per step; {train.global_batch_size * m.seq_length:,}"
         f" tokens per step (seq {m.seq_length}); {train.steps:,} steps"
         f" = {train.steps * train.global_batch_size * m.seq_length:,} tokens",
-        f"model: {m.num_layers} layers x {m.hidden_size} hidden, {m.num_attention_heads} heads"
+        f"model: {family_of(m).name}, {m.num_layers} layers x {m.hidden_size} hidden, {m.num_attention_heads} heads"
         f" ({m.num_query_groups} K/V groups), ffn {m.ffn_hidden_size} {m.activation},"
         f" {m.normalization}, {m.position_embedding} positions,"
         f" {'untied' if m.untie_embeddings else 'tied'} embeddings,"
@@ -172,7 +142,7 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
             f"memory per GPU: ~{_size(memory.total)} = weights {_size(memory.weights)}"
             f" + grads {_size(memory.grads)} + optimizer {_size(memory.optimizer)}"
             f" + activations {_size(memory.activations)}",
-            f"  assumptions: {MEMORY_ASSUMPTIONS}",
+            f"  assumptions: {memory_assumptions(cfg)}",
         ]
     lines.append(f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
                  f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch")

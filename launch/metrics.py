@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from data_prep.files import write_text_atomically
 from launch.console import say
 from megatron_patches.device import device
 
@@ -144,25 +145,39 @@ def reduce_to_rank0(values: torch.Tensor, contributes: bool) -> Optional[list[fl
     return values.tolist() if dist.get_rank() == 0 else None
 
 
-def rows_up_to(path: Path, step: int) -> tuple[list[str], int]:
-    """The lines of a metrics file whose rows are at or before `step`, and the size in bytes of a
-    torn last line (a write cut short by a kill or a full disk), which is left out. A broken
-    line anywhere else is corruption, not a torn write: refused, naming the line."""
-    lines = path.read_text().splitlines()
-    kept, torn = [], 0
+class MetricsFileError(ValueError):
+    """A metrics file with a broken line before its last one; the message names the file and line."""
+
+
+def parse_metrics(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    """Every row of a metrics file with its line, and the size in bytes of a torn last line (a
+    write cut short by a kill or a full disk), which is left out. A broken line anywhere else
+    is corruption, not a torn write: refused, naming the file and line."""
+    lines = Path(path).read_text().splitlines()
+    rows, torn = [], 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((line, json.loads(line)))
         except json.JSONDecodeError:
-            if number == len(lines):
-                torn = len(line.encode())
-                break
-            raise ValueError(f"{path}:{number} is not a JSON row; repair or remove that line") from None
-        if row["step"] <= step:
-            kept.append(line)
-    return kept, torn
+            if number < len(lines):
+                raise MetricsFileError(f"{path}:{number} is not a JSON row; repair or remove that line") from None
+            torn = len(line.encode())
+    return rows, torn
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of RUN/metrics.jsonl (none before it exists), read as `parse_metrics` reads them."""
+    path = Path(run_dir) / METRICS_FILE
+    return [row for _, row in parse_metrics(path)[0]] if path.is_file() else []
+
+
+def rows_up_to(path: Path, step: int) -> tuple[list[str], int]:
+    """The lines of a metrics file whose rows are at or before `step`, and the size in bytes of
+    a torn last line, which is left out (see `parse_metrics`)."""
+    rows, torn = parse_metrics(path)
+    return [line for line, row in rows if row["step"] <= step], torn
 
 
 class MetricsLog:
@@ -193,9 +208,7 @@ class MetricsLog:
             say(f"warning: dropped a torn last line of {self.path} ({torn} bytes)", file=sys.stderr)
         text = "".join(line + "\n" for line in kept)
         if text != self.path.read_text():
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.path)
+            write_text_atomically(self.path, text)
 
     def write(self, row: dict) -> None:
         if not self.enabled:

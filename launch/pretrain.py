@@ -18,6 +18,7 @@ quiet.install()  # before anything imports Megatron-Core or DeepSpeed (launch.co
 
 import yaml  # noqa: E402
 
+from data_prep.files import write_text_atomically  # noqa: E402
 from data_prep.lock import LockHeld, exclusive_lock  # noqa: E402
 from launch.config import ConfigError, load_config, to_dict, validate  # noqa: E402
 from launch.console import say  # noqa: E402
@@ -142,9 +143,7 @@ def _keep_config(run_dir: Path, cfg) -> None:
     starts.mkdir(parents=True, exist_ok=True)
     number = 1 + sum(1 for _ in starts.glob("start-*.yaml"))
     for path in (starts / f"start-{number}.yaml", run_dir / "config.yaml"):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomically(path, text)
 
 
 @contextlib.contextmanager

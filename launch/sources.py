@@ -4,7 +4,8 @@ One home for the run's data sources, so that the model (vocabulary size) and the
 (special tokens, prefixes, weights) see the same files, each opened once.  Blend files are
 read with `data_prep.blend`, the module that writes them.
 
-    sources = DataSources.open(cfg)      # refuses missing or mismatched files, naming each
+    check_files(cfg)                     # refuses missing or mismatched files, naming each
+    sources = DataSources.open(cfg)      # once they are checked (the entry points do, first)
     sources.train, sources.valid         # Blend: prefixes, normalised weights, domain names
     sources.tokenizer                    # special tokens and vocabulary size
     sources.padded_vocab_size            # the model's embedding rows
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from data_prep.blend import BlendFile, BlendFileError, file_sha256, read_blend_file
+from data_prep.blend import BlendFile, BlendFileError, read_blend_file
 from data_prep.errors import DataPrepError
+from data_prep.files import file_sha256
 from data_prep.indexed import verify_dataset
 from launch.config import Config, ConfigError
 
@@ -59,20 +61,18 @@ class DataSources:
     train: Blend
     valid: Optional[Blend]  # None: data.split carves the held-out share out of the training files
     tokenizer: Tokenizer
-    vocab_size: int
     padded_vocab_size: int
 
     @classmethod
     def open(cls, cfg: Config) -> "DataSources":
-        check_files(cfg)
+        """The sources of files `check_files` accepted: launch.pretrain checks them once per
+        start, before any process group, so they are not checked again here."""
         tokenizer = Tokenizer.from_model(cfg.data.tokenizer_model)
-        vocab = cfg.model.vocab_size or tokenizer.vocab_size
         return cls(
             train=train_blend(cfg),
             valid=valid_blend(cfg),
             tokenizer=tokenizer,
-            vocab_size=vocab,
-            padded_vocab_size=padded_vocab_size(cfg, vocab),
+            padded_vocab_size=padded_vocab_size(cfg, cfg.model.vocab_size or tokenizer.vocab_size),
         )
 
 

@@ -9,7 +9,8 @@ multiply-add of every matmul, so per token
 with N_matmul the weights that multiply activations (every layer's linear layers and the
 output layer, vocab × hidden, counted even when tied to the input embedding) and the second
 term the attention scores and their product with the values over the whole sequence
-(causal masking is not subtracted). Embedding lookups, norms and biases are left out.
+(causal masking is not subtracted). Embedding lookups, norms and biases are left out. Each
+model family (`launch/models/`) counts its own matmuls.
 MFU is the model FLOPs per second per device over the device's dense bf16 peak.
 """
 
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 
 from launch.config import Config
+from launch.models import family_of
 from megatron_patches.device import on_gpu
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; the first
@@ -40,14 +42,7 @@ PEAK_BF16_TFLOPS = (
 
 def flops_per_token(cfg: Config, padded_vocab_size: int) -> float:
     """Training FLOPs per token of the model described by `cfg` (see the module docstring)."""
-    m = cfg.model
-    head_dim = m.hidden_size // m.num_attention_heads
-    qkv = m.hidden_size * head_dim * (m.num_attention_heads + 2 * m.num_query_groups)
-    projection = m.num_attention_heads * head_dim * m.hidden_size
-    mlp = m.hidden_size * m.ffn_hidden_size * (3 if m.activation == "swiglu" else 2)
-    matmul_weights = m.num_layers * (qkv + projection + mlp) + padded_vocab_size * m.hidden_size
-    attention = 12 * m.num_layers * m.hidden_size * m.seq_length
-    return 6 * matmul_weights + attention
+    return family_of(cfg.model).flops_per_token(cfg.model, padded_vocab_size)
 
 
 def peak_tflops(cfg: Config) -> Optional[float]:

@@ -85,7 +85,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         p, t = cfg.parallel, cfg.train
         initialize_parallel(p.tp, p.pp, p.cp, seed=t.seed, timeout_minutes=cfg.faults.collective_timeout_minutes)
-        self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
+        self.micro_batches_per_step = t.micro_batches_per_step(ps.get_data_parallel_world_size())
         self.sources = DataSources.open(cfg)
 
         self.model = build_model(cfg, self.sources.padded_vocab_size)

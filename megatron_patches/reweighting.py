@@ -37,6 +37,9 @@ class Strategy:
     f: Callable[[torch.Tensor, float], torch.Tensor]
     formula: str
     effect: str
+    # Which losses get more weight: "nothing" (f constant), "high" (f never falls as x grows),
+    # "medium" (f rises to x = 0, then falls) or "ends" (falls to x = 0, then rises).
+    favours: str
 
     def __call__(self, x: torch.Tensor, delta: float) -> torch.Tensor:
         return self.f(x, delta)
@@ -47,17 +50,17 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {
     "uniform": Strategy(
         lambda x, delta: torch.zeros_like(x), "0",
-        "every valid sample alike: exactly Megatron's token-mean loss (the baseline)"),
+        "every valid sample alike: exactly Megatron's token-mean loss (the baseline)", "nothing"),
     "linupper": Strategy(
         lambda x, delta: torch.clamp(x + delta, max=delta), "min(x + δ, δ)",
-        "down-weights low-loss samples, caps high-loss ones (the paper's best)"),
+        "down-weights low-loss samples, caps high-loss ones (the paper's best)", "high"),
     "quadratic": Strategy(
         lambda x, delta: 1.0 - x.square() / delta**2, "1 − x²/δ²",
-        "favours medium losses, down-weights both ends"),
+        "favours medium losses, down-weights both ends", "medium"),
     "extremes": Strategy(
-        lambda x, delta: x.abs(), "|x|", "favours both ends"),
+        lambda x, delta: x.abs(), "|x|", "favours both ends", "ends"),
     "upper": Strategy(
-        lambda x, delta: x / 2 + delta / 2, "x/2 + δ/2", "linear in the loss, favours high loss"),
+        lambda x, delta: x / 2 + delta / 2, "x/2 + δ/2", "linear in the loss, favours high loss", "high"),
 }
 
 # Reference implementations' names that mean one strategy here.  The GPT-2 reference's `mid`

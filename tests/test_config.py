@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import typing
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from launch.config import (
 )
 from launch.dry_run import count_parameters, dry_run_report
 from launch.pretrain import parse_args
-from launch.sources import check_files, padded_vocab_size, train_blend, valid_blend
+from launch.sources import Tokenizer, check_files, padded_vocab_size, train_blend, valid_blend
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
@@ -59,7 +60,18 @@ def test_every_shipped_config_loads_validates_and_dry_runs(path):
     validate(cfg, world_size)
     report = dry_run_report(cfg, world_size)
     assert f"world size {world_size}" in report
-    assert "parameters:" in report or "vocab: unknown" in report
+    # The demo configs take the vocabulary from a tokenizer that `make demo` writes: the count
+    # and the estimate are there exactly when the vocabulary can be known.
+    vocab = cfg.model.vocab_size
+    tokenizer = cfg.data.tokenizer_model
+    if vocab is None and tokenizer is not None and Path(tokenizer).is_file():
+        vocab = Tokenizer.from_model(tokenizer).vocab_size
+    if vocab is None:
+        assert "\nvocab: unknown, so no parameter count or memory estimate: " in report
+        assert "parameters:" not in report and "memory per GPU:" not in report
+    else:
+        assert f"\nparameters: {count_parameters(cfg, vocab).total:,} = embeddings " in report
+        assert "\nmemory per GPU: ~" in report
 
 
 def test_readme_strategy_table_is_the_registry():
@@ -660,17 +672,47 @@ def test_slurm_script_passes_the_stop_signal_to_the_step_and_requeues_only_befor
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a", "SLURM_NNODES": "1",
         "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "1",
     }
+    # Its own session, so that whatever the script leaves running can be ended with it.
     job = subprocess.Popen(
         ["bash", str(REPO / "launch/slurm/pretrain.sbatch"), "--config", "c.yaml"],
-        env=env, stdout=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
     )
-    for line in job.stdout:
-        if "started" in line:
-            break
-    else:
-        raise AssertionError(f"the script ended before its step started (exit {job.wait()})")
-    job.send_signal(number)
-    out, _ = job.communicate(timeout=60)
+    try:
+        wait_for_line(job, "started", seconds=60)
+        job.send_signal(number)
+        out, _ = job.communicate(timeout=60)
+    finally:
+        end_session(job)
     assert f"scancel --signal={number.name[3:]} 42" in out
     assert ("requeue 42" in out) == requeued
     assert job.returncode == 75
+
+
+def wait_for_line(process: subprocess.Popen, text: str, seconds: float) -> None:
+    """Read `process`'s output up to a line holding `text`; fail if it ends first or takes longer."""
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            if text in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(seconds)
+    if found.is_set():
+        return
+    if reader.is_alive():
+        end_session(process)
+        raise AssertionError(f"no {text!r} line from the script within {seconds} s")
+    raise AssertionError(f"the script ended (exit {process.wait()}) before printing {text!r}")
+
+
+def end_session(process: subprocess.Popen) -> None:
+    """Kill what is left of a process started with start_new_session (a pass leaves nothing)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()

@@ -1,5 +1,5 @@
-"""From run to result: `launch.export` gives a transformers model that computes what the Megatron
-model computes, its tokenizer encodes as SentencePiece does, and `launch.evaluate` scores it."""
+"""From run to result: `launch.tools.export` gives a transformers model that computes what the Megatron
+model computes, its tokenizer encodes as SentencePiece does, and `launch.tools.evaluate` scores it."""
 
 from __future__ import annotations
 
@@ -53,6 +53,11 @@ VARIANTS = {
     "llama_gqa_untied": ("rope", "RMSNorm", "swiglu", 2, False, False, 48, 1e-6),
     "llama_mqa_bias_tied": ("rope", "RMSNorm", "swiglu", 1, True, True, 40, 1e-5),
 }
+# Built by launch.model.build_model from the demo config, as a run builds them: GPT-2's tanh GELU.
+FAMILY_BUILT = {
+    "gpt2_family": ("model.ffn_hidden_size=80",),
+    "llama_family": (*LLAMA_STYLE, "model.ffn_hidden_size=48"),
+}
 REFUSED = {
     "learned_rmsnorm": ("learned_absolute", "RMSNorm", "gelu", 4, True, True, 64, 1e-5),
     "rope_layernorm_gelu": ("rope", "LayerNorm", "gelu", 4, True, True, 64, 1e-5),
@@ -86,17 +91,28 @@ def _tiny_megatron(position, norm, activation, groups, bias, tied, ffn, eps):
     ).eval()
 
 
+def _family_built(overrides):
+    from launch.config import load_config
+    from launch.model import build_model
+
+    shape = (f"model.num_layers={TINY['num_layers']}", f"model.hidden_size={TINY['hidden_size']}",
+             f"model.num_attention_heads={TINY['num_attention_heads']}", f"model.seq_length={TINY['seq']}")  # fmt: skip
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", [*shape, *overrides])
+    return build_model(cfg, TINY["vocab"]).eval()
+
+
 def _convert_random_models(out_dir: str):
     """Every parameter random (norm gains and biases too, so a misplaced one shows), then
     Megatron's logits and the saved conversion of each variant, and the refusals' messages."""
-    from launch.export import ExportError, choose_architecture, to_hugging_face
+    from launch.tools.export import ExportError, choose_architecture, to_hugging_face
     from megatron_patches.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1)
     tokens = torch.randint(0, TINY["vocab"], (2, TINY["seq"]), generator=torch.Generator().manual_seed(0))
     logits = {}
-    for name, variant in VARIANTS.items():
-        model = _tiny_megatron(*variant)
+    models = {name: _tiny_megatron(*variant) for name, variant in VARIANTS.items()}
+    models |= {name: _family_built(overrides) for name, overrides in FAMILY_BUILT.items()}
+    for name, model in models.items():
         with torch.no_grad():
             for param in model.parameters():
                 param.copy_(torch.randn_like(param) * 0.5)
@@ -118,13 +134,15 @@ def random_conversions(tmp_path_factory):
     return out, result
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", [*VARIANTS, *FAMILY_BUILT])
 def test_conversion_of_random_weights_is_exact(random_conversions, name):
     from transformers import AutoModelForCausalLM
 
     out, (tokens, megatron_logits, _) = random_conversions
     model = AutoModelForCausalLM.from_pretrained(out / name, local_files_only=True)
     assert type(model).__name__ == ("GPT2LMHeadModel" if name.startswith("gpt2") else "LlamaForCausalLM")
+    if name.startswith("gpt2"):  # the GELU trained: exact in the hand-built variants, tanh as runs train it
+        assert model.config.activation_function == ("gelu_new" if name == "gpt2_family" else "gelu")
     with torch.no_grad():
         logits = model(tokens).logits
     error = assert_logits_equal(logits, megatron_logits[name])
@@ -145,7 +163,7 @@ def test_tokenizer_encodes_and_decodes_exactly_as_sentencepiece(tmp_path, demo_d
     import sentencepiece
     from transformers import AutoTokenizer
 
-    from launch.export import hugging_face_tokenizer
+    from launch.tools.export import hugging_face_tokenizer
 
     model_file = str(demo_dir / "tokenizer.model")
     hugging_face_tokenizer(model_file, max_length=64).save_pretrained(tmp_path)
@@ -163,7 +181,7 @@ def test_tokenizer_encodes_and_decodes_exactly_as_sentencepiece(tmp_path, demo_d
 
 
 def test_export_of_a_directory_without_checkpoints_says_what_to_give(tmp_path):
-    result = run_module("launch.export", "--run-dir", tmp_path, "--out", tmp_path / "hf", env=offline_env(tmp_path))
+    result = run_module("launch.tools.export", "--run-dir", tmp_path, "--out", tmp_path / "hf", env=offline_env(tmp_path))
     assert result.returncode == 2
     assert "checkpoints does not exist: give --run-dir a run directory" in result.stderr
     assert not (tmp_path / "hf").exists()
@@ -186,7 +204,7 @@ def exported(tmp_path_factory, demo_dir):
         run_dir = tmp_path_factory.mktemp(name)
         pretrain(run_dir, demo_dir, *overrides)
         model_dir = run_dir / "hf"
-        result = run_module("launch.export", "--run-dir", run_dir, "--out", model_dir, env=offline_env(run_dir))
+        result = run_module("launch.tools.export", "--run-dir", run_dir, "--out", model_dir, env=offline_env(run_dir))
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"exported step 8 of {run_dir}" in result.stdout
         out[name] = (run_dir, model_dir)
@@ -194,7 +212,7 @@ def exported(tmp_path_factory, demo_dir):
 
 
 def _megatron_logits(run_dir: str, tokens: torch.Tensor):
-    from launch.export import load_checkpoint
+    from launch.tools.export import load_checkpoint
 
     with load_checkpoint(run_dir) as loaded, torch.no_grad():
         return loaded.model.vocab_size, loaded.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
@@ -260,14 +278,14 @@ def test_exported_model_loss_on_held_out_documents_is_the_runs_validation_loss(e
 def test_export_chooses_the_step_and_refuses_missing_steps_and_existing_output(exported, tmp_path):
     run_dir, model_dir = exported["gpt2"]
     env = offline_env(tmp_path)
-    result = run_module("launch.export", "--run-dir", run_dir, "--step", 6, "--out", tmp_path / "step6", env=env)
+    result = run_module("launch.tools.export", "--run-dir", run_dir, "--step", 6, "--out", tmp_path / "step6", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((tmp_path / "step6" / "export_info.json").read_text())
     assert info["step"] == 6 and info["architecture"] == "GPT2LMHeadModel" and info["tokenizer_vocab_size"] == 2048
     assert not (tmp_path / "step6.tmp").exists()
-    missing = run_module("launch.export", "--run-dir", run_dir, "--step", 5, "--out", tmp_path / "step5", env=env)
+    missing = run_module("launch.tools.export", "--run-dir", run_dir, "--step", 5, "--out", tmp_path / "step5", env=env)
     assert missing.returncode == 2 and "no complete checkpoint of step 5" in missing.stderr and "[6, 8]" in missing.stderr
-    existing = run_module("launch.export", "--run-dir", run_dir, "--out", model_dir, env=env)
+    existing = run_module("launch.tools.export", "--run-dir", run_dir, "--out", model_dir, env=env)
     assert existing.returncode == 2 and "pass --force to replace it" in existing.stderr
 
 
@@ -276,7 +294,7 @@ def test_evaluate_scores_an_exported_model_on_a_local_task_offline(exported, tmp
     _, model_dir = exported["llama_tp2"]
     out = tmp_path / "results.json"
     result = run_module(
-        "launch.evaluate", "--model", model_dir, "--tasks", "tiny_python", "--include-path", TASKS, "--out", out,
+        "launch.tools.evaluate", "--model", model_dir, "--tasks", "tiny_python", "--include-path", TASKS, "--out", out,
         env=offline_env(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -285,5 +303,5 @@ def test_evaluate_scores_an_exported_model_on_a_local_task_offline(exported, tmp
     for key in ("acc,none", "acc_norm,none"):
         assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0
         assert metrics[key] * 8 == pytest.approx(round(metrics[key] * 8))  # a share of 8 examples
-    unknown = run_module("launch.evaluate", "--model", model_dir, "--tasks", "tiny_pyton", "--include-path", TASKS, "--out", out, env=offline_env(tmp_path))
+    unknown = run_module("launch.tools.evaluate", "--model", model_dir, "--tasks", "tiny_pyton", "--include-path", TASKS, "--out", out, env=offline_env(tmp_path))
     assert unknown.returncode == 2 and "unknown task(s) tiny_pyton" in unknown.stderr

@@ -35,7 +35,8 @@ RTOL = 1e-5
 
 
 def numpy_weights(losses, counts, strategy, temperature, delta=1.0):
-    """METHOD.md's weights with the token prior π_i ∝ n_i, written independently in NumPy."""
+    """The README's weights ("The method, exactly") with the token prior π_i ∝ n_i, written
+    independently in NumPy."""
     valid = (counts > 0) & np.isfinite(losses)
     lv = losses[valid]
     x = (2 * delta * lv - delta * (lv.max() + lv.min())) / max(lv.max() - lv.min(), 1e-6)

@@ -1,7 +1,11 @@
 """configs/paper/: every hyper-parameter of the references' setups, pinned.
 
-The values come from /work/shared/METHOD.md ("Reference setups, exactly"). A preset that
-drifts from the reference, or a new preset without pins here, fails.
+The values come from the references of Sow et al., "Dynamic Loss-Based Sample Reweighting for
+Improved Large Language Model Pretraining" (ICLR 2025): the paper's appendix, its GPT-2 code
+(github.com/sowmaster/Sample-Level-Loss-Reweighting-ICLR-2025) and its Llama code
+(github.com/foundation-model-stack/fms-fsdp, branch reweighted-train); the README's "The
+references' setups" lists them. A preset that drifts from the reference, or a new preset
+without pins here, fails.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""`python -m launch.report`: runs with other domains, runs of the same name, bad paths."""
+"""`python -m launch.tools.report`: runs with other domains, runs of the same name, bad paths,
+torn and broken metrics lines."""
 
 from __future__ import annotations
 
 import json
 
-from launch import report
+from launch.tools import report
 
 
 def fake_run(run_dir, losses: dict[str, float], step: int = 8):
@@ -67,6 +68,21 @@ def test_missing_or_non_run_directories_are_one_line_errors(tmp_path, capsys):
     ]:
         assert report.main([str(run), str(bad)]) == 2
         captured = capsys.readouterr()
-        assert captured.err == f"python -m launch.report: error: {bad}: {message}\n" and captured.out == ""
+        assert captured.err == f"python -m launch.tools.report: error: {bad}: {message}\n" and captured.out == ""
     assert report.main([str(run), str(run)]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_a_torn_last_line_is_left_out_and_a_broken_earlier_one_is_a_one_line_error(tmp_path, capsys):
+    run = fake_run(tmp_path / "run", {"code": 1.0})
+    metrics = run / "metrics.jsonl"
+    with metrics.open("a") as stream:
+        stream.write('{"kind": "tra')  # a write cut short by a kill
+    assert report.main([str(run), "--out", str(tmp_path / "fig.png")]) == 0
+    assert table_rows(capsys.readouterr().out)["code"].split() == ["code", "1.0000"]
+    train, valid = metrics.read_text().splitlines()[:2]
+    metrics.write_text(train[:10] + "\n" + valid + "\n")
+    assert report.main([str(run)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"python -m launch.tools.report: error: {metrics}:1 is not a JSON row; repair or remove that line\n"
+    assert captured.out == ""

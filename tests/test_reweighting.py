@@ -1,4 +1,6 @@
-"""Specification of `megatron_patches.reweighting` (see /work/shared/METHOD.md).
+"""Specification of `megatron_patches.reweighting`: the method of Sow et al., "Dynamic Loss-Based
+Sample Reweighting for Improved Large Language Model Pretraining" (ICLR 2025), as the README's
+"The method, exactly" states it.
 
 For the losses l_i of one global batch and the valid set V (flagged valid, finite loss):
 
@@ -33,12 +35,14 @@ from megatron_patches.reweighting import (
     weight_statistics,
 )
 
-NAMES = ["uniform", "linupper", "quadratic", "extremes", "upper"]
+# Every registered strategy: a new one is held to every property below, and to the references
+# (which fail, naming it, until it has one).
+NAMES = list(STRATEGIES)
 PROPERTY = settings(max_examples=60, deadline=None)
 
 
 # ---------------------------------------------------------------------------------------
-# Independent reference: METHOD.md's formulas in plain numpy.
+# Independent reference: the README's formulas in plain numpy.
 
 REFERENCE_F = {
     "uniform": lambda x, d: np.zeros_like(x),
@@ -119,6 +123,11 @@ HAND_EXPONENTS = {
         "upper": [-2, -1.5, -1, 0],
     },
 }
+
+
+def test_every_strategy_has_an_independent_reference():
+    assert sorted(REFERENCE_F) == sorted(HAND_F) == sorted(NAMES)
+    assert all(sorted(exponents) == sorted(NAMES) for exponents in HAND_EXPONENTS.values())
 
 
 @pytest.mark.parametrize("strategy", NAMES)
@@ -266,15 +275,61 @@ def test_equal_token_counts_change_nothing(items, strategy, r, delta, count):
     np.testing.assert_allclose(with_prior, weights_of(losses, strategy, r, delta, valid=valid), rtol=1e-12, atol=1e-15)
 
 
+# What each kind of strategy (`Strategy.favours`) does to the weights as the loss grows, below
+# and above the middle of the batch's losses: 1 never falls, -1 never rises, 0 stays level.
+KIND_SLOPES = {"nothing": (0, 0), "high": (1, 1), "medium": (1, -1), "ends": (-1, 1)}
+NEUTRAL = [name for name in NAMES if STRATEGIES[name].favours == "nothing"]
+
+
+def test_every_strategy_declares_a_kind_the_properties_know():
+    assert {name: STRATEGIES[name].favours for name in NAMES if STRATEGIES[name].favours not in KIND_SLOPES} == {}
+
+
+def assert_slope(losses, w, slope):
+    """w in the order of the losses never falls (slope 1), never rises (-1) or stays level (0)."""
+    steps = np.diff(w[np.argsort(losses, kind="stable")])
+    # Rounding can put a sample at the middle on the wrong side of x = 0, where f is level.
+    tolerance = 1e-6 * w.max(initial=0.0)
+    assert np.all(np.abs(steps) <= tolerance) if slope == 0 else np.all(slope * steps >= -tolerance)
+
+
 @PROPERTY
-@given(entries, temperatures, st.data())
-def test_uniform_with_token_counts_weights_by_tokens(items, r, data):
-    """With the token prior, `uniform` makes Σ w_i l_i the token-mean loss (Megatron's loss)."""
+@given(loss_lists, names, temperatures, deltas)
+def test_weights_rise_and_fall_with_the_loss_as_the_strategy_declares(losses, strategy, r, delta):
+    below, above = KIND_SLOPES[STRATEGIES[strategy].favours]
+    losses = np.asarray(losses)
+    w = weights_of(losses.tolist(), strategy, r, delta)
+    middle = (losses.min() + losses.max()) / 2
+    lower, upper = losses <= middle, losses >= middle
+    assert_slope(losses[lower], w[lower], below)
+    assert_slope(losses[upper], w[upper], above)
+
+
+@pytest.mark.parametrize("strategy", NAMES)
+def test_the_lowest_middle_and_highest_loss_get_what_the_strategy_declares(strategy):
+    """Losses [1, 2, 3, 5]: x = -1, -0.5, 0, 1, so 3 is the middle one."""
+    low, _, middle, high = weights_of([1.0, 2.0, 3.0, 5.0], strategy, 1.0)
+    favours = STRATEGIES[strategy].favours
+    if favours == "nothing":
+        assert low == middle == high
+    elif favours == "high":
+        assert low < high
+    elif favours == "medium":
+        assert middle > max(low, high)
+    else:
+        assert favours == "ends" and min(low, high) > middle
+
+
+@PROPERTY
+@given(entries, st.sampled_from(NEUTRAL), temperatures, st.data())
+def test_neutral_strategies_with_token_counts_weight_by_tokens(items, strategy, r, data):
+    """With the token prior, a strategy that favours nothing (`uniform`) makes Σ w_i l_i the token-mean
+    loss (Megatron's loss)."""
     losses, valid, good = split_entries(items)
     counts = np.array(data.draw(st.lists(st.integers(1, 4096), min_size=len(items), max_size=len(items))), dtype=np.float64)
     expected = np.zeros(len(items))
     expected[good] = counts[good] / counts[good].sum()
-    np.testing.assert_allclose(weights_of(losses, "uniform", r, valid=valid, counts=counts.tolist()), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(weights_of(losses, strategy, r, valid=valid, counts=counts.tolist()), expected, rtol=1e-12, atol=1e-15)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`python -m launch.study`: arms, the t-interval, the summary's numbers, resuming, Slurm."""
+"""`python -m launch.tools.study`: arms, the t-interval, the summary's numbers, resuming, Slurm."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ import random
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from helpers.e2e import REPO
-from launch import stats, study
 from launch.config import load_config, to_dict
+from launch.metrics import read_metrics
+from launch.tools import stats
+from launch.tools.study.arms import Arm, parse_arm
+from launch.tools.study.cli import main, parse_args
+from launch.tools.study.plan import plan, pretrain_args
 
 CONFIG = str(REPO / "configs" / "demo_cpu.yaml")
 NATURAL = {"alpha": 0.4, "beta": 0.24, "gamma": 0.16}  # the fabricated train blend's token shares
@@ -46,7 +51,7 @@ SHORT = ["train.steps=8", "train.log_interval=2", "reweight.warmup_steps=3", "op
     ],
 )
 def test_arms_parse_to_a_name_and_settings(text, name, settings):
-    assert study.parse_arm(text) == study.Arm(name, settings)
+    assert parse_arm(text) == Arm(name, settings)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +66,7 @@ def test_arms_parse_to_a_name_and_settings(text, name, settings):
 )
 def test_malformed_arms_are_refused_with_the_syntax(text, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        study.parse_arm(text)
+        parse_arm(text)
 
 
 @pytest.mark.parametrize(
@@ -74,12 +79,12 @@ def test_malformed_arms_are_refused_with_the_syntax(text, message):
 )
 def test_command_line_refuses_unusable_arm_lists(arms, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        study.parse_args([arg for arm in arms for arg in ("--arm", arm)])
+        parse_args([arg for arm in arms for arg in ("--arm", arm)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_default_arms_are_uniform_then_linupper():
-    assert [a.name for a in study.parse_args([]).arms] == ["uniform", "linupper-r0.5"]
+    assert [a.name for a in parse_args([]).arms] == ["uniform", "linupper-r0.5"]
 
 
 # --------------------------------------------------------------------------- t-interval
@@ -101,12 +106,6 @@ def test_t_quantile_matches_closed_forms(p):
     q = math.cos(math.acos(math.sqrt(alpha)) / 3) / math.sqrt(alpha)
     assert stats.t_quantile(p, 4) == pytest.approx(2 * math.sqrt(q - 1), rel=1e-9)
     assert stats.t_quantile(1 - p, 4) == -stats.t_quantile(p, 4)
-
-
-@pytest.mark.parametrize("x", [0.01, 0.3, 0.6, 0.9, 0.99])
-def test_incomplete_beta_matches_closed_forms_on_both_sides_of_the_switch(x):
-    assert stats.regularized_incomplete_beta(2.0, 1.0, x) == pytest.approx(x**2, rel=1e-12)
-    assert stats.regularized_incomplete_beta(1.0, 3.0, x) == pytest.approx(1 - (1 - x) ** 3, rel=1e-12)
 
 
 def test_t_quantile_tends_to_the_normal_one():
@@ -169,8 +168,8 @@ def no_subprocess(*args, **kwargs):
 
 
 def planned(data_dir, out, arms, seeds):
-    args = study.parse_args(study_args(data_dir, out, *(a for arm in arms for a in ("--arm", arm)), "--seeds", str(seeds)))
-    return study.plan(args.config, args.arms, list(range(1, seeds + 1)), args.out, args.common, args.nproc)
+    args = parse_args(study_args(data_dir, out, *(a for arm in arms for a in ("--arm", arm)), "--seeds", str(seeds)))
+    return plan(args.config, args.arms, list(range(1, seeds + 1)), args.out, args.common, args.nproc)
 
 
 def test_summary_is_recomputable_from_the_runs_own_files(tmp_path, data_dir, monkeypatch):
@@ -178,9 +177,9 @@ def test_summary_is_recomputable_from_the_runs_own_files(tmp_path, data_dir, mon
     rng = random.Random(0)
     runs = planned(data_dir, tmp_path / "study", arms, seeds)
     rows = {(r.arm, r.seed): fake_run(r.run_dir, r.settings, rng) for r in runs}
-    monkeypatch.setattr(study.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
     argv = study_args(data_dir, tmp_path / "study", "--seeds", str(seeds), *(a for arm in arms for a in ("--arm", arm)))
-    assert study.main(argv) == 0
+    assert main(argv) == 0
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
 
     natural = np.array(list(NATURAL.values())) / sum(NATURAL.values())  # renormalised without delta
@@ -237,12 +236,12 @@ def test_finished_runs_are_reused_and_unfinished_ones_resumed_in_their_folder(tm
         started.append(command)
         run_dir = command[command.index("--run-dir") + 1]
         settings = command[command.index("--set") + 1 :]
-        fake_run(study.Path(run_dir), settings, rng)
+        fake_run(Path(run_dir), settings, rng)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(study.subprocess, "run", pretrain)
+    monkeypatch.setattr(subprocess, "run", pretrain)
     argv = study_args(data_dir, tmp_path / "study", "--seeds", "2", "--arm", "uniform", "--arm", "linupper:0.5")
-    assert study.main(argv) == 0
+    assert main(argv) == 0
     assert [c[c.index("--run-dir") + 1] for c in started] == [str(r.run_dir) for r in runs[1:]]
     first = started[0]
     assert first[:5] == [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc-per-node=2"]
@@ -259,8 +258,8 @@ def test_a_failed_run_stops_the_study_and_says_how_to_go_on(tmp_path, data_dir, 
         stdout.write("Traceback: something broke\n")
         return subprocess.CompletedProcess(command, 1)
 
-    monkeypatch.setattr(study.subprocess, "run", failing)
-    assert study.main(study_args(data_dir, tmp_path / "study", "--seeds", "2")) == 1
+    monkeypatch.setattr(subprocess, "run", failing)
+    assert main(study_args(data_dir, tmp_path / "study", "--seeds", "2")) == 1
     err = capsys.readouterr().err
     assert len(started) == 1 and "something broke" in err and "run the same command again" in err
     assert not (tmp_path / "study" / "summary.json").exists()
@@ -269,9 +268,26 @@ def test_a_failed_run_stops_the_study_and_says_how_to_go_on(tmp_path, data_dir, 
 def test_a_run_folder_trained_with_other_settings_is_refused(tmp_path, data_dir, monkeypatch, capsys):
     runs = planned(data_dir, tmp_path / "study", ["uniform", "linupper:0.5"], 1)
     fake_run(runs[0].run_dir, [*runs[0].settings, "train.steps=16"], random.Random(2))
-    monkeypatch.setattr(study.subprocess, "run", no_subprocess)
-    assert study.main(study_args(data_dir, tmp_path / "study", "--seeds", "1")) == 2
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert main(study_args(data_dir, tmp_path / "study", "--seeds", "1")) == 2
     assert "train.steps: 16 -> 8" in capsys.readouterr().err
+
+
+def test_a_torn_last_metrics_line_is_left_out_and_a_broken_earlier_one_refused(tmp_path, data_dir, monkeypatch, capsys):
+    runs = planned(data_dir, tmp_path / "study", ["uniform", "linupper:0.5"], 1)
+    rng = random.Random(4)
+    for run in runs:
+        fake_run(run.run_dir, run.settings, rng)
+    metrics = runs[1].run_dir / "metrics.jsonl"
+    with metrics.open("a") as stream:
+        stream.write('{"kind": "tra')  # a write cut short by a kill
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    argv = study_args(data_dir, tmp_path / "study", "--seeds", "1")
+    assert main(argv) == 0  # both runs finished, summarised
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], lines[1][:10], *lines[2:]]))
+    assert main(argv) == 2
+    assert f"{metrics}:2 is not a JSON row; repair or remove that line" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -279,14 +295,14 @@ def test_a_run_folder_trained_with_other_settings_is_refused(tmp_path, data_dir,
     [("nonsense", "arm nonsense: reweight.strategy: 'nonsense' is not one of"), ("s=train.seed=3", "arm s sets train.seed")],
 )
 def test_arms_that_cannot_run_are_refused_before_any_run(arm, message, tmp_path, data_dir, monkeypatch, capsys):
-    monkeypatch.setattr(study.subprocess, "run", no_subprocess)
-    assert study.main(study_args(data_dir, tmp_path / "study", "--arm", "uniform", "--arm", arm)) == 2
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert main(study_args(data_dir, tmp_path / "study", "--arm", "uniform", "--arm", arm)) == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_data_points_to_the_demo_corpus(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(study.subprocess, "run", no_subprocess)
-    assert study.main(study_args(tmp_path / "nowhere", tmp_path / "study")) == 2
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert main(study_args(tmp_path / "nowhere", tmp_path / "study")) == 2
     assert "make demo-data" in capsys.readouterr().err
 
 
@@ -294,9 +310,9 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
     weights = "boilerplate-down=data.weights={alpha: 0.25, beta: 1, gamma: 1, delta: 1}"
     runs = planned(data_dir, tmp_path / "study", ["uniform", weights], 2)
     fake_run(runs[0].run_dir, runs[0].settings, random.Random(3))
-    monkeypatch.setattr(study.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
     argv = study_args(data_dir, tmp_path / "study", "--seeds", "2", "--arm", "uniform", "--arm", weights, "--nproc", "4", "--slurm")
-    assert study.main(argv) == 0
+    assert main(argv) == 0
     monkeypatch.undo()  # subprocess again, to run the script
     script = tmp_path / "study" / "study.sbatch"
     assert "#SBATCH --array=0-2" in script.read_text() and "#SBATCH --gpus-per-node=4" in script.read_text()
@@ -310,7 +326,7 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
         result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
         args = result.stdout.splitlines()
         start = args.index("launch.torchrun")
-        expected = ["--standalone", "--nproc-per-node", "4", *study.pretrain_args(CONFIG, run)]
+        expected = ["--standalone", "--nproc-per-node", "4", *pretrain_args(CONFIG, run)]
         assert args[start + 1 :] == expected
     result = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "3"}, capture_output=True, text=True)
     assert result.returncode == 1 and "no run for array task 3" in result.stderr
@@ -331,13 +347,13 @@ def test_small_study_end_to_end(tmp_path, demo_dir, monkeypatch):
     ]  # fmt: skip
     argv = ["--data", str(demo_dir), "--out", str(tmp_path), "--seeds", "2", "--set", *tiny]
     argv += ["--arm", "uniform", "--arm", "linupper:0.5"]
-    assert study.main(argv) == 0
+    assert main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     uniform, linupper = summary["arms"]
     first_loss = {}
     for arm in summary["arms"]:
         for seed, run_dir in zip((1, 2), arm["runs"]):
-            metrics = study.read_metrics(study.Path(run_dir))
+            metrics = read_metrics(Path(run_dir))
             final = [r for r in metrics if r["kind"] == "valid"][-1]
             assert final["step"] == 8
             assert arm["held_out"]["code"]["per_seed"][seed - 1] == final["valid_loss_per_domain"]["code"]
@@ -348,5 +364,5 @@ def test_small_study_end_to_end(tmp_path, demo_dir, monkeypatch):
     assert uniform["weights"]["ess"]["mean"] == pytest.approx(1.0)
     assert linupper["weights"]["ess"]["mean"] < 1.0
     assert len(linupper["natural_mixture"]["diff_ci95"]) == 2
-    monkeypatch.setattr(study.subprocess, "run", no_subprocess)
-    assert study.main(argv) == 0  # everything finished: reused, summarised again
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert main(argv) == 0  # everything finished: reused, summarised again

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from helpers.e2e import REPO
 from launch.config import load_config
-from launch.throughput import Throughput, device_peak_tflops, flops_per_token
+from launch.throughput import Throughput, device_peak_tflops, flops_per_token, peak_tflops
 
 
 def test_flops_per_token_of_gpt2_small_by_hand():
@@ -19,7 +21,7 @@ def test_flops_per_token_of_gpt2_small_by_hand():
 
 def test_swiglu_and_grouped_queries_count_their_own_matmuls():
     cfg = load_config(REPO / "configs/demo_cpu.yaml", [
-        "model.activation=swiglu", "model.ffn_hidden_size=256", "model.num_query_groups=2",
+        "model.position_embedding=rope", "model.normalization=RMSNorm", "model.activation=swiglu", "model.ffn_hidden_size=256", "model.num_query_groups=2",
         "model.num_layers=1", "model.hidden_size=128", "model.num_attention_heads=4", "model.seq_length=16",
     ])
     head_dim = 32
@@ -45,7 +47,21 @@ def test_throughput_row_arithmetic_and_the_peak_override():
     assert row["tflops_per_device"] == pytest.approx(798_031_872 * tokens_per_s / 8 / 1e12)
     assert row["mfu"] == pytest.approx(row["tflops_per_device"] / 100)
     assert row["peak_memory_gib"] > 0
-    assert Throughput(load_config(REPO / "configs/gpt2-124m.yaml"), 50_304, 8).row(2.0)["mfu"] is None  # CPU
+    # Without the override: this machine's GPU peak, or no MFU (a CPU, an unknown GPU).
+    plain = load_config(REPO / "configs/gpt2-124m.yaml")
+    known = peak_tflops(plain)
+    expected = None if known is None else pytest.approx(row["tflops_per_device"] / known)
+    assert Throughput(plain, 50_304, 8).row(2.0)["mfu"] == expected
+
+
+ROW = re.compile(
+    r"(?P<name>\w+) +(?P<median>[\d.]+) \[(?P<q1>[\d.]+), (?P<q3>[\d.]+)\] +(?P<tokens>[\d,]+)"
+    r" +(?P<tflops>[\d.]+) +(?P<mfu>[\d.]+)% +(?P<peak>[\d.]+)"
+)
+OVERHEAD = re.compile(
+    r"overhead linupper/uniform: (?P<mean>[\d.]+) \[(?P<low>-?[\d.]+), (?P<high>[\d.]+)\]"
+    r" \(mean of (?P<pairs>\d+) paired step-time ratios, 95% t-interval\)"
+)
 
 
 @pytest.mark.e2e
@@ -54,6 +70,7 @@ def test_bench_interleaves_the_strategies_and_reports_the_overhead(demo_dir):
     import sys
 
     from helpers.e2e import ENV
+    from launch.sources import Tokenizer, padded_vocab_size
 
     settings = [
         f"data.blend={demo_dir / 'train.blend.json'}", f"data.valid_blend={demo_dir / 'valid.blend.json'}",
@@ -61,13 +78,37 @@ def test_bench_interleaves_the_strategies_and_reports_the_overhead(demo_dir):
         "model.seq_length=64", "train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1",
         "logging.peak_tflops=1.0",
     ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "launch.bench",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "launch.tools.bench",
                "--config", "configs/demo_cpu.yaml", "--pairs", "4", "--warmup", "1", "--set", *settings]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line.split(" ", 2)[2] for line in result.stdout.splitlines() if "uniform" in line or "linupper" in line]
-    assert lines[0].startswith("uniform") and lines[1].startswith("linupper")
-    assert "%" in lines[0]  # an MFU, given a peak
-    overhead = float(result.stdout.split("overhead linupper/uniform: ")[1].split()[0])
-    assert 0.2 < overhead < 5.0
-    assert "mean of 4 paired step-time ratios" in result.stdout
+    lines = [line.split(" ", 2)[-1] for line in result.stdout.splitlines()]  # without the time stamp
+    header = next(i for i, line in enumerate(lines) if line.startswith("strategy "))
+    table = lines[header + 1 : header + 4]
+    rows = [ROW.fullmatch(line) for line in table[:2]]
+    assert all(rows), table
+    assert [row["name"] for row in rows] == ["uniform", "linupper"]
+
+    # Step times vary from machine to machine; what the figures say about each other does not.
+    # Every figure is printed rounded, so each check allows half a unit of the last digit.
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", settings)
+    per_token = flops_per_token(cfg, padded_vocab_size(cfg, Tokenizer.from_model(cfg.data.tokenizer_model).vocab_size))
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    for row in rows:
+        median, q1, q3 = (float(row[k]) for k in ("median", "q1", "q3"))
+        tokens, tflops, mfu = int(row["tokens"].replace(",", "")), float(row["tflops"]), float(row["mfu"])
+        assert 0 < q1 <= median <= q3
+        assert tokens_per_step / ((median + 0.05) / 1e3) - 0.5 <= tokens <= tokens_per_step / ((median - 0.05) / 1e3) + 0.5
+        expected_tflops = per_token * tokens / 2 / 1e12  # two devices
+        assert abs(tflops - expected_tflops) <= per_token * 0.5 / 2 / 1e12 + 0.5e-4
+        assert abs(mfu - 100 * tflops / 1.0) <= 0.05 + 100 * 0.5e-4 + 1e-9  # peak 1 TFLOP/s
+        assert float(row["peak"]) > 0
+    # One process's peak, read for the uniform row first: it cannot have fallen since.
+    assert float(rows[0]["peak"]) <= float(rows[1]["peak"])
+
+    overhead = OVERHEAD.fullmatch(table[2])
+    assert overhead, table[2]
+    assert overhead["pairs"] == "4"
+    mean, low, high = (float(overhead[k]) for k in ("mean", "low", "high"))
+    assert mean > 0 and low <= mean <= high
+    assert (low + high) / 2 == pytest.approx(mean, abs=1e-4)  # a t-interval is centred on the mean

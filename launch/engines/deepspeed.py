@@ -121,9 +121,8 @@ class Engine:
             )
         if cfg.checkpoint.async_save:
             problems.append("checkpoint.async_save=true needs engine=megatron (dist_checkpointing); set it to false")
-        samples_per_micro_step = cfg.train.micro_batch_size * max(1, par.data_parallel_size(world_size))
         try:  # a deepspeed.config JSON at odds with the run config, found before any process starts
-            deepspeed_config(cfg, max(1, cfg.train.global_batch_size // samples_per_micro_step))
+            deepspeed_config(cfg, cfg.train.micro_batches_per_step(max(1, par.data_parallel_size(world_size))))
         except ConfigError as error:
             problems.append(str(error))
         return problems

@@ -25,8 +25,18 @@ from launch.model import use_bf16
 from megatron_patches.checkpoint_writer import start_write_results_helper
 
 
-def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
+def ddp_config(cfg: Config) -> DistributedDataParallelConfig:
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+
+
+def megatron_optimizer_config(cfg: Config, gpu: Optional[bool] = None) -> OptimizerConfig:
+    """`gpu`: the device to configure for; None = whether this process has one."""
     o = cfg.optim
+    bf16 = use_bf16(cfg, gpu)
     return OptimizerConfig(
         optimizer="adam",
         lr=o.lr,
@@ -37,8 +47,8 @@ def megatron_optimizer_config(cfg: Config) -> OptimizerConfig:
         adam_beta2=o.beta2,
         adam_eps=o.eps,
         clip_grad=o.clip_grad,
-        bf16=use_bf16(cfg),
-        params_dtype=torch.bfloat16 if use_bf16(cfg) else torch.float32,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
 
@@ -52,15 +62,7 @@ class Engine:
     def __init__(self, cfg: Config, model: torch.nn.Module, micro_batches_per_step: int):
         self.cfg = cfg
         self.model = model
-        self.wrapped_model = DistributedDataParallel(
-            model.config,
-            DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-                check_for_nan_in_grad=True,
-            ),
-            model,
-        )
+        self.wrapped_model = DistributedDataParallel(model.config, ddp_config(cfg), model)
         self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg), [self.wrapped_model])
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.grad_scale_func = self.optimizer.scale_loss

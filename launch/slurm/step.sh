@@ -13,11 +13,12 @@ this_job="${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
 this_job="${this_job:-${SLURM_JOB_ID:-}}"
 
 run_step() {
-  "$@" &
-  local step_pid=$! status=0
   stop_signal=""
+  # Traps first: a signal in the instant before the step starts must not kill this shell.
   trap 'pass_on USR1' USR1
   trap 'pass_on TERM' TERM
+  "$@" &
+  local step_pid=$! status=0
   # `wait` returns early when a trapped signal arrives: wait again until the step has ended.
   while kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid" || status=$?; done
   if [[ "$status" == 75 && "$stop_signal" == USR1 ]]; then

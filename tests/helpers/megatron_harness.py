@@ -13,42 +13,32 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_patches.specs import gpt_layer_spec
+from launch.config import Config, ModelConfig, ParallelConfig
+from launch.model import build_model
 
 VOCAB, SEQ, LAYERS, HIDDEN, HEADS = 128, 32, 4, 64, 4
 GLOBAL_MICRO_BATCH = 4
 
 
+def tiny_config() -> Config:
+    """The tiny GPT-2-style model's run config, under this process's parallel layout."""
+    model = ModelConfig(
+        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, seq_length=SEQ,
+        vocab_size=VOCAB, precision="fp32", transformer_impl="local",
+    )  # fmt: skip
+    parallel = ParallelConfig(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        cp=ps.get_context_parallel_world_size(),
+    )
+    return Config(model=model, parallel=parallel)
+
+
 def tiny_gpt() -> GPTModel:
-    config = TransformerConfig(
-        num_layers=LAYERS,
-        hidden_size=HIDDEN,
-        num_attention_heads=HEADS,
-        use_cpu_initialization=True,
-        pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        context_parallel_size=ps.get_context_parallel_world_size(),
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        persist_layer_norm=False,
-    )
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=gpt_layer_spec(),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        position_embedding_type="learned_absolute",
-    )
+    """The model as a run builds it (`launch.model.build_model`)."""
+    return build_model(tiny_config(), VOCAB)
 
 
 def global_batch(seed: int = 0, ragged: bool = True) -> dict[str, torch.Tensor]:

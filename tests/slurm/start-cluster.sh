@@ -23,6 +23,8 @@ cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=local
 SlurmctldHost=$node
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (default 120).
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -1,6 +1,6 @@
 """What reweighting costs: training steps of `uniform` and a reweighted strategy, interleaved.
 
-    torchrun --standalone --nproc-per-node 2 -m launch.bench --config configs/demo_cpu.yaml
+    torchrun --standalone --nproc-per-node 2 -m launch.tools.bench --config configs/demo_cpu.yaml
 
 One process group and one model: pairs of steps alternate the loss's schedule between the
 two strategies (and which of them goes first), so warm-up, caches, clock drift and other
@@ -30,21 +30,21 @@ import torch.distributed as dist  # noqa: E402
 from launch.config import ConfigError, load_config, validate  # noqa: E402
 from launch.console import say  # noqa: E402
 from launch.sources import check_files  # noqa: E402
-from launch.stats import mean_and_interval  # noqa: E402
+from launch.tools.stats import mean_and_interval  # noqa: E402
 from launch.throughput import Throughput  # noqa: E402
 from megatron_patches.device import on_gpu  # noqa: E402
 from megatron_patches.reweighting import ReweightSchedule, check_strategy  # noqa: E402
 
 EXAMPLE = """\
 example (the demo model on 2 CPU processes; make demo-data first):
-  torchrun --standalone --nproc-per-node 2 -m launch.bench --config configs/demo_cpu.yaml --pairs 30
+  torchrun --standalone --nproc-per-node 2 -m launch.tools.bench --config configs/demo_cpu.yaml --pairs 30
 on a GPU node, the same with a model config and --nproc-per-node 8.
 """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
+        prog="python -m launch.tools.bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="the run's YAML config")

@@ -1,6 +1,6 @@
 """Evaluate an exported model with lm-evaluation-harness (`lm_eval.simple_evaluate`, HF backend, CPU).
 
-    python -m launch.evaluate --model exports/gpt2 --tasks hellaswag,arc_easy --out results.json
+    python -m launch.tools.evaluate --model exports/gpt2 --tasks hellaswag,arc_easy --out results.json
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import json
 import sys
 from pathlib import Path
 
+from data_prep.files import write_text_atomically
+
 EXAMPLES = """\
 examples:
-  python -m launch.evaluate --model exports/gpt2 --tasks hellaswag,arc_easy --limit 200 --out results.json
+  python -m launch.tools.evaluate --model exports/gpt2 --tasks hellaswag,arc_easy --limit 200 --out results.json
   # a local task (YAML + data file), no network: the test suite's tiny one, from the repository root
-  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m launch.evaluate --model exports/demo \\
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m launch.tools.evaluate --model exports/demo \\
       --tasks tiny_python --include-path tests/lm_eval_tasks --out results.json
 
 Task names are lm-eval's (`lm-eval ls tasks`) or those of YAML files under --include-path.
@@ -23,12 +25,12 @@ Built-in tasks download their data sets from the Hugging Face hub unless they ar
 
 
 def evaluate(model_dir: Path, tasks: list[str], limit: int | None = None, include_path: str | None = None, batch_size: int = 8) -> dict:
-    """lm-eval's results for `tasks` on the model directory (as written by launch.export)."""
+    """lm-eval's results for `tasks` on the model directory (as written by launch.tools.export)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"{model_dir} is not a model directory (no config.json): export one with python -m launch.export")
+        raise ValueError(f"{model_dir} is not a model directory (no config.json): export one with python -m launch.tools.export")
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
@@ -48,8 +50,8 @@ def evaluate(model_dir: Path, tasks: list[str], limit: int | None = None, includ
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.evaluate",
-        description="Run lm-evaluation-harness tasks on a model exported by launch.export (CPU).",
+        prog="python -m launch.tools.evaluate",
+        description="Run lm-evaluation-harness tasks on a model exported by launch.tools.export (CPU).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     from lm_eval.utils import handle_non_serializable, make_table
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    write_text_atomically(args.out, json.dumps(results, indent=2, default=handle_non_serializable))
     print(make_table(results))
     print(f"results written to {args.out}")
     return 0

@@ -26,6 +26,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from . import blend
 from .errors import DataPrepError
+from .files import file_sha256
 from .indexed import IndexedDatasetWriter, token_dtype
 from .lock import output_lock
 from .outputs import OutputSet
@@ -92,7 +93,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
             names = datasets.file_names()
             if job.domain_key:
                 blend_name = os.path.basename(job.output_prefix) + blend.SUFFIX
-                names.append(outputs.stage_json(blend_name, _blend(job, datasets)))
+                names.append(outputs.stage_json(blend_name, _blend(job, datasets, run["tokenizer_sha256"])))
             stats["seconds"] = round(time.perf_counter() - started, 3)
             stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"])
             return outputs.commit(names, stats), True
@@ -294,11 +295,9 @@ class _DomainDatasets:
 
 def _fingerprint(job: TokenizeJob, paths: list[str]) -> dict:
     """Everything the output depends on: a rerun with the same fingerprint has nothing to do."""
-    with open(job.tokenizer_model, "rb") as model:
-        tokenizer_sha256 = hashlib.sha256(model.read()).hexdigest()
     return {
         "inputs": [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths],
-        "tokenizer_sha256": tokenizer_sha256,
+        "tokenizer_sha256": file_sha256(job.tokenizer_model),
         "json_key": job.json_key,
         "domain_key": job.domain_key,
         "on_error": job.on_error,
@@ -333,7 +332,7 @@ def _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_sk
     }
 
 
-def _blend(job: TokenizeJob, datasets: _DomainDatasets) -> dict:
+def _blend(job: TokenizeJob, datasets: _DomainDatasets, tokenizer_sha256: str) -> dict:
     """Domain -> dataset prefix (relative to the blend file) and natural (token-share) weight."""
     domains = {
         domain: blend.Domain(
@@ -345,4 +344,4 @@ def _blend(job: TokenizeJob, datasets: _DomainDatasets) -> dict:
         for domain, writer in sorted(datasets.writers.items())
     }
     path = job.output_prefix + blend.SUFFIX
-    return blend.BlendFile(Path(path), domains, job.tokenizer_model, blend.file_sha256(job.tokenizer_model)).to_json()
+    return blend.BlendFile(Path(path), domains, job.tokenizer_model, tokenizer_sha256).to_json()

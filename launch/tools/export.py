@@ -1,10 +1,11 @@
 """Export a run's checkpoint as a Hugging Face `transformers` model directory.
 
-    python -m launch.export --run-dir runs/gpt2 --out exports/gpt2
+    python -m launch.tools.export --run-dir runs/gpt2 --out exports/gpt2
 
-GPT-2-style runs (learned positions, LayerNorm, exact GELU) become `GPT2LMHeadModel`,
-Llama-style runs (RoPE, RMSNorm, SwiGLU, optional GQA) `LlamaForCausalLM`; any other model
-is refused, naming what keeps each architecture from representing it exactly. The
+Each model family (`launch/models/`) maps its weights: GPT-2-style runs (learned positions,
+LayerNorm, GELU) become `GPT2LMHeadModel`, Llama-style runs (RoPE, RMSNorm, SwiGLU, optional
+GQA) `LlamaForCausalLM`; any other model is refused, naming what keeps each architecture from
+representing it exactly. The
 checkpoint is loaded with TP=PP=CP=1 in this one process (dist_checkpointing reshards
 whatever layout it was saved under), model weights only. The vocabulary keeps Megatron's
 padding, so the exported softmax is the trained one: logits and losses equal the run's.
@@ -26,13 +27,15 @@ from typing import Iterator, NamedTuple, Optional
 
 import sentencepiece
 import torch
-import torch.nn.functional as F
+
+from launch.models import FAMILIES
+from launch.models.family import ModelFamily
 
 EXAMPLES = """\
 examples:
-  python -m launch.export --run-dir runs/gpt2 --out exports/gpt2
-  python -m launch.export --run-dir runs/l7 --step 20000 --out exports/l7-20k
-  python -m launch.export --run-dir runs/demo/linupper --out exports/demo \\
+  python -m launch.tools.export --run-dir runs/gpt2 --out exports/gpt2
+  python -m launch.tools.export --run-dir runs/l7 --step 20000 --out exports/l7-20k
+  python -m launch.tools.export --run-dir runs/demo/linupper --out exports/demo \\
       --tokenizer-model data/demo/tokenizer.model   # when the run's path no longer resolves
 
 Then, offline:
@@ -115,60 +118,31 @@ def load_checkpoint(run_dir: Path, step: Optional[int] = None) -> Iterator[Loade
 # --------------------------------------------------------------------------- architectures
 
 
-def _architecture_problems(model) -> dict[str, list[str]]:
-    """What keeps GPT-2 and Llama from computing exactly what this GPTModel computes."""
+def _common_problems(model) -> list[str]:
+    """What no exported architecture represents."""
     c = model.config
-    common = []
+    problems = []
     if c.num_moe_experts or c.multi_latent_attention or c.qk_layernorm or c.window_size is not None:
-        common.append("mixture-of-experts, multi-latent attention, QK layer norm and sliding windows are not exported")
+        problems.append("mixture-of-experts, multi-latent attention, QK layer norm and sliding windows are not exported")
     if c.apply_residual_connection_post_layernorm or c.layernorm_zero_centered_gamma:
-        common.append("post-layer-norm residuals and zero-centred gamma are not exported")
+        problems.append("post-layer-norm residuals and zero-centred gamma are not exported")
     if c.softmax_scale is not None and abs(c.softmax_scale * c.kv_channels**0.5 - 1) > 1e-6:
-        common.append(f"softmax_scale={c.softmax_scale} is not 1/sqrt(head dim)")
+        problems.append(f"softmax_scale={c.softmax_scale} is not 1/sqrt(head dim)")
     if c.add_qkv_bias and not c.add_bias_linear:
-        common.append("a QKV bias without the other linear biases (add_qkv_bias) is not exported")
+        problems.append("a QKV bias without the other linear biases (add_qkv_bias) is not exported")
     if getattr(model, "mtp_process", False):
-        common.append("multi-token prediction heads are not exported")
-    activation = _activation_name(c)
-    gpt2 = list(common)
-    if model.position_embedding_type != "learned_absolute":
-        gpt2.append(f"model.position_embedding must be learned_absolute (is {model.position_embedding_type})")
-    if c.normalization != "LayerNorm":
-        gpt2.append(f"model.normalization must be LayerNorm (is {c.normalization})")
-    if activation != "gelu":
-        gpt2.append(f"model.activation must be gelu, exact erf GELU (is {activation})")
-    if c.num_query_groups not in (None, c.num_attention_heads):
-        gpt2.append(f"model.num_query_groups must equal num_attention_heads (is {c.num_query_groups}): GPT-2 has no GQA")
-    if c.kv_channels * c.num_attention_heads != c.hidden_size:
-        gpt2.append("the head size must be hidden_size/num_attention_heads")
-    llama = list(common)
-    if model.position_embedding_type != "rope":
-        llama.append(f"model.position_embedding must be rope (is {model.position_embedding_type})")
-    elif model.rotary_percent != 1.0 or model.rotary_scaling or c.rotary_interleaved:
-        llama.append("RoPE must rotate whole heads, unscaled and not interleaved")
-    if c.normalization != "RMSNorm":
-        llama.append(f"model.normalization must be RMSNorm (is {c.normalization})")
-    if activation != "swiglu":
-        llama.append(f"model.activation must be swiglu (is {activation})")
-    return {"GPT-2": gpt2, "Llama": llama}
+        problems.append("multi-token prediction heads are not exported")
+    return problems
 
 
-def _activation_name(c) -> str:
-    """The config's MLP activation by name; only F.gelu (exact erf) and gated F.silu are exported."""
-    if c.gated_linear_unit and c.activation_func is F.silu:
-        return "swiglu"
-    if not c.gated_linear_unit and c.activation_func is F.gelu:
-        return "gelu"
-    gated = "gated " if c.gated_linear_unit else ""
-    return gated + getattr(c.activation_func, "__name__", str(c.activation_func))
-
-
-def choose_architecture(model) -> str:
-    """'GPT-2' or 'Llama', or ExportError listing, per architecture, what would have to change."""
-    problems = _architecture_problems(model)
-    for name, found in problems.items():
-        if not found:
-            return name
+def choose_architecture(model) -> ModelFamily:
+    """The family whose Hugging Face class computes exactly what this GPTModel computes, or
+    ExportError listing, per architecture, what would have to change."""
+    common = _common_problems(model)
+    problems = {family.hf_name: common + family.hf_problems(model) for family in FAMILIES.values()}
+    for family in FAMILIES.values():
+        if not problems[family.hf_name]:
+            return family
     lines = [f"  {name}: " + "; ".join(found) for name, found in problems.items()]
     raise ExportError(
         "neither Hugging Face architecture represents this model exactly:\n" + "\n".join(lines)
@@ -176,48 +150,12 @@ def choose_architecture(model) -> str:
     )
 
 
-def _split_qkv(weight: torch.Tensor, c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Megatron's fused QKV rows, grouped per query group as [q heads of the group, k, v],
-    into separate Q, K and V (rows in head order); works for weights and biases alike."""
-    groups = c.num_query_groups or c.num_attention_heads
-    per_group = c.num_attention_heads // groups
-    grouped = weight.reshape(groups, per_group + 2, c.kv_channels, *weight.shape[1:])
-    q = grouped[:, :per_group].reshape(c.num_attention_heads * c.kv_channels, *weight.shape[1:])
-    k = grouped[:, per_group].reshape(groups * c.kv_channels, *weight.shape[1:])
-    v = grouped[:, per_group + 1].reshape(groups * c.kv_channels, *weight.shape[1:])
-    return q, k, v
-
-
 def to_hugging_face(model, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
     """The transformers model (GPT2LMHeadModel or LlamaForCausalLM) equal to a Megatron GPTModel."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    architecture = choose_architecture(model)
-    c = model.config
+    family = choose_architecture(model)
     meg = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     tied = model.share_embeddings_and_output_weights
-    vocab = model.vocab_size
-    if architecture == "GPT-2":
-        hf_config = GPT2Config(
-            vocab_size=vocab, n_positions=model.max_position_embeddings, n_embd=c.hidden_size, n_layer=c.num_layers,
-            n_head=c.num_attention_heads, n_inner=c.ffn_hidden_size, activation_function="gelu",
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=c.layernorm_epsilon,
-            tie_word_embeddings=tied, bos_token_id=bos_id, eos_token_id=eos_id, dtype="float32",
-        )  # fmt: skip
-        hf = _gpt2_state(meg, c)
-        hf_model = GPT2LMHeadModel(hf_config)
-    else:
-        hf_config = LlamaConfig(
-            vocab_size=vocab, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
-            num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_query_groups or c.num_attention_heads, head_dim=c.kv_channels,
-            hidden_act="silu", max_position_embeddings=model.max_position_embeddings, rms_norm_eps=c.layernorm_epsilon,
-            rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
-            attention_bias=c.add_bias_linear, mlp_bias=c.add_bias_linear, tie_word_embeddings=tied,
-            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None, dtype="float32",
-        )  # fmt: skip
-        hf = _llama_state(meg, c)
-        hf_model = LlamaForCausalLM(hf_config)
+    hf_model, hf = family.hf_model(model, meg, bos_id, eos_id)
     if not tied:
         hf["lm_head.weight"] = meg["output_layer.weight"]
     missing, unexpected = hf_model.load_state_dict(hf, strict=False)
@@ -226,52 +164,6 @@ def to_hugging_face(model, bos_id: Optional[int] = None, eos_id: Optional[int] =
         raise RuntimeError(f"weight mapping out of step with transformers: missing {missing}, unexpected {unexpected}")
     hf_model.tie_weights()
     return hf_model.eval()
-
-
-def _gpt2_state(meg: dict, c) -> dict[str, torch.Tensor]:
-    """GPT-2's Conv1D layers hold weights transposed ([in, out]) and QKV as [all q; all k; all v].
-    A model without linear biases gets zero ones, which computes the same."""
-    hf = {"transformer.wte.weight": meg["embedding.word_embeddings.weight"]}
-    hf["transformer.wpe.weight"] = meg["embedding.position_embeddings.weight"]
-    hf["transformer.ln_f.weight"] = meg["decoder.final_layernorm.weight"]
-    hf["transformer.ln_f.bias"] = meg["decoder.final_layernorm.bias"]
-
-    def bias(key: str, size: int) -> torch.Tensor:
-        return meg.get(key, torch.zeros(size))
-
-    for i in range(c.num_layers):
-        m, h = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        for meg_norm, hf_norm in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-            hf[h + hf_norm + ".weight"] = meg[m + meg_norm + ".weight"]
-            hf[h + hf_norm + ".bias"] = meg[m + meg_norm + ".bias"]
-        qkv = meg[m + "self_attention.linear_qkv.weight"]
-        hf[h + "attn.c_attn.weight"] = torch.cat(_split_qkv(qkv, c)).t().contiguous()
-        hf[h + "attn.c_attn.bias"] = torch.cat(_split_qkv(bias(m + "self_attention.linear_qkv.bias", qkv.shape[0]), c))
-        for meg_linear, hf_linear in (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"), ("mlp.linear_fc2", "mlp.c_proj")):
-            weight = meg[m + meg_linear + ".weight"]
-            hf[h + hf_linear + ".weight"] = weight.t().contiguous()
-            hf[h + hf_linear + ".bias"] = bias(m + meg_linear + ".bias", weight.shape[0])
-    return hf
-
-
-def _llama_state(meg: dict, c) -> dict[str, torch.Tensor]:
-    """Llama keeps Q, K, V and the SwiGLU gate and up projections apart; Megatron fuses
-    QKV per query group and stores fc1 as [gate; up]. Both apply RoPE to halves of a head
-    (rotate_half), so no permutation of Q/K rows is needed."""
-    hf = {"model.embed_tokens.weight": meg["embedding.word_embeddings.weight"]}
-    hf["model.norm.weight"] = meg["decoder.final_layernorm.weight"]
-    for i in range(c.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        hf[h + "input_layernorm.weight"] = meg[m + "input_layernorm.weight"]
-        hf[h + "post_attention_layernorm.weight"] = meg[m + "pre_mlp_layernorm.weight"]
-        for kind in ("weight", "bias") if c.add_bias_linear else ("weight",):
-            q, k, v = _split_qkv(meg[f"{m}self_attention.linear_qkv.{kind}"], c)
-            hf[f"{h}self_attn.q_proj.{kind}"], hf[f"{h}self_attn.k_proj.{kind}"], hf[f"{h}self_attn.v_proj.{kind}"] = q, k, v
-            hf[f"{h}self_attn.o_proj.{kind}"] = meg[f"{m}self_attention.linear_proj.{kind}"]
-            gate, up = meg[f"{m}mlp.linear_fc1.{kind}"].chunk(2)
-            hf[f"{h}mlp.gate_proj.{kind}"], hf[f"{h}mlp.up_proj.{kind}"] = gate, up
-            hf[f"{h}mlp.down_proj.{kind}"] = meg[f"{m}mlp.linear_fc2.{kind}"]
-    return hf
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -361,7 +253,7 @@ def _id(token_id: int) -> Optional[int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.export",
+        prog="python -m launch.tools.export",
         description="Export a checkpoint of a launch.pretrain run as a Hugging Face transformers model "
         "(GPT2LMHeadModel or LlamaForCausalLM) with its tokenizer. Runs on CPU, in one process.",
         epilog=EXAMPLES,

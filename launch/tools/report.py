@@ -1,21 +1,22 @@
 """Compare runs: a table of per-domain validation loss and a figure of curves and weight statistics.
 
-    python -m launch.report runs/demo/uniform runs/demo/linupper --out runs/demo/report.png
+    python -m launch.tools.report runs/demo/uniform runs/demo/linupper --out runs/demo/report.png
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from launch.metrics import METRICS_FILE
+from data_prep.files import replaced_atomically
+from launch.metrics import METRICS_FILE, MetricsFileError, read_metrics
 
 
 def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines() if line.strip()]
+    """(train rows, held-out rows); a torn last line is left out."""
+    rows = read_metrics(run_dir)
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "valid"]
 
 
@@ -91,13 +92,12 @@ def plot(runs: dict[str, Path], out: Path) -> None:
             ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, out)
+    with replaced_atomically(out) as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.tools.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (launch.pretrain's --run-dir); each column is named by the shortest distinct end of its path")
     parser.add_argument("--out", type=Path, help="write the figure here (PNG)")
     args = parser.parse_args(argv)
@@ -108,16 +108,20 @@ def main(argv=None) -> int:
         elif not (path / METRICS_FILE).is_file():
             problem = f"not a run directory (no {METRICS_FILE}): give the --run-dir of a launch.pretrain run"
         if problem:
-            print(f"python -m launch.report: error: {path}: {problem}", file=sys.stderr)
+            print(f"python -m launch.tools.report: error: {path}: {problem}", file=sys.stderr)
             return 2
     if len({os.path.abspath(p) for p in args.runs}) != len(args.runs):
-        print("python -m launch.report: error: a run directory is given twice", file=sys.stderr)
+        print("python -m launch.tools.report: error: a run directory is given twice", file=sys.stderr)
         return 2
     runs = dict(zip(labels(args.runs), args.runs))
-    print(validation_table(runs))
-    if args.out:
-        plot(runs, args.out)
-        print(f"figure: {args.out}")
+    try:
+        print(validation_table(runs))
+        if args.out:
+            plot(runs, args.out)
+            print(f"figure: {args.out}")
+    except MetricsFileError as error:
+        print(f"python -m launch.tools.report: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,57 @@
+"""The summary as Markdown: held-out loss with paired differences, and where the weight went."""
+
+from __future__ import annotations
+
+
+def _diff_text(entry: dict) -> str:
+    if entry["diff_mean"] is None:
+        return ""
+    if entry["diff_ci95"] is None:
+        return f"{entry['diff_mean']:+.4f} (one seed: no interval)"
+    low, high = entry["diff_ci95"]
+    return f"{entry['diff_mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def markdown(summary: dict) -> str:
+    """Two tables: held-out loss with paired differences, and where the weight went."""
+    arms, baseline, n = summary["arms"], summary["baseline"], len(summary["seeds"])
+    others = arms[1:]
+    header = ["domain", baseline] + [c for a in others for c in (a["name"], f"Δ {a['name']}")]
+    settings = "; ".join(f"{a['name']}: {' '.join(a['settings'])}" for a in arms)
+    lines = [
+        f"Arms, as changes to {summary['config']}: {settings}.",
+        "",
+        f"Held-out loss, mean over {n} paired seeds {summary['seeds']}; Δ = arm − {baseline} per seed,"
+        f" mean [{summary['confidence']:.0%} Student t-interval]; lower is better.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+    ]
+    domains = list(arms[0]["held_out"])
+    for label, pick in [(d, lambda a, d=d: a["held_out"][d]) for d in domains] + [
+        ("natural mixture", lambda a: a["natural_mixture"])
+    ]:
+        cells = [label, f"{pick(arms[0])['mean']:.4f}"]
+        for arm in others:
+            cells += [f"{pick(arm)['mean']:.4f}", _diff_text(pick(arm))]
+        lines.append("| " + " | ".join(cells) + " |")
+    mix = ", ".join(f"{d} {w:.3f}" for d, w in summary["natural_weights"]["weights"].items())
+    lines += [
+        "",
+        f"Natural mixture: the held-out losses weighted by the train blend's token shares ({mix}).",
+        "",
+        "Weights after warm-up, mean over logged steps and seeds: effective sample size (1 = uniform)"
+        " and, per domain, share of weight / share of samples.",
+        "",
+        "| | " + " | ".join(a["name"] for a in arms) + " |",
+        "|---|" + "---:|" * len(arms),
+        "| ESS | " + " | ".join(f"{a['weights']['ess']['mean']:.3f}" for a in arms) + " |",
+    ]
+    train_domains = sorted({d for a in arms for d in a["weights"]["domain_sample_share"]})
+    for d in train_domains:
+        cells = []
+        for arm in arms:
+            w, s = arm["weights"]["domain_weight_share"].get(d), arm["weights"]["domain_sample_share"].get(d)
+            cells.append("" if w is None else f"{w:.1%} / {s:.1%}")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,131 @@
+"""The GPU model as Megatron-Core validates it, checked on the CPU: for every shipped config,
+the TransformerConfig, DDP config and optimizer config a GPU run gets, with Transformer
+Engine installed and without; the local layer built with those flags; the same activation
+trained on every device as the export writes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from helpers.e2e import REPO
+from helpers.multiprocess import run_distributed
+from launch.config import ConfigError, load_config
+from launch.model import transformer_config, use_transformer_engine
+from launch.models import family_of
+from launch.models.family import activation_name
+
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+DEVICES = {"gpu-te": dict(gpu=True, te=True), "gpu-local": dict(gpu=True, te=False), "cpu": dict(gpu=False, te=False)}
+
+
+@pytest.fixture
+def transformer_engine_rope(monkeypatch):
+    """TransformerConfig looks up TE's fused RoPE kernel; here TE is what the test says is installed."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *args, **kwargs: None)
+
+
+def _config(path, device):
+    cfg = load_config(path)
+    if cfg.parallel.sequence_parallel and not device["te"]:
+        with pytest.raises(ConfigError, match="sequence_parallel=true needs Transformer Engine's layers"):
+            transformer_config(cfg, **device)
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sequence_parallel=False))
+    return cfg, transformer_config(cfg, **device)  # TransformerConfig.__post_init__ validates
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name + "/" + p.stem)
+def test_every_config_passes_megatron_core_validation(path, device, transformer_engine_rope):
+    from launch.engines.megatron import ddp_config, megatron_optimizer_config
+
+    device = DEVICES[device]
+    cfg, config = _config(path, device)
+    gpu, te_spec = device["gpu"], use_transformer_engine(cfg, **device)
+    optimizer = megatron_optimizer_config(cfg, gpu=gpu)  # OptimizerConfig.__post_init__ validates
+    ddp_config(cfg)
+    assert config.bf16 == optimizer.bf16 == (cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and gpu))
+    assert config.params_dtype == optimizer.params_dtype
+    # Every fusion with a kernel here on a GPU, none on the CPU.
+    assert config.bias_dropout_fusion == config.masked_softmax_fusion == config.cross_entropy_loss_fusion == gpu
+    assert config.bias_activation_fusion == (gpu and (config.gated_linear_unit or config.add_bias_linear))
+    assert config.apply_rope_fusion == (gpu and device["te"] and cfg.model.position_embedding == "rope")
+    # Into Megatron DDP's main_grad buffers, which DeepSpeed does not keep
+    assert config.gradient_accumulation_fusion == (gpu and te_spec and cfg.engine == "megatron")
+    assert config.use_cpu_initialization == (not gpu)
+    assert not config.persist_layer_norm  # torch's norms refuse it; nothing else here reads it
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name + "/" + p.stem)
+def test_the_activation_trained_is_the_same_on_every_device_and_the_one_exported(path, transformer_engine_rope):
+    from launch.models.gpt2 import HF_ACTIVATIONS
+
+    names = {activation_name(_config(path, device)[1]) for device in DEVICES.values()}
+    family = family_of(load_config(path).model)
+    assert names == ({"gelu_tanh"} if family.name == "gpt2" else {"swiglu"})
+    if family.name == "gpt2":
+        assert HF_ACTIVATIONS["gelu_tanh"] == "gelu_new"  # GPT-2's own tanh approximation
+
+
+def test_gelu_without_biases_runs_unfused_and_still_tanh():
+    cfg = load_config(REPO / "configs/gpt2-124m.yaml", ["model.add_bias_linear=false"])
+    config = transformer_config(cfg, gpu=True, te=False)  # the fused bias-GELU would raise without a bias
+    assert not config.bias_activation_fusion and activation_name(config) == "gelu_tanh"
+
+
+def _instantiate_local_gpu_models(paths) -> list[str]:
+    """Each config's GPU model without Transformer Engine, shrunk and on one CPU process: every
+    GPU flag except CUDA initialisation, which needs a device."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_patches.parallel import initialize_parallel
+
+    initialize_parallel(1, 1, 1)
+    built = []
+    for path in paths:
+        cfg = load_config(path)
+        m = cfg.model
+        groups = 2 if m.num_query_groups < m.num_attention_heads else 4
+        model = dataclasses.replace(m, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=groups,
+                                    ffn_hidden_size=96, seq_length=16, max_position_embeddings=16)  # fmt: skip
+        parallel = dataclasses.replace(cfg.parallel, tp=1, pp=1, cp=1, sequence_parallel=False)
+        tiny = dataclasses.replace(cfg, model=model, parallel=parallel)
+        config = dataclasses.replace(transformer_config(tiny, gpu=True, te=False), use_cpu_initialization=True)
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=family_of(model).layer_spec(model, transformer_engine=False),
+            vocab_size=128,
+            max_sequence_length=16,
+            share_embeddings_and_output_weights=not model.untie_embeddings,
+            position_embedding_type=model.position_embedding,
+            rotary_base=model.rotary_base,
+        )
+        built.append(f"{path.stem}: {type(gpt.decoder.layers[0].input_layernorm).__name__}")
+    return built
+
+
+def test_the_local_gpu_layer_builds_with_the_gpu_flags():
+    [built] = run_distributed(_instantiate_local_gpu_models, 1, CONFIGS)
+    assert len(built) == len(CONFIGS)
+    for line in built:
+        assert line.endswith(("LayerNorm", "RMSNorm")), line
+
+
+def test_a_model_of_no_family_is_refused_naming_the_families():
+    with pytest.raises(ConfigError, match="is no model family's: set the fields of one of gpt2"):
+        family_of(load_config(REPO / "configs/demo_cpu.yaml", ["model.activation=swiglu"]).model)
+    with pytest.raises(ConfigError, match="model.family=llama needs model.position_embedding=rope, model.normalization=RMSNorm"):
+        family_of(load_config(REPO / "configs/demo_cpu.yaml", ["model.family=llama", "model.activation=swiglu"]).model)
+    assert family_of(load_config(REPO / "configs/llama-7b.yaml", ["model.family=llama"]).model).name == "llama"
+
+
+def test_activation_memory_follows_the_family():
+    gpt2 = load_config(REPO / "configs/gpt2-124m.yaml").model
+    # Korthikanti et al.'s GPT layer: 10h whole + 24h split over TP, h = 768
+    assert tuple(family_of(gpt2).activation_bytes(gpt2)) == (10 * 768, 24 * 768)
+    llama = load_config(REPO / "configs/llama-1.4b.yaml", ["model.num_query_groups=4"]).model
+    # attention: Q 2h, K and V 2 x 2 x 4 groups x 128, projection input 2h; SwiGLU: 4 + 2 bytes per FFN channel
+    assert tuple(family_of(llama).activation_bytes(llama)) == (10 * 2048, 4 * 2048 + 4 * 512 + 6 * 5632)

@@ -9,16 +9,16 @@ engine that steps it (`engines/`), checkpoints and metrics; the loss is
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from launch.checkpoint import CheckpointError, Checkpointer, TrainerState, warn
+from launch.checkpoint import Checkpointer, CheckpointError, TrainerState, warn
 from launch.config import Config, ConfigError, experiment_changes, to_dict
 from launch.console import say
 from launch.data import build_train_dataset, build_validation_datasets, micro_batches
@@ -119,16 +119,23 @@ class Trainer:
             lambda: self.loss.schedule.advance(),
         ]
 
-        self.resumed_from: Optional[Path] = None
+        self.resumed_from: Path | None = None
         self.step = self._resume()
-        self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step, wandb=self._wandb_settings())
+        self.log = MetricsLog(
+            self.run_dir, cfg.logging.tensorboard, resume_step=self.step, wandb=self._wandb_settings()
+        )
         self.stop_requests = StopRequests(t.exit_duration_minutes)
 
-    def _wandb_settings(self) -> Optional[dict]:
+    def _wandb_settings(self) -> dict | None:
         lg = self.cfg.logging
         if not lg.wandb:
             return None
-        return {"project": lg.wandb_project, "mode": lg.wandb_mode, "name": self.run_dir.name, "config": to_dict(self.cfg)}
+        return {
+            "project": lg.wandb_project,
+            "mode": lg.wandb_mode,
+            "name": self.run_dir.name,
+            "config": to_dict(self.cfg),
+        }
 
     def _announce(self) -> None:
         """Rank 0: what this run is (the --dry-run account) and where it starts, before the first step."""
@@ -143,7 +150,7 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def train(self) -> Optional[str]:
+    def train(self) -> str | None:
         """Train to the end, or until a stop request; returns what the run stopped for, if anything."""
         t = self.cfg.train
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
@@ -180,7 +187,9 @@ class Trainer:
     def train_step(self) -> tuple[list[dict], float]:
         """One optimizer step on the global batch at `self.step`: loss reports and grad norm."""
         batches = micro_batches(self.train_data, self.cfg, self.step)
-        reports = self.engine.forward_backward(partial(_forward_step, self.loss), batches, self.micro_batches_per_step, forward_only=False)
+        reports = self.engine.forward_backward(
+            partial(_forward_step, self.loss), batches, self.micro_batches_per_step, forward_only=False
+        )
         grad_norm = self.engine.step()
         for hook in self.after_step:
             hook()
@@ -231,7 +240,12 @@ class Trainer:
         if values is None:
             return
         losses = {d: values[2 * i] / max(values[2 * i + 1], 1.0) for i, d in enumerate(self.valid_data)}
-        row = {"kind": "valid", "step": self.step, "valid_loss": sum(losses.values()) / len(losses), "valid_loss_per_domain": losses}
+        row = {
+            "kind": "valid",
+            "step": self.step,
+            "valid_loss": sum(losses.values()) / len(losses),
+            "valid_loss_per_domain": losses,
+        }
         self.log.write(row)
         say(f"step {self.step:>6} | validation " + " | ".join(f"{d} {v:.4f}" for d, v in losses.items()))
 
@@ -242,12 +256,15 @@ class Trainer:
 
     def _check_same_experiment(self, path: Path, saved: dict) -> None:
         """`saved`: the checkpoint's trainer state (its config, and the layout it was saved under)."""
-        changes = experiment_changes(saved["config"], self.cfg, saved_dp=saved["layout"]["dp"], dp=ps.get_data_parallel_world_size())
+        changes = experiment_changes(
+            saved["config"], self.cfg, saved_dp=saved["layout"]["dp"], dp=ps.get_data_parallel_world_size()
+        )
         if not changes:
             return
         if not self.cfg.checkpoint.allow_config_change:
             raise ConfigError(
-                f"this run resumes {path} but changes the experiment:\n  " + "\n  ".join(changes)
+                f"this run resumes {path} but changes the experiment:\n  "
+                + "\n  ".join(changes)
                 + "\nuse another --run-dir, or --set checkpoint.allow_config_change=true to go on anyway"
             )
         warn("resuming with a changed experiment (checkpoint.allow_config_change): " + "; ".join(changes))

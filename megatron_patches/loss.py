@@ -26,8 +26,6 @@ token-mean loss of the global micro-batch: Megatron's ordinary loss.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -52,8 +50,8 @@ class ReweightedLoss:
         delta: float = 1.0,
         num_domains: int = 0,
         units_per_row: int = 1,
-        dp_group: Optional[dist.ProcessGroup] = None,
-        cp_group: Optional[dist.ProcessGroup] = None,
+        dp_group: dist.ProcessGroup | None = None,
+        cp_group: dist.ProcessGroup | None = None,
     ):
         if units_per_row < 1:
             raise ValueError(f"units_per_row must be >= 1 (got {units_per_row})")
@@ -72,7 +70,7 @@ class ReweightedLoss:
     def cp_group(self) -> dist.ProcessGroup:
         return self._cp_group or parallel_state.get_context_parallel_group()
 
-    def _per_unit(self, values: torch.Tensor, unit_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def _per_unit(self, values: torch.Tensor, unit_ids: torch.Tensor | None) -> torch.Tensor:
         """Token values [rows, tokens] summed per unit slot: [rows · units_per_row], row-major."""
         if unit_ids is None:
             return values.sum(dim=1)
@@ -84,10 +82,10 @@ class ReweightedLoss:
     def __call__(
         self,
         loss_mask: torch.Tensor,
-        domains: Optional[torch.Tensor],
+        domains: torch.Tensor | None,
         token_losses: torch.Tensor,
         *,
-        unit_ids: Optional[torch.Tensor] = None,
+        unit_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """`unit_ids` [rows, tokens]: each token's unit in its row, 0 … units_per_row − 1, or
         −1 for none; default one unit per row.  `domains`: one id per row, or per unit slot
@@ -123,13 +121,17 @@ class ReweightedLoss:
             delta=self.delta,
             valid=valid,
             token_counts=counts,
-            extra=domains if padding is None else torch.stack([domains.to(torch.float64), padding.to(torch.float64)], dim=1),
+            extra=domains
+            if padding is None
+            else torch.stack([domains.to(torch.float64), padding.to(torch.float64)], dim=1),
             group=self.dp_group,
         )
         batch_padding = None if padding is None else batch.extra[:, 1] > 0
         safe_losses = torch.where(batch.valid, batch.losses, 0.0)
         valid_counts = torch.where(batch.valid, batch.token_counts, 0.0)
-        report = weight_statistics(batch.weights, batch.losses, batch.valid, batch.extra[:, 0], self.num_domains, batch_padding)
+        report = weight_statistics(
+            batch.weights, batch.losses, batch.valid, batch.extra[:, 0], self.num_domains, batch_padding
+        )
         report.update(
             lm_loss=(safe_losses * valid_counts).sum() / torch.clamp(valid_counts.sum(), min=1),
             weighted_loss=(batch.weights * safe_losses).sum(),

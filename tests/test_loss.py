@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-
 from helpers.host_reads import HostReadRecorder
 from helpers.multiprocess import run_distributed
+
 from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import destroy_parallel, initialize_parallel
 from megatron_patches.reweighting import ReweightSchedule
@@ -95,14 +95,24 @@ def _units_worker():
     # The same documents, one per row, the rest of each row masked out.
     def one_row(first, row, length):
         values = token_losses[row, first : first + length]
-        return torch.cat([values, values.new_zeros(8 - length)]), torch.cat([mask[row, first : first + length], torch.zeros(8 - length)])
+        return torch.cat([values, values.new_zeros(8 - length)]), torch.cat(
+            [mask[row, first : first + length], torch.zeros(8 - length)]
+        )
 
     rows = [one_row(0, 0, 3), one_row(3, 0, 5), one_row(0, 1, 6)]
     separate_fn = ReweightedLoss(ReweightSchedule("linupper", 0.5), num_domains=2)
-    separate = separate_fn(torch.stack([m for _, m in rows]), torch.tensor([0, 1, 1]), torch.stack([v for v, _ in rows]))
+    separate = separate_fn(
+        torch.stack([m for _, m in rows]), torch.tensor([0, 1, 1]), torch.stack([v for v, _ in rows])
+    )
     separate[0].backward()
     destroy_parallel()
-    return dict(host_reads=detector.calls, packed=packed, packed_grad=packed_grad, separate=separate, separate_grad=token_losses.grad)
+    return dict(
+        host_reads=detector.calls,
+        packed=packed,
+        packed_grad=packed_grad,
+        separate=separate,
+        separate_grad=token_losses.grad,
+    )
 
 
 def test_units_inside_rows_weigh_like_separate_rows_and_padding_is_no_sample():

@@ -40,7 +40,9 @@ def test_a_part_missing_from_the_checkpoint_is_named():
         state.load_state_dict({}, Path("step_00000001"))
 
 
-@pytest.mark.parametrize("name, formerly", [("step", ()), ("config", ()), ("first", ()), ("other", ("first",)), ("other", ("old",))])
+@pytest.mark.parametrize(
+    "name, formerly", [("step", ()), ("config", ()), ("first", ()), ("other", ("first",)), ("other", ("old",))]
+)
 def test_a_name_that_is_taken_is_refused(name, formerly):
     state = TrainerState()
     state.register("first", Counter(), formerly=("old",))

@@ -31,16 +31,22 @@ from .tokenizer import train_tokenizer
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.bench", description=__doc__.split("\n", 1)[1],
+        prog="python -m data_prep.bench",
+        description=__doc__.split("\n", 1)[1],
         epilog="example: python -m data_prep.bench --workers 2 --size-mb 32 --model-type unigram",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="worker processes, and threads for the limit (default: 2)")
-    parser.add_argument("--size-mb", type=float, default=32, metavar="MB", help="corpus size in MB of text (default: 32)")
+    parser.add_argument(
+        "--workers", type=int, default=2, metavar="N", help="worker processes, and threads for the limit (default: 2)"
+    )
+    parser.add_argument(
+        "--size-mb", type=float, default=32, metavar="MB", help="corpus size in MB of text (default: 32)"
+    )
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="(default: bpe)")
     parser.add_argument("--vocab-size", type=int, default=16000, metavar="N", help="(default: 16000)")
-    parser.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each pipeline, best kept (default: 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, metavar="N", help="runs of each pipeline, best kept (default: 3)"
+    )
     args = parser.parse_args(argv)
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset  # slow import, outside timing
@@ -74,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                 tokens[name] = run()
                 timings[name].append(time.perf_counter() - started)
 
-        identical = all(
-            filecmp.cmp(os.path.join(tmp, "data_prep" + suffix), os.path.join(tmp, "megatron" + suffix), shallow=False)
-            for suffix in (".bin", ".idx")
-        ) and len(set(tokens.values())) == 1
+        identical = (
+            all(
+                filecmp.cmp(
+                    os.path.join(tmp, "data_prep" + suffix), os.path.join(tmp, "megatron" + suffix), shallow=False
+                )
+                for suffix in (".bin", ".idx")
+            )
+            and len(set(tokens.values())) == 1
+        )
         readable = len(IndexedDataset(os.path.join(tmp, "data_prep"))) == documents
 
     best = {name: min(times) for name, times in timings.items()}
@@ -129,7 +140,7 @@ def _stdlib_documents():
     root = sysconfig.get_paths()["stdlib"]
     for directory, subdirectories, names in os.walk(root):
         subdirectories[:] = sorted(d for d in subdirectories if d != "site-packages")
-        domain = "python-tests" if f"{os.sep}test" in directory[len(root):] else "python-stdlib"
+        domain = "python-tests" if f"{os.sep}test" in directory[len(root) :] else "python-stdlib"
         for name in sorted(names):
             if not name.endswith(".py"):
                 continue

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 SUFFIX = ".blend.json"
 
@@ -32,8 +31,8 @@ class Domain:
 class BlendFile:
     path: Path
     domains: dict[str, Domain]  # sorted by name
-    tokenizer_model: Optional[str] = None
-    tokenizer_sha256: Optional[str] = None
+    tokenizer_model: str | None = None
+    tokenizer_sha256: str | None = None
 
     def dataset_prefix(self, domain: str) -> str:
         """The domain's dataset prefix as a path usable from the working directory."""

@@ -87,59 +87,105 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
-        "train-tokenizer", help="train a SentencePiece model (P.model, P.vocab)",
+        "train-tokenizer",
+        help="train a SentencePiece model (P.model, P.vocab)",
         description="Train a SentencePiece model on a random sample of documents.",
-        epilog=TRAIN_EPILOG, formatter_class=formatter,
+        epilog=TRAIN_EPILOG,
+        formatter_class=formatter,
     )
-    train.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
-                       help="input files, directories or glob patterns")
-    train.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N",
-                       help="pieces in the model, counting the 256 byte pieces and <unk>, <s>, </s>")
+    train.add_argument(
+        "--input", nargs="+", required=True, metavar="FILE_OR_DIR", help="input files, directories or glob patterns"
+    )
+    train.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        required=True,
+        metavar="N",
+        help="pieces in the model, counting the 256 byte pieces and <unk>, <s>, </s>",
+    )
     train.add_argument("--output-prefix", required=True, metavar="P", help="writes P.model and P.vocab")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="(default: bpe)")
-    train.add_argument("--json-key", default="text", metavar="KEY",
-                     help="JSON field holding the text; dots reach into nested objects (default: text)")
-    train.add_argument("--sample-docs", type=_positive_int, default=100_000, metavar="N",
-                       help="train on a uniform random sample of N documents (default: 100000)")
+    train.add_argument(
+        "--json-key",
+        default="text",
+        metavar="KEY",
+        help="JSON field holding the text; dots reach into nested objects (default: text)",
+    )
+    train.add_argument(
+        "--sample-docs",
+        type=_positive_int,
+        default=100_000,
+        metavar="N",
+        help="train on a uniform random sample of N documents (default: 100000)",
+    )
     train.add_argument("--seed", type=int, default=0, help="sampling and training seed (default: 0)")
     train.set_defaults(run=_train_tokenizer)
 
     tok = commands.add_parser(
-        "tokenize", help="tokenize corpora into Megatron indexed datasets (P.bin, P.idx)",
+        "tokenize",
+        help="tokenize corpora into Megatron indexed datasets (P.bin, P.idx)",
         description="Tokenize documents into Megatron-Core indexed datasets, one sequence per document.",
-        epilog=TOKENIZE_EPILOG, formatter_class=formatter,
+        epilog=TOKENIZE_EPILOG,
+        formatter_class=formatter,
     )
-    tok.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR_OR_GLOB",
-                     help="input files, directories or glob patterns")
-    tok.add_argument("--output-prefix", required=True, metavar="P",
-                     help="writes P.bin, P.idx, P.stats.json (with --domain-key: P_<domain>.bin/.idx "
-                          "and P.blend.json instead of P.bin/.idx)")
+    tok.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE_OR_DIR_OR_GLOB",
+        help="input files, directories or glob patterns",
+    )
+    tok.add_argument(
+        "--output-prefix",
+        required=True,
+        metavar="P",
+        help="writes P.bin, P.idx, P.stats.json (with --domain-key: P_<domain>.bin/.idx "
+        "and P.blend.json instead of P.bin/.idx)",
+    )
     tok.add_argument("--tokenizer-model", required=True, metavar="M", help="SentencePiece .model file")
-    tok.add_argument("--json-key", default="text", metavar="KEY",
-                     help="JSON field holding the text; dots reach into nested objects (default: text)")
-    tok.add_argument("--domain-key", metavar="DOTTED.KEY",
-                     help="split by this JSON field (e.g. meta.redpajama_set_name): P_<domain>.bin/.idx "
-                          "per domain and P.blend.json with natural weights")
-    tok.add_argument("--workers", type=_positive_int, default=default_workers(), metavar="N",
-                     help="encoding processes (default: the usable CPU cores, here %(default)s)")
-    tok.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                     help="what to do with a bad input line (default: fail)")
-    tok.add_argument("--force", action="store_true",
-                     help="replace existing outputs, even those of a finished identical run")
+    tok.add_argument(
+        "--json-key",
+        default="text",
+        metavar="KEY",
+        help="JSON field holding the text; dots reach into nested objects (default: text)",
+    )
+    tok.add_argument(
+        "--domain-key",
+        metavar="DOTTED.KEY",
+        help="split by this JSON field (e.g. meta.redpajama_set_name): P_<domain>.bin/.idx "
+        "per domain and P.blend.json with natural weights",
+    )
+    tok.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=default_workers(),
+        metavar="N",
+        help="encoding processes (default: the usable CPU cores, here %(default)s)",
+    )
+    tok.add_argument(
+        "--on-error", choices=("fail", "skip"), default="fail", help="what to do with a bad input line (default: fail)"
+    )
+    tok.add_argument(
+        "--force", action="store_true", help="replace existing outputs, even those of a finished identical run"
+    )
     tok.set_defaults(run=_tokenize)
 
     show = commands.add_parser(
-        "inspect", help="summarise a tokenized dataset and decode a sample",
+        "inspect",
+        help="summarise a tokenized dataset and decode a sample",
         description="Check that each dataset's .bin and .idx are complete, then show documents, tokens, "
-                    "length percentiles, per-domain counts and decoded samples.",
-        epilog=INSPECT_EPILOG, formatter_class=formatter,
+        "length percentiles, per-domain counts and decoded samples.",
+        epilog=INSPECT_EPILOG,
+        formatter_class=formatter,
     )
     show.add_argument("prefix", metavar="P", help="dataset prefix given to tokenize --output-prefix")
-    show.add_argument("--tokenizer-model", metavar="M",
-                      help="model to decode with (default: the one recorded in P.stats.json)")
+    show.add_argument(
+        "--tokenizer-model", metavar="M", help="model to decode with (default: the one recorded in P.stats.json)"
+    )
     show.add_argument("--samples", type=int, default=1, metavar="N", help="documents to decode (default: 1)")
-    show.add_argument("--max-chars", type=_positive_int, default=400, metavar="N",
-                      help="characters shown per document (default: 400)")
+    show.add_argument(
+        "--max-chars", type=_positive_int, default=400, metavar="N", help="characters shown per document (default: 400)"
+    )
     show.add_argument("--seed", type=int, default=0, help="which documents are sampled (default: 0)")
     show.set_defaults(run=_inspect)
     return parser
@@ -147,8 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
     summary = train_tokenizer(
-        args.input, args.output_prefix, args.vocab_size, args.model_type,
-        args.json_key, args.sample_docs, args.seed,
+        args.input,
+        args.output_prefix,
+        args.vocab_size,
+        args.model_type,
+        args.json_key,
+        args.sample_docs,
+        args.seed,
     )
     print(
         f"wrote {args.output_prefix}.model and .vocab: {args.model_type}, {args.vocab_size:,} pieces, "
@@ -162,9 +213,14 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 def _tokenize(args: argparse.Namespace) -> int:
     job = TokenizeJob(
-        inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
-        json_key=args.json_key, domain_key=args.domain_key, on_error=args.on_error,
-        workers=args.workers, force=args.force,
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer_model=args.tokenizer_model,
+        json_key=args.json_key,
+        domain_key=args.domain_key,
+        on_error=args.on_error,
+        workers=args.workers,
+        force=args.force,
     )
     stats, fresh = tokenize(job)
     if not fresh:
@@ -176,8 +232,10 @@ def _tokenize(args: argparse.Namespace) -> int:
     directory = os.path.dirname(args.output_prefix)
     for dataset in stats["datasets"]:
         name = dataset["domain"] if dataset["domain"] is not None else "wrote"
-        print(f"{name:<16} {os.path.join(directory, dataset['prefix'])}.{{bin,idx}}  "
-              f"{dataset['documents']:>12,} documents {dataset['tokens']:>15,} tokens")
+        print(
+            f"{name:<16} {os.path.join(directory, dataset['prefix'])}.{{bin,idx}}  "
+            f"{dataset['documents']:>12,} documents {dataset['tokens']:>15,} tokens"
+        )
     print(
         f"{'total':<16} {stats['documents']:,} documents, {stats['tokens']:,} tokens ({stats['dtype']}) "
         f"from {stats['input_bytes'] / 1e6:,.1f} MB in {stats['seconds']:.1f} s: "

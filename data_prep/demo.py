@@ -27,11 +27,10 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import pydoc_data.topics
 import random
 import sysconfig
 from pathlib import Path
-
-import pydoc_data.topics
 
 from .blend import read_blend_file
 from .files import replaced_atomically
@@ -52,8 +51,16 @@ BUDGET_CHARS = {  # per domain, so the whole corpus stays a few MB
 }
 # Parts of the standard library that are test data, generated tables or prose (not code).
 SKIPPED_STDLIB_DIRS = {
-    "test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data",
-    "ensurepip", "lib2to3", "turtledemo",
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+    "ensurepip",
+    "lib2to3",
+    "turtledemo",
 }
 
 
@@ -90,9 +97,7 @@ def stdlib_modules() -> list[Path]:
     """Standard-library sources in a fixed shuffled order (sorted first, so it is reproducible)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = sorted(
-        path
-        for path in root.rglob("*.py")
-        if not SKIPPED_STDLIB_DIRS & set(path.relative_to(root).parts[:-1])
+        path for path in root.rglob("*.py") if not SKIPPED_STDLIB_DIRS & set(path.relative_to(root).parts[:-1])
     )
     random.Random(SEED).shuffle(paths)
     return paths
@@ -161,20 +166,33 @@ def licence_documents():
             yield text
 
 
-SITES = ["example-news.com", "dailyshopper.net", "techreviewhub.io", "recipes-for-all.org",
-         "cityguide.info", "gadgetdeals.store", "travelnotes.blog", "healthtips.site"]
-COMPANIES = ["Example Media Group", "Shopper Holdings Ltd.", "Hub Digital Inc.",
-             "Open Recipes Foundation", "City Guides LLC", "Deals & Co."]
+SITES = [
+    "example-news.com",
+    "dailyshopper.net",
+    "techreviewhub.io",
+    "recipes-for-all.org",
+    "cityguide.info",
+    "gadgetdeals.store",
+    "travelnotes.blog",
+    "healthtips.site",
+]
+COMPANIES = [
+    "Example Media Group",
+    "Shopper Holdings Ltd.",
+    "Hub Digital Inc.",
+    "Open Recipes Foundation",
+    "City Guides LLC",
+    "Deals & Co.",
+]
 TEMPLATES = [
-    "We use cookies to improve your experience on {site}. By clicking \"Accept all\", you agree"
+    'We use cookies to improve your experience on {site}. By clicking "Accept all", you agree'
     " to the storing of cookies on your device to enhance site navigation, analyse site usage"
     " and assist in our marketing efforts. Manage preferences | Accept all | Reject all",
     "Copyright (c) {year} {company}. All rights reserved. Terms of Service | Privacy Policy |"
     " Cookie Policy | Contact us | Sitemap | Careers",
     "Click here to subscribe to our newsletter and get {percent}% off your first order! Enter"
     " your email address below. No spam, unsubscribe at any time. Subscribe",
-    "Sign in to {site} to continue. Forgot your password? Create an account. Continue with"
-    " email | Continue as guest",
+    "Sign in to {site} to continue. Forgot your password? Create an account. Continue with email | Continue as guest",
     "Share this article: Facebook | Twitter | LinkedIn | Email | Print. Related posts: Top"
     " {count} tips you need to know in {year}. Read more >>",
     "Page {page} of {pages}. << Previous | 1 | 2 | 3 | ... | Next >>",
@@ -219,9 +237,7 @@ def corpus_documents() -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- files
 
 
-def split_valid(
-    documents: list[str], fraction: float = VALID_FRACTION
-) -> tuple[list[str], list[str]]:
+def split_valid(documents: list[str], fraction: float = VALID_FRACTION) -> tuple[list[str], list[str]]:
     """(train, valid): the `fraction` of documents with the smallest hashes, at least one,
     is held out; equal texts hash alike, so none lands on both sides."""
     digests = {text: hashlib.sha256(text.encode()).hexdigest() for text in documents}
@@ -258,16 +274,25 @@ def build_tokenizer(out: Path) -> None:
 
 def build_dataset(out: Path, split: str) -> None:
     job = TokenizeJob(
-        inputs=[str(out / f"{split}.jsonl")], output_prefix=str(out / split),
-        tokenizer_model=str(out / "tokenizer.model"), domain_key=DOMAIN_KEY,
+        inputs=[str(out / f"{split}.jsonl")],
+        output_prefix=str(out / split),
+        tokenizer_model=str(out / "tokenizer.model"),
+        domain_key=DOMAIN_KEY,
     )
     tokenize(job)
 
 
 def is_complete(out: Path) -> bool:
     """data_prep writes P.stats.json last, so its presence marks a finished dataset."""
-    names = ["train.jsonl", "valid.jsonl", "tokenizer.model", "train.stats.json",
-             "valid.stats.json", "train.blend.json", "valid.blend.json"]
+    names = [
+        "train.jsonl",
+        "valid.jsonl",
+        "tokenizer.model",
+        "train.stats.json",
+        "valid.stats.json",
+        "train.blend.json",
+        "valid.blend.json",
+    ]
     return all((out / name).is_file() for name in names)
 
 
@@ -291,9 +316,7 @@ def summary(out: Path) -> str:
     lines = [f"{'split':<6} {'domain':<12} {'documents':>10} {'tokens':>10} {'weight':>7}"]
     for split in ("train", "valid"):
         for name, domain in read_blend_file(out / f"{split}.blend.json").domains.items():
-            lines.append(
-                f"{split:<6} {name:<12} {domain.documents:>10,} {domain.tokens:>10,} {domain.weight:>7.3f}"
-            )
+            lines.append(f"{split:<6} {name:<12} {domain.documents:>10,} {domain.tokens:>10,} {domain.weight:>7.3f}")
     return "\n".join(lines)
 
 

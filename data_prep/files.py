@@ -9,8 +9,8 @@ import contextlib
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 HASH_BLOCK_BYTES = 1 << 22  # large blocks: hashlib releases the GIL while it hashes one
 

@@ -34,15 +34,19 @@ def inspect_dataset(
     lines = [
         _row("dataset", f"{prefix}" + (f" ({len(datasets)} domains)" if _is_split(prefix) else "")),
         _row("documents", f"{len(lengths):,}"),
-        _row("tokens", f"{tokens:,} ({dtype.name}"
-             + (f", vocabulary {stats['vocab_size']:,})" if "vocab_size" in stats else ")")),
+        _row(
+            "tokens",
+            f"{tokens:,} ({dtype.name}" + (f", vocabulary {stats['vocab_size']:,})" if "vocab_size" in stats else ")"),
+        ),
     ]
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
-    lines.append(_row(
-        "doc length",
-        f"min {lengths.min():,} · p50 {p50:,} · p90 {p90:,} · p99 {p99:,} · max {lengths.max():,} "
-        "tokens (EOS included)",
-    ))
+    lines.append(
+        _row(
+            "doc length",
+            f"min {lengths.min():,} · p50 {p50:,} · p90 {p90:,} · p99 {p99:,} · max {lengths.max():,} "
+            "tokens (EOS included)",
+        )
+    )
     # The path as given to tokenize may be relative to another working directory.
     candidates = [tokenizer_model] if tokenizer_model else [stats.get("tokenizer_model"), stats.get("tokenizer_path")]
     model_path = next((path for path in candidates if path and os.path.exists(path)), candidates[0])

@@ -16,7 +16,8 @@ import fcntl
 import os
 import socket
 import time
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 from .errors import DataPrepError
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Optional, TextIO
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -23,7 +23,7 @@ INTERVAL_ENV = "DATA_PREP_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 30.0
 
 
-def progress(total: int, desc: str, stream: Optional[TextIO] = None, interval: Optional[float] = None):
+def progress(total: int, desc: str, stream: TextIO | None = None, interval: float | None = None):
     """A byte counter up to `total`: a tqdm bar when `stream` (stderr) is a terminal, else `PlainProgress`."""
     stream = stream or sys.stderr
     if stream.isatty():
@@ -43,7 +43,7 @@ class PlainProgress:
         self.started = self.last = time.monotonic()
         self.printed = False
 
-    def __enter__(self) -> "PlainProgress":
+    def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -64,7 +64,10 @@ class PlainProgress:
         """A last line with the total time, if the job was long enough to print any."""
         if self.printed:
             elapsed = time.monotonic() - self.started
-            self._print(f"{self.desc}: done, {_bytes(self.n)} in {_duration(elapsed)}" + (f", {self.postfix}" if self.postfix else ""))
+            self._print(
+                f"{self.desc}: done, {_bytes(self.n)} in {_duration(elapsed)}"
+                + (f", {self.postfix}" if self.postfix else "")
+            )
 
     def line(self, elapsed: float) -> str:
         fraction = self.n / self.total if self.total else 1.0

@@ -14,8 +14,9 @@ import gzip
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import zstandard
 
@@ -92,9 +93,7 @@ def expand_inputs(specs: list[str]) -> list[str]:
                 raise DataPrepError(f"no input files under {spec!r} (looked for {', '.join(SUFFIXES)})")
         elif os.path.isfile(spec):
             if not spec.endswith(SUFFIXES):
-                raise DataPrepError(
-                    f"unsupported input {spec!r}: the name must end in one of {', '.join(SUFFIXES)}"
-                )
+                raise DataPrepError(f"unsupported input {spec!r}: the name must end in one of {', '.join(SUFFIXES)}")
             found = [spec]
         elif glob.has_magic(spec):
             found = sorted(p for p in glob.glob(spec, recursive=True) if p.endswith(SUFFIXES))
@@ -197,9 +196,7 @@ def _read(stream: BinaryIO, size: int, path: str, line: int) -> bytes:
         ) from exc
 
 
-def parse_chunk(
-    chunk: Chunk, json_key: str, domain_key: str | None, stop_at_first_bad: bool
-) -> ParsedChunk:
+def parse_chunk(chunk: Chunk, json_key: str, domain_key: str | None, stop_at_first_bad: bool) -> ParsedChunk:
     """Documents of a chunk in order; bad lines are counted (first one of each kind kept)."""
     parsed = ParsedChunk()
     plain_text = is_plain_text(chunk.path)

@@ -20,8 +20,7 @@ def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
     """Load a model that can end documents with EOS, or say what is wrong with it."""
     if not os.path.isfile(model_path):
         raise DataPrepError(
-            f"tokenizer model {model_path!r} does not exist; "
-            "train one with `python -m data_prep train-tokenizer`"
+            f"tokenizer model {model_path!r} does not exist; train one with `python -m data_prep train-tokenizer`"
         )
     try:
         processor = spm.SentencePieceProcessor(model_file=model_path)
@@ -99,9 +98,7 @@ def train_tokenizer(
         return TrainingSummary(documents, len(sample), len(lines), skipped)
 
 
-def _reservoir_sample(
-    paths: list[str], json_key: str, size: int, rng: random.Random
-) -> tuple[list[str], int, Counter]:
+def _reservoir_sample(paths: list[str], json_key: str, size: int, rng: random.Random) -> tuple[list[str], int, Counter]:
     """Uniform sample of `size` documents in one pass and bounded memory (algorithm R)."""
     sample: list[str] = []
     seen = 0

@@ -14,9 +14,9 @@ worker sees its pipe close and exits.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Callable, Iterable, Iterator
 
 
 class OrderedPool:
@@ -24,9 +24,7 @@ class OrderedPool:
         self._processes: dict[Connection, BaseProcess] = {}
         for _ in range(processes):
             parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=_serve, args=(child_end, parent_end, initializer, initargs), daemon=True
-            )
+            process = context.Process(target=_serve, args=(child_end, parent_end, initializer, initargs), daemon=True)
             process.start()
             child_end.close()
             self._processes[parent_end] = process

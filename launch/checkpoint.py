@@ -30,7 +30,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -109,7 +108,7 @@ def file_manifest(directory: Path, share: tuple[int, int] = (0, 1)) -> dict[str,
     }
 
 
-def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
+def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> str | None:
     """Why `directory` does not match its manifest, or None: every file's presence and size,
     and the SHA-256 of this rank's share of the files (see `file_manifest`)."""
     try:
@@ -142,7 +141,11 @@ def _disk_full(error: BaseException, directory: Path) -> bool:
             return True
         short_write = short_write or "unexpected pos" in str(seen)
         for failure in getattr(seen, "failures", {}).values():  # (exception, traceback) per rank
-            causes += [part for part in (failure if isinstance(failure, tuple) else (failure,)) if isinstance(part, BaseException)]
+            causes += [
+                part
+                for part in (failure if isinstance(failure, tuple) else (failure,))
+                if isinstance(part, BaseException)
+            ]
         causes += [cause for cause in (seen.__cause__, seen.__context__) if cause is not None]
     usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
     return short_write and (usage.free < 2**30 or usage.free < usage.total // 20)
@@ -171,7 +174,7 @@ class Checkpointer:
     A manifest of every file's size and SHA-256 is written last; a checkpoint is loaded
     only after it verifies, and one that does not is reported and never deleted."""
 
-    def __init__(self, root: Path, shards, keep: Optional[int] = None, asynchronous: bool = False):
+    def __init__(self, root: Path, shards, keep: int | None = None, asynchronous: bool = False):
         self.root = Path(root)
         self.shards = shards
         self.keep = keep
@@ -220,7 +223,7 @@ class Checkpointer:
             self.pending.schedule_async_request(request)
         return final
 
-    def _last_size(self) -> Optional[int]:
+    def _last_size(self) -> int | None:
         """Bytes of the newest checkpoint (from its manifest): what the next save will need."""
         for path in self.complete_checkpoints():
             try:
@@ -230,7 +233,7 @@ class Checkpointer:
             return sum(entry["bytes"] for entry in files.values())
         return None
 
-    def _space_problem(self, tmp: Path) -> Optional[str]:
+    def _space_problem(self, tmp: Path) -> str | None:
         """Why a save of the newest checkpoint's size would not fit now, or None (also when unknown)."""
         needed, free = self._last_size(), shutil.disk_usage(self.root).free
         if needed is None or free >= needed:
@@ -259,7 +262,9 @@ class Checkpointer:
         shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(file_manifest(tmp, _world_share()), shares, dst=0)
         if dist.get_rank() == 0:
-            write_json_atomically(tmp / MANIFEST, {"files": dict(sorted(kv for share in shares for kv in share.items()))})
+            write_json_atomically(
+                tmp / MANIFEST, {"files": dict(sorted(kv for share in shares for kv in share.items()))}
+            )
             if final.exists():  # the same step saved again: keep the old one aside, unverified
                 aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(final, aside)

@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -45,10 +45,10 @@ class ModelConfig:
     num_layers: int = 12
     hidden_size: int = 768
     num_attention_heads: int = 12
-    num_query_groups: Optional[int] = None  # null = one K/V group per head (multi-head attention)
-    ffn_hidden_size: Optional[int] = None  # null = 4*hidden (gelu) or the Llama rule (swiglu)
+    num_query_groups: int | None = None  # null = one K/V group per head (multi-head attention)
+    ffn_hidden_size: int | None = None  # null = 4*hidden (gelu) or the Llama rule (swiglu)
     seq_length: int = 512
-    max_position_embeddings: Optional[int] = None  # null = seq_length
+    max_position_embeddings: int | None = None  # null = seq_length
     position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
     rotary_base: int = 10000
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
@@ -58,7 +58,7 @@ class ModelConfig:
     add_bias_linear: bool = True
     untie_embeddings: bool = False
     init_method_std: float = 0.02
-    vocab_size: Optional[int] = None  # null = the tokenizer's vocabulary size
+    vocab_size: int | None = None  # null = the tokenizer's vocabulary size
     make_vocab_size_divisible_by: int = 128
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -112,10 +112,10 @@ class TrainConfig:
     eval_iters: int = 10
     # Stop after this many steps of one invocation, with a checkpoint, e.g. to fit a
     # cluster time limit; the next invocation with the same run dir goes on. null = run to the end.
-    exit_after: Optional[int] = None
+    exit_after: int | None = None
     # Stop with a checkpoint once this much wall-clock time has passed since the start (like
     # Megatron-LM's --exit-duration-in-mins); null = no limit.
-    exit_duration_minutes: Optional[float] = None
+    exit_duration_minutes: float | None = None
 
     def micro_batches_per_step(self, data_parallel_size: int) -> int:
         """Micro-batches each data-parallel rank runs per optimizer step (gradient accumulation).
@@ -141,28 +141,28 @@ class OptimConfig:
 class DataConfig:
     """Training data: either a data_prep blend file or a list of dataset prefixes."""
 
-    blend: Optional[str] = None  # a data_prep `P.blend.json`
-    prefixes: Optional[list[str]] = None
+    blend: str | None = None  # a data_prep `P.blend.json`
+    prefixes: list[str] | None = None
     # Overrides the natural weights (e.g. DoReMi/DoGE domain weights): a dict domain -> weight
     # with `blend`, a list with `prefixes`. null = the blend's weights / token shares.
-    weights: Union[dict[str, float], list[float], None] = None
-    valid_blend: Optional[str] = None  # held-out blend for per-domain validation
-    tokenizer_model: Optional[str] = None  # SentencePiece model
+    weights: dict[str, float] | list[float] | None = None
+    valid_blend: str | None = None  # held-out blend for per-domain validation
+    tokenizer_model: str | None = None  # SentencePiece model
     # train,valid,test shares of every training dataset's documents, used only when valid_blend
     # is null. Megatron normalises all three, so the test share holds documents back from both
     # training and validation; no test set is built from them.
     split: str = "99,1,0"
-    cache_dir: Optional[str] = None  # null = <run_dir>/data_cache
+    cache_dir: str | None = None  # null = <run_dir>/data_cache
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     interval: int = 1000  # save every `interval` steps
-    keep: Optional[int] = None  # null = keep all; else the last `keep`
+    keep: int | None = None  # null = keep all; else the last `keep`
     # A checkpoint directory to resume from when the run directory has none of its own: the
     # model, optimizer, RNG, schedules and step all continue from it (and the experiment must
     # match it, as on any resume).
-    load: Optional[str] = None
+    load: str | None = None
     # Write shards from a background process while training goes on (Megatron-LM's --async-save);
     # a checkpoint counts only once every rank's write has finished.
     async_save: bool = False
@@ -182,7 +182,7 @@ class ReweightConfig:
     temperature: float = 1.0  # r > 0: small = sharp weights, large = near uniform
     delta: float = 1.0  # losses are normalised to [-delta, delta]
     warmup_steps: int = 0
-    warmup_temperature: Optional[float] = None  # null = uniform weights during warm-up
+    warmup_temperature: float | None = None  # null = uniform weights during warm-up
     # After warm-up, 1/temperature moves linearly from the warm-up's (0 when uniform) to the
     # target's over anneal_steps steps; 0 = switch at once.
     anneal_steps: int = 0
@@ -198,13 +198,13 @@ class LoggingConfig:
     wandb_mode: Literal["offline", "online"] = "offline"
     # The device's dense bf16 peak in TFLOP/s for MFU; null = from launch/throughput.py's table
     # on a GPU it knows, and no MFU on a CPU.
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
 
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 1
-    config: Optional[str] = None  # a DeepSpeed JSON merged over the generated one
+    config: str | None = None  # a DeepSpeed JSON merged over the generated one
 
 
 @dataclass(frozen=True)
@@ -259,9 +259,18 @@ def to_dict(cfg: Config) -> dict:
 
 # Fields a resumed run may change freely: how it runs and reports, not what it trains.
 RESUMABLE_CHANGES = (
-    "parallel.", "logging.", "checkpoint.", "faults.", "deepspeed.config", "data.cache_dir",
-    "train.log_interval", "train.eval_interval", "train.eval_iters", "train.exit_after",
-    "train.exit_duration_minutes", "model.transformer_impl",
+    "parallel.",
+    "logging.",
+    "checkpoint.",
+    "faults.",
+    "deepspeed.config",
+    "data.cache_dir",
+    "train.log_interval",
+    "train.eval_interval",
+    "train.eval_iters",
+    "train.exit_after",
+    "train.exit_duration_minutes",
+    "model.transformer_impl",
 )
 
 
@@ -303,8 +312,7 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(
-            f"{path} is not a YAML file (not UTF-8 text): give a YAML config file,"
-            " e.g. configs/demo_cpu.yaml"
+            f"{path} is not a YAML file (not UTF-8 text): give a YAML config file, e.g. configs/demo_cpu.yaml"
         ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
@@ -329,9 +337,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None,
+                    None,
+                    None,
                     f"key {key!r} is given twice, on lines {seen[key] + 1} and {key_node.start_mark.line + 1}:"
-                    " keep one", key_node.start_mark,
+                    " keep one",
+                    key_node.start_mark,
                 )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
@@ -351,9 +361,7 @@ def _apply_override(raw: dict, override: str) -> None:
     """`section.key=value`, the value parsed as YAML (numbers, true/false, null, [lists])."""
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise ConfigError(
-            f"--set expects KEY=VALUE, e.g. --set train.steps=100; got {override!r}"
-        )
+        raise ConfigError(f"--set expects KEY=VALUE, e.g. --set train.steps=100; got {override!r}")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -374,9 +382,7 @@ def _build(cls: type, raw: Any, prefix: str):
     section = prefix.rstrip(".") or "the config"
     names = [f.name for f in dataclasses.fields(cls)]
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{section} must be a mapping with keys {', '.join(names)}; got {raw!r}"
-        )
+        raise ConfigError(f"{section} must be a mapping with keys {', '.join(names)}; got {raw!r}")
     for key in raw:
         if key not in names:
             raise _unknown_key(str(key), names, prefix)
@@ -400,9 +406,7 @@ def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
     where = f"in {prefix.rstrip('.')}" if prefix else "at the top level"
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-    return ConfigError(
-        f"unknown key '{prefix}{key}'{hint} valid keys {where}: {', '.join(valid)}"
-    )
+    return ConfigError(f"unknown key '{prefix}{key}'{hint} valid keys {where}: {', '.join(valid)}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -433,10 +437,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     elif origin is list and isinstance(value, list):
         return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     elif origin is dict and isinstance(value, dict):
-        return {
-            _coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}")
-            for k, v in value.items()
-        }
+        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     elif annotation is type(None) and value is None:
         return None
     elif annotation is float and _is_number(value):
@@ -447,9 +448,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     elif annotation is int and _is_number(value) and float(value).is_integer():
         return int(float(value))
-    raise ConfigError(
-        f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
-    )
+    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
 
 
 def _is_number(value: Any) -> bool:
@@ -574,9 +573,7 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
 
 def _fault_problems(faults: FaultsConfig) -> list[str]:
     problems = [
-        f"faults.{key}={value} must be > 0"
-        for key, value in dataclasses.asdict(faults).items()
-        if not value > 0
+        f"faults.{key}={value} must be > 0" for key, value in dataclasses.asdict(faults).items() if not value > 0
     ]
     if not faults.hang_multiple > 1:
         problems.append(f"faults.hang_multiple={faults.hang_multiple} must be > 1 (a multiple of the median step time)")
@@ -622,9 +619,7 @@ def _value_problems(cfg: Config) -> list[str]:
     if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
         problems.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (TFLOP/s), or null")
     if train.exit_duration_minutes is not None and not train.exit_duration_minutes > 0:
-        problems.append(
-            f"train.exit_duration_minutes={train.exit_duration_minutes} must be > 0 (minutes), or null"
-        )
+        problems.append(f"train.exit_duration_minutes={train.exit_duration_minutes} must be > 0 (minutes), or null")
     if train.seed > 2**32 - 1:
         problems.append(
             f"train.seed={train.seed} is above 2**32-1, numpy's largest seed (Megatron's data"
@@ -651,9 +646,7 @@ def _value_problems(cfg: Config) -> list[str]:
     }.items():
         if not 0 <= value < 1:
             problems.append(f"{key}={value} must be in [0, 1)")
-    if model.position_embedding == "learned_absolute" and (
-        model.max_position_embeddings < model.seq_length
-    ):
+    if model.position_embedding == "learned_absolute" and (model.max_position_embeddings < model.seq_length):
         problems.append(
             f"model.max_position_embeddings={model.max_position_embeddings} is below"
             f" model.seq_length={model.seq_length}: raise it or set it to null"
@@ -663,21 +656,16 @@ def _value_problems(cfg: Config) -> list[str]:
     if optim.lr <= 0 or optim.eps <= 0:
         problems.append(f"optim.lr={optim.lr} and optim.eps={optim.eps} must be > 0")
     elif optim.lr > 1:  # Adam moves every weight by ~lr per step: above 1 the loss diverges to NaN
-        problems.append(
-            f"optim.lr={optim.lr} must be in (0, 1]: lower it (GPT-2 small trains at 5e-4)"
-        )
+        problems.append(f"optim.lr={optim.lr} must be in (0, 1]: lower it (GPT-2 small trains at 5e-4)")
     elif optim.min_lr > optim.lr:
-        problems.append(
-            f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr"
-        )
+        problems.append(f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr")
     for key, value in {
         "reweight.temperature": rw.temperature,
         "reweight.warmup_temperature": rw.warmup_temperature,
     }.items():
         if value is not None and value <= 0:
             problems.append(
-                f"{key}={value} must be > 0 (small = sharp weights, large = near uniform;"
-                " 1.0 is a good start)"
+                f"{key}={value} must be > 0 (small = sharp weights, large = near uniform; 1.0 is a good start)"
             )
     # A warm-up with warmup_temperature reweights too; without one it is uniform throughout.
     if rw.strategy != "uniform" and rw.warmup_temperature is None and rw.warmup_steps >= train.steps:
@@ -714,8 +702,7 @@ def _data_problems(data: DataConfig) -> list[str]:
             problems.append("data.prefixes is empty: list at least one dataset prefix")
         if isinstance(data.weights, dict):
             problems.append(
-                "data.weights is a mapping but data.prefixes is set: give a list with one"
-                " weight per prefix"
+                "data.weights is a mapping but data.prefixes is set: give a list with one weight per prefix"
             )
         elif data.weights is not None and len(data.weights) != len(data.prefixes):
             problems.append(
@@ -732,9 +719,7 @@ def _data_problems(data: DataConfig) -> list[str]:
         problems.append("data.weights must be >= 0 with a positive sum")
     shares = data.split.split(",")
     if len(shares) != 3 or not all(_is_number(s) and float(s) >= 0 for s in shares):
-        problems.append(
-            f"data.split={data.split!r} must be three shares train,valid,test, e.g. '99,1,0'"
-        )
+        problems.append(f"data.split={data.split!r} must be three shares train,valid,test, e.g. '99,1,0'")
     elif data.valid_blend is None:  # with a held-out blend the split is not used
         train_share, valid_share, _ = (float(s) for s in shares)
         if train_share == 0:
@@ -748,10 +733,7 @@ def _data_problems(data: DataConfig) -> list[str]:
                 " is null: set data.split='99,1,0' or data.valid_blend to a held-out blend"
             )
     if data.tokenizer_model is None:
-        problems.append(
-            "data.tokenizer_model is null: give the SentencePiece model the data was"
-            " tokenized with"
-        )
+        problems.append("data.tokenizer_model is null: give the SentencePiece model the data was tokenized with")
     return problems
 
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, TextIO
+from typing import TextIO
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
-def stamp(text: str, now: Optional[float] = None) -> str:
+def stamp(text: str, now: float | None = None) -> str:
     """`text` with every line prefixed by the time."""
     prefix = time.strftime(TIME_FORMAT, time.localtime(now)) + " "
     return "\n".join(prefix + line for line in text.split("\n"))
 
 
-def say(text: str, file: Optional[TextIO] = None) -> None:
+def say(text: str, file: TextIO | None = None) -> None:
     """Print a timestamped line (or lines) and flush, to stdout unless `file` is given."""
     print(stamp(text), file=file or sys.stdout, flush=True)

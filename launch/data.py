@@ -10,8 +10,8 @@ contiguous slice.  The data position is therefore just the step number.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -37,7 +37,7 @@ def _dataset_config(cfg: Config, tokenizer: Tokenizer, cache_dir: Path, **blend)
     )
 
 
-def _build(config: GPTDatasetConfig, sizes: list[Optional[int]]):
+def _build(config: GPTDatasetConfig, sizes: list[int | None]):
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 
@@ -49,12 +49,16 @@ def _split(cfg: Config) -> str:
 def build_train_dataset(cfg: Config, sources: DataSources, cache_dir: Path):
     """The blended training set, large enough for every step of the run."""
     blend = sources.train
-    config = _dataset_config(cfg, sources.tokenizer, cache_dir, blend=(blend.prefixes, blend.weights), split=_split(cfg))
+    config = _dataset_config(
+        cfg, sources.tokenizer, cache_dir, blend=(blend.prefixes, blend.weights), split=_split(cfg)
+    )
     train, _, _ = _build(config, [cfg.train.steps * cfg.train.global_batch_size, 0, 0])
     return train
 
 
-def build_validation_datasets(cfg: Config, sources: DataSources, blend: Blend, cache_dir: Path) -> dict[str, GPTDataset]:
+def build_validation_datasets(
+    cfg: Config, sources: DataSources, blend: Blend, cache_dir: Path
+) -> dict[str, GPTDataset]:
     """One held-out dataset per domain with eval_iters global batches of samples: from the
     held-out blend when there is one, else each domain's `data.split` validation share."""
     size = cfg.train.eval_iters * cfg.train.global_batch_size
@@ -81,7 +85,10 @@ def micro_batches(dataset, cfg: Config, step: int, num_steps: int = 1) -> Iterat
     for index in range(step * gbs, (step + num_steps) * gbs, dp * mbs):
         first = index + dp_rank * mbs
         samples = [dataset[i % len(dataset)] for i in range(first, first + mbs)]
-        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = {
+            key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+            for key in ("tokens", "labels", "loss_mask", "position_ids")
+        }
         batch = get_batch_on_this_cp_rank(batch)
         batch["domains"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples])
         yield batch

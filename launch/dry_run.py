@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from launch import sources
 from launch.config import Config, ConfigError, validate
 from launch.engines import engine_class
 from launch.models import family_of
 from launch.models.family import ParameterCount
-from launch import sources
 
 
 def _size(num_bytes: float) -> str:
@@ -109,8 +109,7 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
     dp = par.data_parallel_size(world_size)
     micro_batches = train.micro_batches_per_step(dp)
     lines = [
-        f"engine: {cfg.engine}"
-        + (f" (ZeRO stage {cfg.deepspeed.zero_stage})" if cfg.engine == "deepspeed" else ""),
+        f"engine: {cfg.engine}" + (f" (ZeRO stage {cfg.deepspeed.zero_stage})" if cfg.engine == "deepspeed" else ""),
         f"layout: world size {world_size} = TP {par.tp} x PP {par.pp} x CP {par.cp} x DP {dp}"
         f" (sequence_parallel={_yaml(par.sequence_parallel)},"
         f" distributed_optimizer={_yaml(par.distributed_optimizer)})",
@@ -144,8 +143,10 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
             f" + activations {_size(memory.activations)}",
             f"  assumptions: {memory_assumptions(cfg)}",
         ]
-    lines.append(f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
-                 f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch")
+    lines.append(
+        f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
+        f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch"
+    )
     lines += _describe_data(cfg)
     return lines
 
@@ -172,11 +173,7 @@ def _describe_reweighting(cfg: Config) -> str:
     target = f"{rw.strategy}, temperature {rw.temperature}, delta {rw.delta}"
     if rw.warmup_steps == 0 and rw.anneal_steps == 0:
         return target
-    start = (
-        "uniform weights"
-        if rw.warmup_temperature is None
-        else f"temperature {rw.warmup_temperature}"
-    )
+    start = "uniform weights" if rw.warmup_temperature is None else f"temperature {rw.warmup_temperature}"
     anneal = f", then annealed over {rw.anneal_steps} steps" if rw.anneal_steps else ""
     return f"{target}; {start} for the first {rw.warmup_steps} steps{anneal}"
 

@@ -9,7 +9,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -84,17 +84,21 @@ class StepStatistics:
         self._seconds += seconds
         self._grad_norm += grad_norm
 
-    def state_dict(self) -> Optional[dict]:
+    def state_dict(self) -> dict | None:
         """The open interval, for a checkpoint (rank 0; a collective: every rank calls it)."""
         sums = reduce_to_rank0(self._sums, is_reporter())
-        return None if sums is None else {"sums": sums, "steps": self._steps, "seconds": self._seconds, "grad_norm": self._grad_norm}
+        return (
+            None
+            if sums is None
+            else {"sums": sums, "steps": self._steps, "seconds": self._seconds, "grad_norm": self._grad_norm}
+        )
 
     def load_state_dict(self, state: dict) -> None:
         if is_reporter():
             self._sums = torch.tensor(state["sums"], dtype=torch.float64, device=device())
         self._steps, self._seconds, self._grad_norm = state["steps"], state["seconds"], state["grad_norm"]
 
-    def means(self) -> Optional[IntervalMeans]:
+    def means(self) -> IntervalMeans | None:
         """The interval's means on rank 0 (None elsewhere), and a fresh interval."""
         values = reduce_to_rank0(self._sums / self._steps, is_reporter())
         steps, seconds, grad_norm = self._steps, self._seconds, self._grad_norm
@@ -113,7 +117,7 @@ class StepStatistics:
         )
 
 
-def reduce_to_rank0(values: torch.Tensor, contributes: bool) -> Optional[list[float]]:
+def reduce_to_rank0(values: torch.Tensor, contributes: bool) -> list[float] | None:
     """Sum `values` over the ranks that contribute; rank 0 gets the list (others None).
 
     Statistics live on the last pipeline stage, and rank 0 sits on the first; a world
@@ -165,7 +169,7 @@ def rows_up_to(path: Path, step: int) -> tuple[list[str], int]:
 class MetricsLog:
     """Appends one JSON object per logged row; resuming drops rows from after the checkpoint."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, wandb: Optional[dict] = None):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, wandb: dict | None = None):
         """`wandb`: None, or the keyword arguments of `wandb.init` (project, mode, config, ...)."""
         self.enabled = dist.get_rank() == 0
         self.path = Path(run_dir) / METRICS_FILE

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
@@ -16,7 +14,7 @@ from megatron_patches.init import initialize_weights
 from megatron_patches.specs import transformer_engine_available
 
 
-def use_bf16(cfg: Config, gpu: Optional[bool] = None) -> bool:
+def use_bf16(cfg: Config, gpu: bool | None = None) -> bool:
     """bf16 for `precision: auto` on a GPU; `gpu` = None: whether this process has one."""
     gpu = on_gpu() if gpu is None else gpu
     return cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and gpu)

@@ -8,8 +8,8 @@ import importlib.util
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from launch import quiet, stopping
 
@@ -30,7 +30,8 @@ from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES  # noqa: E
 def strategy_table() -> str:
     aliases = {name: [a for a, target in STRATEGY_ALIASES.items() if target == name] for name in STRATEGIES}
     return "\n".join(
-        f"  {name:<10} f = {s.formula:<14} {s.effect}" + (f" (alias: {', '.join(aliases[name])})" if aliases[name] else "")
+        f"  {name:<10} f = {s.formula:<14} {s.effect}"
+        + (f" (alias: {', '.join(aliases[name])})" if aliases[name] else "")
         for name, s in STRATEGIES.items()
     )
 
@@ -51,7 +52,7 @@ reweight.strategy (f of the loss x normalised to [-delta, delta]):
 """
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of `python -m launch.pretrain`."""
     parser = argparse.ArgumentParser(
         prog="python -m launch.pretrain",
@@ -60,9 +61,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo_cpu.yaml")
-    parser.add_argument(
-        "--run-dir", help="where logs, metrics and checkpoints go (required unless --dry-run)"
-    )
+    parser.add_argument("--run-dir", help="where logs, metrics and checkpoints go (required unless --dry-run)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -91,8 +90,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -103,7 +100,9 @@ def main(argv=None) -> int:
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
         check_files(cfg)
         if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
-            raise ConfigError("logging.wandb=true needs wandb: `pip install wandb` (or `pip install -e '.[wandb]'`), or set logging.wandb=false")
+            raise ConfigError(
+                "logging.wandb=true needs wandb: `pip install wandb` (or `pip install -e '.[wandb]'`), or set logging.wandb=false"
+            )
     except ConfigError as error:
         return _refuse(error)
     from launch.checkpoint import DiskFullError
@@ -126,13 +125,18 @@ def main(argv=None) -> int:
         return stopping.EXIT_DISK_FULL
     except KeyboardInterrupt:
         if rank == 0:
-            say("interrupted (Ctrl-C); rerun with the same --run-dir to resume from the last checkpoint", file=sys.stderr)
+            say(
+                "interrupted (Ctrl-C); rerun with the same --run-dir to resume from the last checkpoint",
+                file=sys.stderr,
+            )
         return 130
     except LockHeld as held:
-        return _refuse(ConfigError(
-            f"another job is training in {run_dir} ({held.holder}; lock file {held.path}):"
-            " wait for it to end or stop it, or choose another --run-dir"
-        ))
+        return _refuse(
+            ConfigError(
+                f"another job is training in {run_dir} ({held.holder}; lock file {held.path}):"
+                " wait for it to end or stop it, or choose another --run-dir"
+            )
+        )
     return stopping.EXIT_STOPPED_ON_SIGNAL if stopped_on and stopped_on.startswith("SIG") else 0
 
 

@@ -17,7 +17,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from data_prep.blend import BlendFile, BlendFileError, read_blend_file
 from data_prep.errors import DataPrepError
@@ -44,7 +44,7 @@ class Tokenizer:
 
     @classmethod
     @functools.cache  # one read of a model file per process
-    def from_model(cls, model_file: str) -> "Tokenizer":
+    def from_model(cls, model_file: str) -> Tokenizer:
         import sentencepiece
 
         sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
@@ -59,12 +59,12 @@ class Tokenizer:
 @dataclass(frozen=True)
 class DataSources:
     train: Blend
-    valid: Optional[Blend]  # None: data.split carves the held-out share out of the training files
+    valid: Blend | None  # None: data.split carves the held-out share out of the training files
     tokenizer: Tokenizer
     padded_vocab_size: int
 
     @classmethod
-    def open(cls, cfg: Config) -> "DataSources":
+    def open(cls, cfg: Config) -> DataSources:
         """The sources of files `check_files` accepted: launch.pretrain checks them once per
         start, before any process group, so they are not checked again here."""
         tokenizer = Tokenizer.from_model(cfg.data.tokenizer_model)
@@ -79,7 +79,7 @@ class DataSources:
 # --------------------------------------------------------------------------- blends
 
 
-def read_blend(path: str, weights: Optional[dict[str, float]] = None) -> Blend:
+def read_blend(path: str, weights: dict[str, float] | None = None) -> Blend:
     """A data_prep blend file as a mixture; `weights` (domain -> weight) replaces its own.
     Domains weighted 0 are left out. Prefixes come back relative to the working directory."""
     blend = _read(path)
@@ -134,7 +134,7 @@ def _token_count(prefix: str) -> int:
     return int(dataset.sequence_lengths.sum())
 
 
-def valid_blend(cfg: Config) -> Optional[Blend]:
+def valid_blend(cfg: Config) -> Blend | None:
     """The held-out per-domain validation sets, or None (then data.split carves one out)."""
     return None if cfg.data.valid_blend is None else read_blend(cfg.data.valid_blend)
 
@@ -228,10 +228,7 @@ def _missing_dataset_files(prefixes: list[str], source: str) -> list[str]:
         if not Path(f"{prefix}{suffix}").is_file()
     ]
     if missing:
-        return [
-            f"{source}: missing {', '.join(missing)}: run `python -m data_prep tokenize` or fix"
-            " the path"
-        ]
+        return [f"{source}: missing {', '.join(missing)}: run `python -m data_prep tokenize` or fix the path"]
     problems = []
     for prefix in prefixes:
         try:

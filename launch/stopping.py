@@ -15,7 +15,6 @@ import ctypes
 import os
 import signal
 import time
-from typing import Optional
 
 # Exit status of a rank that stopped on a signal after saving a checkpoint ("try again":
 # EX_TEMPFAIL); launch/slurm/pretrain.sbatch requeues the job on it after the time-limit
@@ -49,7 +48,7 @@ def _on_signal(number, frame) -> None:
 class StopRequests:
     """Signals and a deadline, read by every rank at the same step boundary."""
 
-    def __init__(self, exit_duration_minutes: Optional[float]):
+    def __init__(self, exit_duration_minutes: float | None):
         import torch.distributed as dist  # here, not above: catch_stop_signals runs before torch loads
 
         from megatron_patches.device import on_gpu
@@ -59,7 +58,7 @@ class StopRequests:
         # On GPU the world group is NCCL; the flag travels over gloo to stay off the GPU stream.
         self._group = dist.new_group(backend="gloo") if on_gpu() else None
 
-    def agreed(self) -> Optional[str]:
+    def agreed(self) -> str | None:
         """What every rank stops for now ("SIGTERM", "SIGUSR1", "the time limit"), or None."""
         import torch
         import torch.distributed as dist

@@ -17,7 +17,6 @@ MFU is the model FLOPs per second per device over the device's dense bf16 peak.
 from __future__ import annotations
 
 import resource
-from typing import Optional
 
 import torch
 
@@ -45,7 +44,7 @@ def flops_per_token(cfg: Config, padded_vocab_size: int) -> float:
     return family_of(cfg.model).flops_per_token(cfg.model, padded_vocab_size)
 
 
-def peak_tflops(cfg: Config) -> Optional[float]:
+def peak_tflops(cfg: Config) -> float | None:
     """`logging.peak_tflops`, else the table's figure for this GPU; None when unknown (CPU)."""
     if cfg.logging.peak_tflops is not None:
         return cfg.logging.peak_tflops
@@ -54,7 +53,7 @@ def peak_tflops(cfg: Config) -> Optional[float]:
     return device_peak_tflops(torch.cuda.get_device_name())
 
 
-def device_peak_tflops(device_name: str) -> Optional[float]:
+def device_peak_tflops(device_name: str) -> float | None:
     return next((peak for name, peak in PEAK_BF16_TFLOPS if name in device_name), None)
 
 

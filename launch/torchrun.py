@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerState
@@ -33,18 +33,17 @@ from torch.distributed.launcher import api as launcher_api
 from launch.console import say
 from launch.stopping import EXIT_STOPPED_ON_SIGNAL, FINAL_EXITS, STOP_SIGNALS
 
-
 FINISH_GRACE_SECONDS = 300
 
 
 class StopAwareAgent(LocalElasticAgent):
     """torchrun's local agent, but workers that ended for good (FINAL_EXITS) are not restarted."""
 
-    running: Optional["StopAwareAgent"] = None  # the agent of this process, for the signal handler
+    running: StopAwareAgent | None = None  # the agent of this process, for the signal handler
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._finishing_since: Optional[float] = None
+        self._finishing_since: float | None = None
         StopAwareAgent.running = self
 
     def _monitor_workers(self, worker_group):
@@ -92,7 +91,7 @@ class _QuietFinalExits(logging.Filter):
         return not (record.msg.startswith("failed (exitcode") and record.args and record.args[0] in FINAL_EXITS)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = torchrun.parse_args(argv)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietFinalExits())
     handled = [name.strip() for name in args.signals_to_handle.split(",")]
@@ -106,7 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ChildFailedError as failed:
         code = _first(failed.failures).exitcode
         if {f.exitcode for f in failed.failures.values()} == {EXIT_STOPPED_ON_SIGNAL}:
-            say(f"launch.torchrun: the ranks stopped with a checkpoint (exit {EXIT_STOPPED_ON_SIGNAL}); rerun to resume")
+            say(
+                f"launch.torchrun: the ranks stopped with a checkpoint (exit {EXIT_STOPPED_ON_SIGNAL}); rerun to resume"
+            )
         elif code not in FINAL_EXITS:  # those the ranks have explained themselves
             print(failed.format_msg(), file=sys.stderr)
         return code if code > 0 else 1  # a rank killed by a signal has a negative code

@@ -11,14 +11,13 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from launch.checkpoint import CheckpointError, Checkpointer, warn
+from launch.checkpoint import Checkpointer, CheckpointError, warn
 from launch.config import Config, ConfigError, experiment_changes, to_dict
 from launch.console import say
 from launch.data import build_train_dataset, build_validation_datasets, micro_batches
@@ -105,16 +104,23 @@ class Trainer:
 
         self.statistics = StepStatistics(domains)
         self.throughput = Throughput(cfg, self.sources.padded_vocab_size, dist.get_world_size())
-        self.resumed_from: Optional[Path] = None
+        self.resumed_from: Path | None = None
         self.step = self._resume()
-        self.log = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step=self.step, wandb=self._wandb_settings())
+        self.log = MetricsLog(
+            self.run_dir, cfg.logging.tensorboard, resume_step=self.step, wandb=self._wandb_settings()
+        )
         self.stop_requests = StopRequests(t.exit_duration_minutes)
 
-    def _wandb_settings(self) -> Optional[dict]:
+    def _wandb_settings(self) -> dict | None:
         lg = self.cfg.logging
         if not lg.wandb:
             return None
-        return {"project": lg.wandb_project, "mode": lg.wandb_mode, "name": self.run_dir.name, "config": to_dict(self.cfg)}
+        return {
+            "project": lg.wandb_project,
+            "mode": lg.wandb_mode,
+            "name": self.run_dir.name,
+            "config": to_dict(self.cfg),
+        }
 
     def _announce(self) -> None:
         """Rank 0: what this run is (the --dry-run account) and where it starts, before the first step."""
@@ -129,7 +135,7 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def train(self) -> Optional[str]:
+    def train(self) -> str | None:
         """Train to the end, or until a stop request; returns what the run stopped for, if anything."""
         t = self.cfg.train
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
@@ -166,7 +172,9 @@ class Trainer:
     def train_step(self) -> tuple[list[dict], float]:
         """One optimizer step on the global batch at `self.step`: loss reports and grad norm."""
         batches = micro_batches(self.train_data, self.cfg, self.step)
-        reports = self.engine.forward_backward(partial(_forward_step, self.loss), batches, self.micro_batches_per_step, forward_only=False)
+        reports = self.engine.forward_backward(
+            partial(_forward_step, self.loss), batches, self.micro_batches_per_step, forward_only=False
+        )
         grad_norm = self.engine.step()
         self.scheduler.step(increment=1)
         self.loss.schedule.advance()
@@ -217,7 +225,12 @@ class Trainer:
         if values is None:
             return
         losses = {d: values[2 * i] / max(values[2 * i + 1], 1.0) for i, d in enumerate(self.valid_data)}
-        row = {"kind": "valid", "step": self.step, "valid_loss": sum(losses.values()) / len(losses), "valid_loss_per_domain": losses}
+        row = {
+            "kind": "valid",
+            "step": self.step,
+            "valid_loss": sum(losses.values()) / len(losses),
+            "valid_loss_per_domain": losses,
+        }
         self.log.write(row)
         say(f"step {self.step:>6} | validation " + " | ".join(f"{d} {v:.4f}" for d, v in losses.items()))
 
@@ -239,7 +252,8 @@ class Trainer:
             return
         if not self.cfg.checkpoint.allow_config_change:
             raise ConfigError(
-                f"this run resumes {path} but changes the experiment:\n  " + "\n  ".join(changes)
+                f"this run resumes {path} but changes the experiment:\n  "
+                + "\n  ".join(changes)
                 + "\nuse another --run-dir, or --set checkpoint.allow_config_change=true to go on anyway"
             )
         warn("resuming with a changed experiment (checkpoint.allow_config_change): " + "; ".join(changes))

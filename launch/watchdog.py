@@ -59,7 +59,11 @@ class Watchdog:
                 self._fire(what, limit, elapsed)
 
     def _fire(self, what: str, limit: float, elapsed: float) -> None:
-        recent = f"median of the last {len(self._recent)} steps {statistics.median(self._recent):.2f} s" if self._recent else "no step timed yet"
+        recent = (
+            f"median of the last {len(self._recent)} steps {statistics.median(self._recent):.2f} s"
+            if self._recent
+            else "no step timed yet"
+        )
         print(
             f"rank {self.rank}: hang: {what} has run {elapsed:.1f} s, over the watchdog's {limit:.3g} s"
             f" ({recent}; faults.hang_multiple={self.multiple:g}, hang_min_seconds={self.min_seconds:g},"

@@ -25,7 +25,7 @@ _CUDA_TYPE_NAMES = {
     "torch.HalfTensor": "torch.cuda.HalfTensor",
     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
 }
-_active_mode: "_CudaAsCpu | None" = None
+_active_mode: _CudaAsCpu | None = None
 
 
 def _is_cuda(device) -> bool:

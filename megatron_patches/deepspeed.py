@@ -33,7 +33,7 @@ each TP shard once.  tests/test_deepspeed.py checks all of it against Megatron's
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -108,7 +108,9 @@ def forward_backward(
     with `"managed_gradient_accumulation": false` and `gradient_accumulation_steps` equal to
     `num_microbatches` (the engine divides every backward by it).
     """
-    if not forward_only and (engine.managed_gradient_accumulation() or engine.gradient_accumulation_steps() != num_microbatches):
+    if not forward_only and (
+        engine.managed_gradient_accumulation() or engine.gradient_accumulation_steps() != num_microbatches
+    ):
         raise ValueError(
             f"a step of {num_microbatches} micro-batches needs the DeepSpeed config to set"
             f' "managed_gradient_accumulation": false and "gradient_accumulation_steps": {num_microbatches}'

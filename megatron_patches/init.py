@@ -31,7 +31,9 @@ def global_name(model: GPTModel, name: str) -> str:
         return "embedding.word_embeddings.weight"
     layers = model.decoder.layers
     # layer_number is global and 1-based; the index in the name is this stage's.
-    return re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{layers[int(m.group(1))].layer_number - 1}.", name)
+    return re.sub(
+        r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{layers[int(m.group(1))].layer_number - 1}.", name
+    )
 
 
 def initialize_weights(model: GPTModel, seed: int) -> None:

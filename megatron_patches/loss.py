@@ -20,8 +20,6 @@ token-mean loss of the global micro-batch: Megatron's ordinary loss.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -43,8 +41,8 @@ class ReweightedLoss:
         *,
         delta: float = 1.0,
         num_domains: int = 0,
-        dp_group: Optional[dist.ProcessGroup] = None,
-        cp_group: Optional[dist.ProcessGroup] = None,
+        dp_group: dist.ProcessGroup | None = None,
+        cp_group: dist.ProcessGroup | None = None,
     ):
         self.schedule = schedule
         self.delta = delta
@@ -63,7 +61,7 @@ class ReweightedLoss:
     def __call__(
         self,
         loss_mask: torch.Tensor,
-        domains: Optional[torch.Tensor],
+        domains: torch.Tensor | None,
         token_losses: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         mask = loss_mask.to(token_losses.dtype)

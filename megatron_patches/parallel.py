@@ -32,7 +32,9 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
         timeout = timedelta(minutes=timeout_minutes)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's workers
             rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout), rank=rank, world_size=world_size)
+            dist.init_process_group(
+                backend=backend, timeout=timeout, store=_attempt_store(timeout), rank=rank, world_size=world_size
+            )
         elif "RANK" in os.environ:  # started with the variables set (e.g. by Slurm's srun)
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
@@ -63,8 +65,14 @@ def _standalone_store() -> dist.TCPStore:
     reads them (Megatron, DeepSpeed).
     """
     store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timedelta(minutes=5))
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port))):
+    for name, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(store.port)),
+    ):
         os.environ.setdefault(name, value)
     return store
 

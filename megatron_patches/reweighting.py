@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -49,18 +50,25 @@ class Strategy:
 # from here.  The names are the ones users type in configs.
 STRATEGIES: dict[str, Strategy] = {
     "uniform": Strategy(
-        lambda x, delta: torch.zeros_like(x), "0",
-        "every valid sample alike: exactly Megatron's token-mean loss (the baseline)", "nothing"),
+        lambda x, delta: torch.zeros_like(x),
+        "0",
+        "every valid sample alike: exactly Megatron's token-mean loss (the baseline)",
+        "nothing",
+    ),
     "linupper": Strategy(
-        lambda x, delta: torch.clamp(x + delta, max=delta), "min(x + δ, δ)",
-        "down-weights low-loss samples, caps high-loss ones (the paper's best)", "high"),
+        lambda x, delta: torch.clamp(x + delta, max=delta),
+        "min(x + δ, δ)",
+        "down-weights low-loss samples, caps high-loss ones (the paper's best)",
+        "high",
+    ),
     "quadratic": Strategy(
-        lambda x, delta: 1.0 - x.square() / delta**2, "1 − x²/δ²",
-        "favours medium losses, down-weights both ends", "medium"),
-    "extremes": Strategy(
-        lambda x, delta: x.abs(), "|x|", "favours both ends", "ends"),
-    "upper": Strategy(
-        lambda x, delta: x / 2 + delta / 2, "x/2 + δ/2", "linear in the loss, favours high loss", "high"),
+        lambda x, delta: 1.0 - x.square() / delta**2,
+        "1 − x²/δ²",
+        "favours medium losses, down-weights both ends",
+        "medium",
+    ),
+    "extremes": Strategy(lambda x, delta: x.abs(), "|x|", "favours both ends", "ends"),
+    "upper": Strategy(lambda x, delta: x / 2 + delta / 2, "x/2 + δ/2", "linear in the loss, favours high loss", "high"),
 }
 
 # Reference implementations' names that mean one strategy here.  The GPT-2 reference's `mid`
@@ -74,7 +82,9 @@ def check_strategy(strategy: str, temperature: float) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown reweighting strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     if not temperature > 0:
-        raise ValueError(f"reweighting temperature must be > 0 (got {temperature}); use a large value for near-uniform weights")
+        raise ValueError(
+            f"reweighting temperature must be > 0 (got {temperature}); use a large value for near-uniform weights"
+        )
 
 
 def global_sample_weights(
@@ -84,7 +94,7 @@ def global_sample_weights(
     strategy: str,
     temperature: float,
     delta: float = 1.0,
-    token_counts: Optional[torch.Tensor] = None,
+    token_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weights of a whole (already gathered) batch: Σ_valid w = 1, invalid samples get 0.
 
@@ -117,7 +127,7 @@ def global_sample_weights(
     return unnormalised / torch.clamp(unnormalised.sum(), min=torch.finfo(torch.float64).tiny)
 
 
-def all_gather_batch(local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def all_gather_batch(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenate every rank's `local` (equal shapes) along dim 0, in group-rank order."""
     if group is None or dist.get_world_size(group) == 1:
         return local
@@ -135,7 +145,7 @@ class GatheredBatch(NamedTuple):
     token_counts: torch.Tensor
     extra: torch.Tensor  # [N, k] of the caller's extra per-sample columns
 
-    def local(self, values: torch.Tensor, local_size: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    def local(self, values: torch.Tensor, local_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
         """This rank's rows of `values` (one of the gathered tensors)."""
         rank = 0 if group is None else dist.get_rank(group)
         return values[rank * local_size : (rank + 1) * local_size]
@@ -147,10 +157,10 @@ def gather_and_weigh(
     strategy: str,
     temperature: float,
     delta: float = 1.0,
-    valid: Optional[torch.Tensor] = None,
-    token_counts: Optional[torch.Tensor] = None,
-    extra: Optional[torch.Tensor] = None,
-    group: Optional[dist.ProcessGroup] = None,
+    valid: torch.Tensor | None = None,
+    token_counts: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> GatheredBatch:
     """One all-gather of every rank's (loss, valid, token count, extra columns) over `group`,
     then the weights of the whole batch, identical on every rank of the group.
@@ -183,9 +193,9 @@ def compute_sample_weights(
     strategy: str,
     temperature: float,
     delta: float = 1.0,
-    valid: Optional[torch.Tensor] = None,
-    group: Optional[dist.ProcessGroup] = None,
-    token_counts: Optional[torch.Tensor] = None,
+    valid: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    token_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's weights for its local samples, computed from the losses of all of `group`.
 
@@ -195,7 +205,13 @@ def compute_sample_weights(
     """
     check_strategy(strategy, temperature)
     batch = gather_and_weigh(
-        losses, strategy=strategy, temperature=temperature, delta=delta, valid=valid, token_counts=token_counts, group=group
+        losses,
+        strategy=strategy,
+        temperature=temperature,
+        delta=delta,
+        valid=valid,
+        token_counts=token_counts,
+        group=group,
     )
     return batch.local(batch.weights, losses.shape[0], group).to(losses.dtype)
 
@@ -204,7 +220,7 @@ def weight_statistics(
     weights: torch.Tensor,
     losses: torch.Tensor,
     valid: torch.Tensor,
-    domains: Optional[torch.Tensor] = None,
+    domains: torch.Tensor | None = None,
     num_domains: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Diagnostics of one batch's weights, as 0-d/1-d tensors (read them at log time only).
@@ -241,9 +257,13 @@ def weight_statistics(
     stats["loss_bottom_quarter"] = (safe_losses * bottom).sum() / torch.clamp(bottom.sum(), min=1)
     if domains is not None and num_domains > 0:
         ids = torch.where(valid, domains.to(torch.int64), num_domains)  # invalid → overflow bin
-        stats["domain_weight_share"] = torch.zeros(num_domains + 1, dtype=torch.float64, device=p.device).index_add_(0, ids, p)[:num_domains]
+        stats["domain_weight_share"] = torch.zeros(num_domains + 1, dtype=torch.float64, device=p.device).index_add_(
+            0, ids, p
+        )[:num_domains]
         # index_add_, not bincount: CUDA bincount reads the ids' min and max on the host.
-        counts = torch.zeros(num_domains + 1, dtype=torch.float64, device=p.device).index_add_(0, ids, torch.ones_like(p))[:num_domains]
+        counts = torch.zeros(num_domains + 1, dtype=torch.float64, device=p.device).index_add_(
+            0, ids, torch.ones_like(p)
+        )[:num_domains]
         stats["domain_sample_share"] = counts / n_safe
     return stats
 
@@ -262,7 +282,7 @@ class ReweightSchedule:
     strategy: str
     temperature: float
     warmup_steps: int = 0
-    warmup_temperature: Optional[float] = None
+    warmup_temperature: float | None = None
     anneal_steps: int = 0
     step: int = 0
 
@@ -273,7 +293,7 @@ class ReweightSchedule:
         if self.warmup_steps < 0 or self.anneal_steps < 0:
             raise ValueError("reweighting warmup_steps and anneal_steps must be >= 0")
 
-    def inverse_temperature(self, step: Optional[int] = None) -> float:
+    def inverse_temperature(self, step: int | None = None) -> float:
         """1/r at `step` (default: the current step); 0 means uniform weights."""
         step = self.step if step is None else step
         start = 0.0 if self.warmup_temperature is None else 1.0 / self.warmup_temperature

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers.e2e import LONG, pretrain
 
 from data_prep import demo as demo_data
-from helpers.e2e import LONG, pretrain
 
 
 @pytest.fixture(scope="session")

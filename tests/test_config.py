@@ -243,8 +243,7 @@ def test_help_teaches_with_examples(capsys):
         (
             "parallel.tp=3",
             3,
-            "model.num_attention_heads=4 is not divisible by parallel.tp=3:"
-            " choose parallel.tp among 1, 2, 4",
+            "model.num_attention_heads=4 is not divisible by parallel.tp=3: choose parallel.tp among 1, 2, 4",
         ),
         (
             "model.num_query_groups=3",
@@ -252,8 +251,7 @@ def test_help_teaches_with_examples(capsys):
             "model.num_attention_heads=4 is not divisible by model.num_query_groups=3",
         ),
         (
-            "model.num_attention_heads=12 model.hidden_size=384 model.num_query_groups=4"
-            " parallel.tp=6",
+            "model.num_attention_heads=12 model.hidden_size=384 model.num_query_groups=4 parallel.tp=6",
             6,
             "model.num_query_groups=4 and parallel.tp=6 must divide one another",
         ),
@@ -265,8 +263,7 @@ def test_help_teaches_with_examples(capsys):
         (
             "parallel.pp=3",
             3,
-            "model.num_layers=4 is not divisible by parallel.pp=3:"
-            " choose parallel.pp among 1, 2, 4",
+            "model.num_layers=4 is not divisible by parallel.pp=3: choose parallel.pp among 1, 2, 4",
         ),
         ("parallel.cp=3", 3, "model.seq_length=128 is not divisible by 2*parallel.cp = 6"),
         ("parallel.sequence_parallel=true", 2, "sequence_parallel=true needs parallel.tp > 1"),
@@ -310,8 +307,14 @@ def test_fewer_kv_groups_than_tensor_parallel_ranks_is_allowed():
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
 @pytest.mark.parametrize(
     "key",
-    ["reweight.temperature", "reweight.warmup_temperature", "optim.clip_grad", "optim.lr", "model.init_method_std",
-     "train.exit_duration_minutes"],
+    [
+        "reweight.temperature",
+        "reweight.warmup_temperature",
+        "optim.clip_grad",
+        "optim.lr",
+        "model.init_method_std",
+        "train.exit_duration_minutes",
+    ],
 )
 def test_non_finite_numbers_are_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"{key}: .* is not a finite number"):
@@ -360,7 +363,11 @@ def test_experiment_changes_name_what_a_resume_may_not_change():
     saved = to_dict(demo())
     assert experiment_changes(saved, demo("parallel.tp=2", "train.log_interval=3", "checkpoint.keep=5")) == []
     changes = experiment_changes(saved, demo("reweight.strategy=quadratic", "optim.lr=0.1", "train.seed=7"))
-    assert changes == ["train.seed: 1234 -> 7", "optim.lr: 0.001 -> 0.1", "reweight.strategy: 'linupper' -> 'quadratic'"]
+    assert changes == [
+        "train.seed: 1234 -> 7",
+        "optim.lr: 0.001 -> 0.1",
+        "reweight.strategy: 'linupper' -> 'quadratic'",
+    ]
 
 
 def test_every_problem_is_reported_at_once():
@@ -370,9 +377,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_missing_data_files_are_named_with_the_fix(tmp_path):
-    cfg = demo(
-        f"data.blend={tmp_path}/none.blend.json", f"data.tokenizer_model={tmp_path}/none.model"
-    )
+    cfg = demo(f"data.blend={tmp_path}/none.blend.json", f"data.tokenizer_model={tmp_path}/none.model")
     validate(cfg, 2)
     with pytest.raises(ConfigError) as error:
         check_files(cfg)
@@ -524,7 +529,10 @@ def test_sharding_the_optimizer_shrinks_the_memory_estimate():
     plain, sharded = memory(), memory("parallel.distributed_optimizer=true")
     assert sharded.optimizer == pytest.approx(plain.optimizer / 8)
     assert sharded.weights == plain.weights
-    zero0, zero3 = memory("engine=deepspeed", "deepspeed.zero_stage=0"), memory("engine=deepspeed", "deepspeed.zero_stage=3")
+    zero0, zero3 = (
+        memory("engine=deepspeed", "deepspeed.zero_stage=0"),
+        memory("engine=deepspeed", "deepspeed.zero_stage=3"),
+    )
     assert zero3.weights == pytest.approx(zero0.weights / 8) == pytest.approx(plain.weights / 8)
     assert zero3.grads == pytest.approx(zero0.grads / 8)
     # Megatron reduces gradients in fp32 buffers (grad_reduce_in_fp32): twice bf16 weights' bytes
@@ -568,17 +576,22 @@ print(json.dumps(counts))
 def test_parameter_count_matches_a_real_megatron_gpt_model():
     gpt2_like = demo("model.vocab_size=1000")
     llama_like = demo(
-        "model.vocab_size=1000", "model.position_embedding=rope", "model.normalization=RMSNorm",
-        "model.activation=swiglu", "model.num_query_groups=2", "model.add_bias_linear=false",
+        "model.vocab_size=1000",
+        "model.position_embedding=rope",
+        "model.normalization=RMSNorm",
+        "model.activation=swiglu",
+        "model.num_query_groups=2",
+        "model.add_bias_linear=false",
         "model.untie_embeddings=true",
     )
     configs = [gpt2_like, llama_like]
-    models = [
-        dict(to_dict(c)["model"], padded_vocab_size=padded_vocab_size(c, 1000)) for c in configs
-    ]
+    models = [dict(to_dict(c)["model"], padded_vocab_size=padded_vocab_size(c, 1000)) for c in configs]
     result = subprocess.run(
         [sys.executable, "-c", MEGATRON_PARAMETER_COUNT, json.dumps(models)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     real = json.loads(result.stdout.strip().splitlines()[-1])
@@ -602,9 +615,7 @@ def fake_command(folder: Path, name: str, body: str = "printf '<%s>' \"$@\"") ->
 
 def run_script(script: str, args: list[str], env: dict) -> str:
     env = {"PATH": os.environ["PATH"], **env}
-    done = subprocess.run(
-        ["bash", str(REPO / script), *args], env=env, capture_output=True, text=True, check=True
-    )
+    done = subprocess.run(["bash", str(REPO / script), *args], env=env, capture_output=True, text=True, check=True)
     return done.stdout
 
 
@@ -617,9 +628,7 @@ def test_run_sh_starts_torchrun_or_a_dry_run(tmp_path):
         "<--config><configs/gpt2-124m.yaml><--run-dir><runs/gpt2-124m><--set><a=b c>"
     )
     dry = run_script("launch/run.sh", [], {**env, "DRY_RUN": "1"})
-    assert dry == (
-        "<-m><launch.pretrain><--config><configs/gpt2-124m.yaml><--dry-run><--world-size><4>"
-    )
+    assert dry == ("<-m><launch.pretrain><--config><configs/gpt2-124m.yaml><--dry-run><--world-size><4>")
 
 
 def test_slurm_script_starts_one_torchrun_per_node_with_c10d_rendezvous(tmp_path):
@@ -646,23 +655,36 @@ def test_slurm_script_starts_one_torchrun_per_node_with_c10d_rendezvous(tmp_path
 
 
 @pytest.mark.parametrize("number, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
-def test_slurm_script_passes_the_stop_signal_to_the_step_and_requeues_only_before_the_time_limit(tmp_path, number, requeued):
+def test_slurm_script_passes_the_stop_signal_to_the_step_and_requeues_only_before_the_time_limit(
+    tmp_path, number, requeued
+):
     """USR1 (the time-limit warning) and TERM (scancel, preemption) reach the ranks through
     `scancel --signal`, not through srun; only USR1 requeues. tests/test_slurm.py runs the real thing."""
     bin_dir = tmp_path / "bin"
     fake_command(bin_dir, "scontrol", 'if [ "$1" = requeue ]; then echo "requeue $2"; else printf "node-a\\n"; fi')
     # srun stands for the job step: its ranks save and exit 75 on USR1 or TERM; srun itself
     # must never be signalled (the real one turns TERM into SIGKILL of the step).
-    fake_command(bin_dir, "srun", f'echo $$ > {tmp_path}/step.pid; trap "exit 75" USR1 TERM; echo started; while :; do sleep 0.1; done')
+    fake_command(
+        bin_dir,
+        "srun",
+        f'echo $$ > {tmp_path}/step.pid; trap "exit 75" USR1 TERM; echo started; while :; do sleep 0.1; done',
+    )
     fake_command(bin_dir, "scancel", f'echo "scancel $*"; kill -s "${{1#--signal=}}" "$(cat {tmp_path}/step.pid)"')
     env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a", "SLURM_NNODES": "1",
-        "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "1",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node-a",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "42",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "GPUS_PER_NODE": "1",
     }
     # Its own session, so that whatever the script leaves running can be ended with it.
     job = subprocess.Popen(
         ["bash", str(REPO / "launch/slurm/pretrain.sbatch"), "--config", "c.yaml"],
-        env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         wait_for_line(job, "started", seconds=60)

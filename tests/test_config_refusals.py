@@ -33,7 +33,10 @@ def run_main(capsys, monkeypatch, *argv: str) -> tuple[int, str]:
     "content, named",
     [
         (None, "is a directory, not a YAML config file: give a file, e.g. configs/demo_cpu.yaml"),
-        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not a YAML file (not UTF-8 text): give a YAML config file, e.g. configs/demo_cpu.yaml"),
+        (
+            b"\x89PNG\r\n\x1a\n\x00\xff\xfe",
+            "is not a YAML file (not UTF-8 text): give a YAML config file, e.g. configs/demo_cpu.yaml",
+        ),
     ],
     ids=["directory", "binary"],
 )
@@ -60,8 +63,11 @@ def test_a_seed_beyond_numpy_is_refused():
     [
         ("0,0,0", "data.split='0,0,0' leaves nothing to train on"),
         ("0,100,0", "data.split='0,100,0' leaves nothing to train on"),
-        ("100,0,0", "data.split='100,0,0' holds out no validation share and data.valid_blend is null:"
-                    " set data.split='99,1,0' or data.valid_blend"),
+        (
+            "100,0,0",
+            "data.split='100,0,0' holds out no validation share and data.valid_blend is null:"
+            " set data.split='99,1,0' or data.valid_blend",
+        ),
         ("99,0,1", "data.split='99,0,1' holds out no validation share"),
     ],
 )
@@ -81,7 +87,9 @@ def test_a_missing_checkpoint_to_load_is_refused_naming_it(tmp_path, capsys, mon
     (tmp_path / "file").write_text("")
     assert f"checkpoint.load={tmp_path / 'file'} is not a directory" in refusal(f"checkpoint.load={tmp_path / 'file'}")
     validate(demo(f"checkpoint.load={tmp_path}"), 2)
-    code, err = run_main(capsys, monkeypatch, "--config", "configs/demo_cpu.yaml", "--dry-run", "--set", f"checkpoint.load={missing}")
+    code, err = run_main(
+        capsys, monkeypatch, "--config", "configs/demo_cpu.yaml", "--dry-run", "--set", f"checkpoint.load={missing}"
+    )
     assert code == 2 and f"checkpoint.load={missing} does not exist" in err
 
 

@@ -16,20 +16,19 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import zstandard
 
-from data_prep import indexed
-from data_prep import tokenize_corpus
+from data_prep import indexed, tokenize_corpus
 from data_prep.errors import DataPrepError
 from data_prep.readers import Chunk, read_chunks
-from data_prep.workers import OrderedPool
 from data_prep.tokenizer import train_tokenizer
+from data_prep.workers import OrderedPool
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = (
@@ -107,8 +106,18 @@ def sample_texts(count: int = 40, seed: int = 1) -> list[str]:
 def test_tokens_read_back_equal_sentencepiece_encoding_plus_eos(tmp_path, tokenizer, processor, IndexedDataset):
     texts = sample_texts()
     write_jsonl(tmp_path / "in.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
-    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out/train",
-                     "--tokenizer-model", tokenizer, "--workers", "2", cwd=tmp_path)
+    result = run_cli(
+        "tokenize",
+        "--input",
+        "in.jsonl",
+        "--output-prefix",
+        "out/train",
+        "--tokenizer-model",
+        tokenizer,
+        "--workers",
+        "2",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
 
     dataset = IndexedDataset(str(tmp_path / "out/train"))
@@ -154,16 +163,19 @@ def test_compressed_and_text_inputs_give_the_same_dataset(tmp_path, tokenizer):
     write_jsonl(tmp_path / "plain.jsonl", lines)
     write_jsonl(tmp_path / "in.jsonl.gz", lines, opener=gzip.open)
     # several zstd frames, as produced by concatenating compressed shards
-    frames = [zstandard.ZstdCompressor().compress("".join(l + "\n" for l in part).encode())
-              for part in (lines[:10], lines[10:])]
+    frames = [
+        zstandard.ZstdCompressor().compress("".join(l + "\n" for l in part).encode())
+        for part in (lines[:10], lines[10:])
+    ]
     (tmp_path / "in.jsonl.zst").write_bytes(b"".join(frames))
     (tmp_path / "docs.txt").write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
     write_jsonl(tmp_path / "flat.jsonl", [{"text": t.replace("\n", " ")} for t in texts])
 
     outputs = {}
     for name in ("plain.jsonl", "in.jsonl.gz", "in.jsonl.zst", "docs.txt", "flat.jsonl"):
-        result = run_cli("tokenize", "--input", name, "--output-prefix", f"out_{name}",
-                         "--tokenizer-model", tokenizer, cwd=tmp_path)
+        result = run_cli(
+            "tokenize", "--input", name, "--output-prefix", f"out_{name}", "--tokenizer-model", tokenizer, cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr
         outputs[name] = [(tmp_path / f"out_{name}{s}").read_bytes() for s in (".bin", ".idx")]
     assert outputs["plain.jsonl"] == outputs["in.jsonl.gz"] == outputs["in.jsonl.zst"]
@@ -176,8 +188,18 @@ def test_worker_count_does_not_change_the_output(tmp_path, tokenizer):
     write_jsonl(tmp_path / "big.jsonl", [{"text": make_text(rng, 600)} for _ in range(1400)])
     files = []
     for workers in ("1", "3"):
-        result = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", f"w{workers}",
-                         "--tokenizer-model", tokenizer, "--workers", workers, cwd=tmp_path)
+        result = run_cli(
+            "tokenize",
+            "--input",
+            "big.jsonl",
+            "--output-prefix",
+            f"w{workers}",
+            "--tokenizer-model",
+            tokenizer,
+            "--workers",
+            workers,
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         files.append([(tmp_path / f"w{workers}{s}").read_bytes() for s in (".bin", ".idx")])
     assert files[0] == files[1]
@@ -199,8 +221,9 @@ def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path, tokenizer
     outputs = {}
     for name, content in inputs.items():
         (tmp_path / name).write_bytes(content)
-        result = run_cli("tokenize", "--input", name, "--output-prefix", f"out_{name}",
-                         "--tokenizer-model", tokenizer, cwd=tmp_path)  # --on-error fail
+        result = run_cli(
+            "tokenize", "--input", name, "--output-prefix", f"out_{name}", "--tokenizer-model", tokenizer, cwd=tmp_path
+        )  # --on-error fail
         assert result.returncode == 0, result.stderr
         outputs[name] = [(tmp_path / f"out_{name}{s}").read_bytes() for s in (".bin", ".idx")]
     assert outputs["plain.jsonl"] == outputs["bom.jsonl"] == outputs["bom.jsonl.gz"] == outputs["bom.jsonl.zst"]
@@ -231,11 +254,12 @@ def test_a_long_document_is_encoded_in_pieces_with_the_tokens_of_the_whole(token
 
 def peak_rss_mb(args: list[str], cwd: Path) -> float:
     """Peak resident set of the largest process of a CLI run (the parent or a worker)."""
-    measure = ("import resource, subprocess, sys\n"
-               "subprocess.run([sys.executable, '-m', 'data_prep', *sys.argv[1:]], check=True)\n"
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    result = subprocess.run([sys.executable, "-c", measure, *args], cwd=cwd, env=_env(),
-                            capture_output=True, text=True)
+    measure = (
+        "import resource, subprocess, sys\n"
+        "subprocess.run([sys.executable, '-m', 'data_prep', *sys.argv[1:]], check=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    result = subprocess.run([sys.executable, "-c", measure, *args], cwd=cwd, env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return int(result.stdout.split()[-1]) / 1024
 
@@ -315,8 +339,12 @@ BAD_LINES = [
 def write_with_bad_line(path: Path, bad: str | bytes) -> list[str]:
     """Good documents on lines 1, 2 and 4, the bad line on line 3; returns the good texts."""
     good = ["first good document", "second good document", "third good document"]
-    lines = [json.dumps({"text": good[0]}).encode(), json.dumps({"text": good[1]}).encode(),
-             bad if isinstance(bad, bytes) else bad.encode(), json.dumps({"text": good[2]}).encode()]
+    lines = [
+        json.dumps({"text": good[0]}).encode(),
+        json.dumps({"text": good[1]}).encode(),
+        bad if isinstance(bad, bytes) else bad.encode(),
+        json.dumps({"text": good[2]}).encode(),
+    ]
     path.write_bytes(b"\n".join(lines) + b"\n")
     return good
 
@@ -324,8 +352,9 @@ def write_with_bad_line(path: Path, bad: str | bytes) -> list[str]:
 @pytest.mark.parametrize("kind, line, reason", BAD_LINES)
 def test_bad_line_fails_naming_file_line_and_reason_and_writes_nothing(tmp_path, tokenizer, kind, line, reason):
     write_with_bad_line(tmp_path / "in.jsonl", line)
-    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out",
-                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    result = run_cli(
+        "tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--tokenizer-model", tokenizer, cwd=tmp_path
+    )
     assert result.returncode == 1
     assert "in.jsonl:3:" in result.stderr and reason in result.stderr
     assert "--on-error skip" in result.stderr  # says what to change
@@ -335,8 +364,18 @@ def test_bad_line_fails_naming_file_line_and_reason_and_writes_nothing(tmp_path,
 @pytest.mark.parametrize("kind, line, reason", BAD_LINES)
 def test_bad_line_is_skipped_and_counted(tmp_path, tokenizer, processor, IndexedDataset, kind, line, reason):
     good = write_with_bad_line(tmp_path / "in.jsonl", line)
-    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--on-error", "skip",
-                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    result = run_cli(
+        "tokenize",
+        "--input",
+        "in.jsonl",
+        "--output-prefix",
+        "out",
+        "--on-error",
+        "skip",
+        "--tokenizer-model",
+        tokenizer,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "skipped 1 line:" in result.stdout
     stats = json.loads((tmp_path / "out.stats.json").read_text())
@@ -350,21 +389,47 @@ def test_every_kind_of_bad_line_is_counted_separately(tmp_path, tokenizer):
     lines = [json.dumps({"text": "fine"}).encode()]
     lines += [line if isinstance(line, bytes) else line.encode() for _, line, _ in BAD_LINES]
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--on-error", "skip",
-                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    result = run_cli(
+        "tokenize",
+        "--input",
+        "in.jsonl",
+        "--output-prefix",
+        "out",
+        "--on-error",
+        "skip",
+        "--tokenizer-model",
+        tokenizer,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
-    assert ("skipped 6 lines: 1 malformed JSON, 2 invalid UTF-8, 1 missing key, 1 non-string value, "
-            "1 empty document") in result.stdout
+    assert (
+        "skipped 6 lines: 1 malformed JSON, 2 invalid UTF-8, 1 missing key, 1 non-string value, 1 empty document"
+    ) in result.stdout
     stats = json.loads((tmp_path / "out.stats.json").read_text())
-    assert stats["skipped"] == {"malformed_json": 1, "invalid_utf8": 2, "missing_key": 1,
-                                "not_a_string": 1, "empty_document": 1}
+    assert stats["skipped"] == {
+        "malformed_json": 1,
+        "invalid_utf8": 2,
+        "missing_key": 1,
+        "not_a_string": 1,
+        "empty_document": 1,
+    }
     assert stats["documents"] == 1 and stats["lines"] == 7
 
 
 def test_only_bad_lines_is_an_error_not_an_empty_dataset(tmp_path, tokenizer):
     (tmp_path / "in.jsonl").write_text('{"text": ""}\nnot json\n')
-    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--on-error", "skip",
-                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    result = run_cli(
+        "tokenize",
+        "--input",
+        "in.jsonl",
+        "--output-prefix",
+        "out",
+        "--on-error",
+        "skip",
+        "--tokenizer-model",
+        tokenizer,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert "no documents" in result.stderr and "skipped 2 lines" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
@@ -390,8 +455,18 @@ def test_truncated_compressed_input_fails_naming_the_file_and_writes_nothing(tmp
     silently where the bytes end, and the run would succeed on part of the file.)"""
     lines = [json.dumps({"text": text}).encode() + b"\n" for text in sample_texts(400)]
     (tmp_path / name).write_bytes(truncated(name, lines))
-    result = run_cli("tokenize", "--input", name, "--output-prefix", "out", "--on-error", on_error,
-                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    result = run_cli(
+        "tokenize",
+        "--input",
+        name,
+        "--output-prefix",
+        "out",
+        "--on-error",
+        on_error,
+        "--tokenizer-model",
+        tokenizer,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert f"{name}: compressed stream ends early (truncated file?); download it again" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
@@ -408,8 +483,19 @@ def test_domain_split_writes_one_dataset_per_domain_and_a_blend_file(tmp_path, t
     ]
     write_jsonl(tmp_path / "a.jsonl.zst", records[:30], opener=zstandard.open)
     write_jsonl(tmp_path / "b.jsonl.gz", records[30:], opener=gzip.open)
-    result = run_cli("tokenize", "--input", "a.jsonl.zst", "b.jsonl.gz", "--output-prefix", "data/train",
-                     "--tokenizer-model", tokenizer, "--domain-key", "meta.redpajama_set_name", cwd=tmp_path)
+    result = run_cli(
+        "tokenize",
+        "--input",
+        "a.jsonl.zst",
+        "b.jsonl.gz",
+        "--output-prefix",
+        "data/train",
+        "--tokenizer-model",
+        tokenizer,
+        "--domain-key",
+        "meta.redpajama_set_name",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
 
     blend = json.loads((tmp_path / "data/train.blend.json").read_text())
@@ -431,8 +517,18 @@ def test_domain_split_writes_one_dataset_per_domain_and_a_blend_file(tmp_path, t
 
 def test_domain_names_that_sanitise_alike_get_distinct_files(tmp_path, tokenizer):
     write_jsonl(tmp_path / "in.jsonl", [{"text": "one", "d": "a b"}, {"text": "two", "d": "a_b"}])
-    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "p", "--domain-key", "d",
-                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    result = run_cli(
+        "tokenize",
+        "--input",
+        "in.jsonl",
+        "--output-prefix",
+        "p",
+        "--domain-key",
+        "d",
+        "--tokenizer-model",
+        tokenizer,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     blend = json.loads((tmp_path / "p.blend.json").read_text())
     prefixes = {domain: entry["prefix"] for domain, entry in blend["domains"].items()}
@@ -455,9 +551,25 @@ def run_in_progress(tmp_path: Path, tokenizer: str) -> Iterator[tuple[subprocess
     """A run on big.jsonl with 2 workers, given (process, workers' pids) once its first tokens
     are on disk (in the staging area); killed on the way out if it is still running."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "data_prep", "tokenize", "--input", "big.jsonl", "--output-prefix", "out",
-         "--tokenizer-model", tokenizer, "--workers", "2"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "tokenize",
+            "--input",
+            "big.jsonl",
+            "--output-prefix",
+            "out",
+            "--tokenizer-model",
+            tokenizer,
+            "--workers",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         staged = tmp_path / "out.incomplete" / "out.bin"
@@ -484,8 +596,11 @@ def stop(pid: int) -> None:
 
 
 def children(pid: int) -> list[int]:
-    return [int(stat.split()[0]) for stat in map(_read_stat, Path("/proc").glob("[0-9]*/stat"))
-            if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid]
+    return [
+        int(stat.split()[0])
+        for stat in map(_read_stat, Path("/proc").glob("[0-9]*/stat"))
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid
+    ]
 
 
 def running(pid: int) -> bool:
@@ -506,8 +621,11 @@ def _read_stat(path: Path) -> str:
 
 
 def file_tree(directory: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in directory.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in directory.rglob("*")
+        if p.is_file()
+    }
 
 
 def assert_no_dataset(tmp_path: Path, IndexedDataset) -> None:
@@ -535,8 +653,9 @@ def test_killed_run_leaves_no_dataset_and_its_lock_does_not_block_the_rerun(tmp_
         assert process.returncode == -signal.SIGKILL
         assert_no_dataset(tmp_path, IndexedDataset)
         assert (tmp_path / "out.lock").exists()  # left behind, but nobody holds it
-        rerun = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", "out",
-                        "--tokenizer-model", tokenizer, cwd=tmp_path)
+        rerun = run_cli(
+            "tokenize", "--input", "big.jsonl", "--output-prefix", "out", "--tokenizer-model", tokenizer, cwd=tmp_path
+        )
     finally:
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
@@ -577,15 +696,25 @@ def test_second_run_on_the_same_prefix_refuses_naming_the_first_and_touches_noth
         stop(first.pid)
         try:
             before = file_tree(tmp_path)
-            second = run_cli("tokenize", "--input", "big.jsonl", "--output-prefix", "out", "--force",
-                             "--tokenizer-model", tokenizer, cwd=tmp_path)
+            second = run_cli(
+                "tokenize",
+                "--input",
+                "big.jsonl",
+                "--output-prefix",
+                "out",
+                "--force",
+                "--tokenizer-model",
+                tokenizer,
+                cwd=tmp_path,
+            )
             assert file_tree(tmp_path) == before
         finally:
             os.kill(first.pid, signal.SIGCONT)
         first.wait(timeout=120)
     assert second.returncode == 1
-    assert (f"another data_prep run is writing out (pid {first.pid} on host {socket.gethostname()}, "
-            "started ") in second.stderr
+    assert (
+        f"another data_prep run is writing out (pid {first.pid} on host {socket.gethostname()}, started "
+    ) in second.stderr
     assert "choose another --output-prefix" in second.stderr
     assert first.returncode == 0, first.stderr.read()
     lines = (tmp_path / "big.jsonl").read_text().count("\n")
@@ -598,9 +727,16 @@ def test_train_tokenizer_refuses_a_locked_prefix_and_a_killed_holder_does_not_bl
     rng = random.Random(6)
     write_jsonl(tmp_path / "in.jsonl", [{"text": make_text(rng, 50)} for _ in range(300)])
     with subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom data_prep.lock import output_lock\n"
-         "with output_lock('tok'):\n    print('locked', flush=True)\n    time.sleep(600)"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom data_prep.lock import output_lock\n"
+            "with output_lock('tok'):\n    print('locked', flush=True)\n    time.sleep(600)",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
     ) as holder:
         try:
             assert holder.stdout.readline() == "locked\n"
@@ -643,8 +779,9 @@ def test_rerun_skips_finished_outputs_and_force_rebuilds(tmp_path, tokenizer):
 def test_outputs_of_unknown_origin_are_not_overwritten(tmp_path, tokenizer):
     write_jsonl(tmp_path / "in.jsonl", [{"text": "some text"}])
     (tmp_path / "out.bin").write_bytes(b"precious")
-    result = run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "out",
-                     "--tokenizer-model", tokenizer, cwd=tmp_path)
+    result = run_cli(
+        "tokenize", "--input", "in.jsonl", "--output-prefix", "out", "--tokenizer-model", tokenizer, cwd=tmp_path
+    )
     assert result.returncode == 1 and "--force" in result.stderr
     assert (tmp_path / "out.bin").read_bytes() == b"precious"
 
@@ -685,14 +822,24 @@ def _overwrite(path: str, offset: int, data: bytes) -> None:
 
 DAMAGE = [
     ("bin short by 3 bytes", DOCS, lambda p: _cut(p + ".bin", 3), ".bin", "truncated or damaged"),
-    ("bin too long", DOCS, lambda p: _overwrite(p + ".bin", os.path.getsize(p + ".bin"), b"\0\0"), ".bin",
-     "truncated or damaged"),
+    (
+        "bin too long",
+        DOCS,
+        lambda p: _overwrite(p + ".bin", os.path.getsize(p + ".bin"), b"\0\0"),
+        ".bin",
+        "truncated or damaged",
+    ),
     ("bin empty", DOCS, lambda p: os.truncate(p + ".bin", 0), ".bin", "is empty"),
     ("only empty documents", [np.arange(0)], lambda p: None, ".bin", "is empty"),
     ("bin missing", DOCS, lambda p: os.remove(p + ".bin"), ".bin", "No such file"),
     ("idx short by 8 bytes", DOCS, lambda p: _cut(p + ".idx", 8), ".idx", "truncated or damaged"),
-    ("idx garbage", DOCS, lambda p: Path(p + ".idx").write_bytes(random.Random(7).randbytes(300)), ".idx",
-     "is not a Megatron indexed dataset index"),
+    (
+        "idx garbage",
+        DOCS,
+        lambda p: Path(p + ".idx").write_bytes(random.Random(7).randbytes(300)),
+        ".idx",
+        "is not a Megatron indexed dataset index",
+    ),
     ("idx version 2", DOCS, lambda p: _overwrite(p + ".idx", 9, b"\x02"), ".idx", "index version 2"),
     ("idx dtype code 9", DOCS, lambda p: _overwrite(p + ".idx", 17, b"\x09"), ".idx", "dtype code 9"),
     ("idx empty", DOCS, lambda p: os.truncate(p + ".idx", 0), ".idx", "is not a Megatron indexed dataset index"),
@@ -717,8 +864,21 @@ def test_verify_dataset_refuses_a_damaged_dataset_naming_the_file(tmp_path, dama
 def test_inspect_reports_counts_percentiles_domains_and_a_decoded_sample(tmp_path, tokenizer, processor):
     records = [{"text": f"doc {i} " + "model " * i, "src": "web" if i % 3 else "code"} for i in range(1, 31)]
     write_jsonl(tmp_path / "in.jsonl", records)
-    assert run_cli("tokenize", "--input", "in.jsonl", "--output-prefix", "p", "--domain-key", "src",
-                   "--tokenizer-model", tokenizer, cwd=tmp_path).returncode == 0
+    assert (
+        run_cli(
+            "tokenize",
+            "--input",
+            "in.jsonl",
+            "--output-prefix",
+            "p",
+            "--domain-key",
+            "src",
+            "--tokenizer-model",
+            tokenizer,
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
     stats = json.loads((tmp_path / "p.stats.json").read_text())
 
     result = run_cli("inspect", "p", "--samples", "2", cwd=tmp_path)
@@ -730,7 +890,9 @@ def test_inspect_reports_counts_percentiles_domains_and_a_decoded_sample(tmp_pat
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
     assert f"min {min(lengths)} · p50 {p50} · p90 {p90} · p99 {p99} · max {max(lengths)} tokens" in report
     assert "ends in EOS 30 of 30 documents" in report
-    domain_rows = [line.split() for line in report.splitlines() if line.startswith((" " * 12 + "web", " " * 12 + "code"))]
+    domain_rows = [
+        line.split() for line in report.splitlines() if line.startswith((" " * 12 + "web", " " * 12 + "code"))
+    ]
     assert sorted(domain_rows) == sorted(
         [d["domain"], f"{d['documents']:,}", f"{d['tokens']:,}", f"{d['tokens'] / stats['tokens']:.1%}"]
         for d in stats["datasets"]
@@ -744,8 +906,20 @@ def test_trained_tokenizer_is_deterministic_and_falls_back_to_bytes(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [{"text": make_text(rng, 50)} for _ in range(300)])
     models = []
     for _ in range(2):
-        result = run_cli("train-tokenizer", "--input", ".", "--vocab-size", "350", "--output-prefix",
-                         "a", "--sample-docs", "200", "--seed", "7", cwd=tmp_path)
+        result = run_cli(
+            "train-tokenizer",
+            "--input",
+            ".",
+            "--vocab-size",
+            "350",
+            "--output-prefix",
+            "a",
+            "--sample-docs",
+            "200",
+            "--seed",
+            "7",
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         assert (tmp_path / "a.vocab").exists() and not (tmp_path / "a.incomplete.model").exists()
         models.append((tmp_path / "a.model").read_bytes())

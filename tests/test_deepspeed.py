@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers.megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
 from helpers.e2e import pretrain, rows
+from helpers.megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
 from helpers.multiprocess import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,10 +70,10 @@ def _full_tensors(model, read=lambda p: p):
 
 def _megatron_step(cfg, full_state):
     """One step of the Megatron engine, built as launch.engines.megatron builds it."""
+    from helpers.megatron_harness import forward_step, full_gradients, load_full_state, tiny_gpt
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from helpers.megatron_harness import forward_step, full_gradients, load_full_state, tiny_gpt
 
     from launch.engines.megatron import megatron_optimizer_config
     from launch.trainer import lr_scheduler
@@ -114,7 +113,10 @@ def _deepspeed_step(cfg, full_state, sgd_probe: bool = False):
     micro_batches = len(BATCH_SEEDS)
     if sgd_probe:
         sgd = torch.optim.SGD(model.parameters(), lr=PROBE_LR)
-        config = {**deepspeed_config(cfg, micro_batches), "zero_allow_untested_optimizer": True}  # SGD is not on ZeRO's list
+        config = {
+            **deepspeed_config(cfg, micro_batches),
+            "zero_allow_untested_optimizer": True,
+        }  # SGD is not on ZeRO's list
         engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config=config, mpu=MegatronMPU())
     else:
         engine, optimizer = build_engine(cfg, model, micro_batches)
@@ -129,8 +131,8 @@ def _deepspeed_step(cfg, full_state, sgd_probe: bool = False):
 
 def _parity_worker() -> dict:
     """Both layouts in the same two processes: only Megatron's model-parallel groups change."""
-    from megatron.core import parallel_state as ps
     from helpers.megatron_harness import tiny_gpt
+    from megatron.core import parallel_state as ps
 
     from megatron_patches.parallel import destroy_parallel, initialize_parallel
 
@@ -271,11 +273,16 @@ def test_deepspeed_run_logs_the_megatron_rows_and_trains_alike(deepspeed_run, me
 @pytest.mark.e2e
 def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, cache_dir, deepspeed_run):
     stage, unbroken = deepspeed_run
-    pretrain(tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", "train.exit_after=4", config=DEEPSPEED)
+    pretrain(
+        tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", "train.exit_after=4", config=DEEPSPEED
+    )
     assert [r["step"] for r in rows(tmp_path, "train")] == [2, 4]
     result = pretrain(tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", config=DEEPSPEED)
     assert "resuming from" in result.stdout and "step_00000004" in result.stdout
-    for kind, keys in (("train", ("step", "loss", "weighted_loss", "lr", "grad_norm")), ("valid", ("step", "valid_loss"))):
+    for kind, keys in (
+        ("train", ("step", "loss", "weighted_loss", "lr", "grad_norm")),
+        ("valid", ("step", "valid_loss")),
+    ):
         expected = [[r[k] for k in keys] for r in rows(unbroken, kind)]
         assert [[r[k] for k in keys] for r in rows(tmp_path, kind)] == expected
 

@@ -8,8 +8,8 @@ import pytest
 
 from data_prep import demo as demo_data
 from launch.config import load_config, validate
-from launch.sources import check_files, read_blend
 from launch.dry_run import dry_run_report
+from launch.sources import check_files, read_blend
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAINS = {"code", "docs", "prose", "licenses", "boilerplate"}
@@ -74,8 +74,8 @@ def test_chunks_cut_at_lines_and_keep_every_character():
 
 
 def test_blends_and_indexed_datasets_load(demo_dir):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
     import sentencepiece
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(demo_dir / "tokenizer.model"))
     assert tokenizer.vocab_size() == demo_data.VOCAB_SIZE

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers.e2e import REPO, pretrain, rows
 from helpers.multiprocess import run_distributed
 
@@ -34,7 +33,9 @@ def offline_env(tmp_path) -> dict:
 
 
 def run_module(module: str, *args, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True, env=env
+    )
 
 
 def assert_logits_equal(hf: torch.Tensor, megatron: torch.Tensor) -> float:
@@ -176,12 +177,18 @@ def test_tokenizer_encodes_and_decodes_exactly_as_sentencepiece(tmp_path, demo_d
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert ids == sp.encode(text), text[:80]
         assert tokenizer.decode(ids) == sp.decode(ids)
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
+        sp.bos_id(),
+        sp.eos_id(),
+        sp.unk_id(),
+    )
     assert len(texts) > 1000
 
 
 def test_export_of_a_directory_without_checkpoints_says_what_to_give(tmp_path):
-    result = run_module("launch.tools.export", "--run-dir", tmp_path, "--out", tmp_path / "hf", env=offline_env(tmp_path))
+    result = run_module(
+        "launch.tools.export", "--run-dir", tmp_path, "--out", tmp_path / "hf", env=offline_env(tmp_path)
+    )
     assert result.returncode == 2
     assert "checkpoints does not exist: give --run-dir a run directory" in result.stderr
     assert not (tmp_path / "hf").exists()
@@ -259,14 +266,18 @@ def test_exported_model_loss_on_held_out_documents_is_the_runs_validation_loss(e
     losses = {}
     with torch.no_grad():
         for domain, samples in _validation_samples(run_dir).items():
-            batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+            batch = {
+                k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask")
+            }
             logits = model(batch["tokens"]).logits
             token_losses = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
             losses[domain] = ((token_losses * batch["loss_mask"]).sum() / batch["loss_mask"].sum()).item()
     [valid] = [r for r in rows(run_dir, "valid") if r["step"] == 8]
     mean = sum(losses.values()) / len(losses)
     worst = max(abs(losses[d] / valid["valid_loss_per_domain"][d] - 1) for d in losses)
-    print(f"{name}: exported {mean:.7f} run {valid['valid_loss']:.7f}; largest per-domain relative difference {worst:.1e}")
+    print(
+        f"{name}: exported {mean:.7f} run {valid['valid_loss']:.7f}; largest per-domain relative difference {worst:.1e}"
+    )
     # Same tokens, weights and fp32 arithmetic up to summation order: measured per-domain
     # differences 9.7e-8 (gpt2) and 6.3e-8 (llama_tp2) relative, the means 4e-8. A 10x margin
     # still sees a wrong vocabulary choice: slicing 2200 to 2048 would move llama_tp2 by ~1e-2.
@@ -284,7 +295,9 @@ def test_export_chooses_the_step_and_refuses_missing_steps_and_existing_output(e
     assert info["step"] == 6 and info["architecture"] == "GPT2LMHeadModel" and info["tokenizer_vocab_size"] == 2048
     assert not (tmp_path / "step6.tmp").exists()
     missing = run_module("launch.tools.export", "--run-dir", run_dir, "--step", 5, "--out", tmp_path / "step5", env=env)
-    assert missing.returncode == 2 and "no complete checkpoint of step 5" in missing.stderr and "[6, 8]" in missing.stderr
+    assert (
+        missing.returncode == 2 and "no complete checkpoint of step 5" in missing.stderr and "[6, 8]" in missing.stderr
+    )
     existing = run_module("launch.tools.export", "--run-dir", run_dir, "--out", model_dir, env=env)
     assert existing.returncode == 2 and "pass --force to replace it" in existing.stderr
 
@@ -303,5 +316,16 @@ def test_evaluate_scores_an_exported_model_on_a_local_task_offline(exported, tmp
     for key in ("acc,none", "acc_norm,none"):
         assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0
         assert metrics[key] * 8 == pytest.approx(round(metrics[key] * 8))  # a share of 8 examples
-    unknown = run_module("launch.tools.evaluate", "--model", model_dir, "--tasks", "tiny_pyton", "--include-path", TASKS, "--out", out, env=offline_env(tmp_path))
+    unknown = run_module(
+        "launch.tools.evaluate",
+        "--model",
+        model_dir,
+        "--tasks",
+        "tiny_pyton",
+        "--include-path",
+        TASKS,
+        "--out",
+        out,
+        env=offline_env(tmp_path),
+    )
     assert unknown.returncode == 2 and "unknown task(s) tiny_pyton" in unknown.stderr

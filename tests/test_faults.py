@@ -11,12 +11,11 @@ import subprocess
 import time
 
 import pytest
-
-from data_prep.lock import exclusive_lock
 from helpers.e2e import ENV, LONG, REPO, comparable, pretrain, pretrain_command, rows
 
-pytestmark = pytest.mark.e2e
+from data_prep.lock import exclusive_lock
 
+pytestmark = pytest.mark.e2e
 
 
 def start(run_dir, demo_dir, *overrides, launcher=()):
@@ -66,7 +65,9 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, 
 
 
 @pytest.mark.parametrize("save", ["sync", "async"])
-def test_a_signal_to_every_process_after_periodic_checkpoints_saves_and_resumes_exactly(tmp_path, demo_dir, unbroken, save):
+def test_a_signal_to_every_process_after_periodic_checkpoints_saves_and_resumes_exactly(
+    tmp_path, demo_dir, unbroken, save
+):
     """Megatron's checkpoint helper process gets the signal too; the stop-save must not need it alive."""
     extra = ("checkpoint.async_save=true",) if save == "async" else ()
     number, name = (signal.SIGUSR1, "SIGUSR1") if save == "async" else (signal.SIGTERM, "SIGTERM")
@@ -102,12 +103,19 @@ def test_a_signal_during_a_save_still_leaves_the_checkpoint_of_the_step_reached(
 
 
 def test_a_hung_rank_is_caught_by_the_watchdog_and_the_job_restarts_from_its_checkpoint(tmp_path, demo_dir, unbroken):
-    hang = ("faults.hang_min_seconds=3", "faults.hang_multiple=5", "faults.hang_max_minutes=0.5", "checkpoint.interval=5")
+    hang = (
+        "faults.hang_min_seconds=3",
+        "faults.hang_multiple=5",
+        "faults.hang_max_minutes=0.5",
+        "checkpoint.interval=5",
+    )
     run = start(tmp_path, demo_dir, *LONG, *hang, launcher=("--max-restarts=1",))
     read_until(run, "saved checkpoint")
     read_until(run, "step     12/40")
     frozen = job_processes(run.pid)[1:]  # the ranks and their helpers
-    rank_1 = max(int(p) for p in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split())
+    rank_1 = max(
+        int(p) for p in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+    )
     try:
         os.kill(rank_1, signal.SIGSTOP)  # a rank that stops answering, as a stalled node does
         begun = time.monotonic()
@@ -266,7 +274,9 @@ def test_a_full_disk_during_a_save_is_reported_and_leaves_nothing_half_written(t
     assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]
 
 
-def test_a_save_that_cannot_fit_is_refused_before_writing_and_the_run_resumes_once_there_is_space(tmp_path, demo_dir, small_disk):
+def test_a_save_that_cannot_fit_is_refused_before_writing_and_the_run_resumes_once_there_is_space(
+    tmp_path, demo_dir, small_disk
+):
     disk, resize = small_disk
     resize(7)  # two checkpoints fit, a third does not
     run_dir, cache = disk / "run", f"data.cache_dir={tmp_path / 'cache'}"

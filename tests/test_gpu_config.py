@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from helpers.e2e import REPO
 from helpers.multiprocess import run_distributed
+
 from launch.config import ConfigError, load_config
 from launch.model import transformer_config, use_transformer_engine
 from launch.models import family_of
@@ -117,7 +117,9 @@ def test_the_local_gpu_layer_builds_with_the_gpu_flags():
 def test_a_model_of_no_family_is_refused_naming_the_families():
     with pytest.raises(ConfigError, match="is no model family's: set the fields of one of gpt2"):
         family_of(load_config(REPO / "configs/demo_cpu.yaml", ["model.activation=swiglu"]).model)
-    with pytest.raises(ConfigError, match="model.family=llama needs model.position_embedding=rope, model.normalization=RMSNorm"):
+    with pytest.raises(
+        ConfigError, match="model.family=llama needs model.position_embedding=rope, model.normalization=RMSNorm"
+    ):
         family_of(load_config(REPO / "configs/demo_cpu.yaml", ["model.family=llama", "model.activation=swiglu"]).model)
     assert family_of(load_config(REPO / "configs/llama-7b.yaml", ["model.family=llama"]).model).name == "llama"
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.multiprocess import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -19,7 +18,13 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
 SEED = 5
 VOCAB = 256  # padded for TP <= 2
-TINY = ("model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=32", f"train.seed={SEED}")
+TINY = (
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.seq_length=32",
+    f"train.seed={SEED}",
+)
 MODELS = {
     "gpt": ("configs/demo_cpu.yaml", TINY),
     "llama": ("configs/llama-1.4b.yaml", (*TINY, "model.num_query_groups=2", "model.ffn_hidden_size=96")),

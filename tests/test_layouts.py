@@ -14,7 +14,6 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-
 from helpers.megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
 from helpers.multiprocess import run_distributed
 
@@ -91,10 +90,10 @@ def _megatron_ordinary_loss(loss_mask, domains, token_losses):
 
 
 def _layout_worker(tp, pp, cp, full_state, batch_seeds):
+    from helpers.megatron_harness import forward_step, full_gradients, load_full_state, local_batch, tiny_gpt
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from helpers.megatron_harness import forward_step, full_gradients, load_full_state, local_batch, tiny_gpt
 
     from megatron_patches.loss import ReweightedLoss
     from megatron_patches.parallel import destroy_parallel, initialize_parallel

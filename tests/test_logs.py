@@ -4,7 +4,6 @@ in non-terminal logs, runs without torchrun, and Weights & Biases beside TensorB
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -12,8 +11,8 @@ import sys
 import textwrap
 
 import pytest
-
 from helpers.e2e import REPO, pretrain_command, rows
+
 from launch import quiet
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
@@ -82,7 +81,9 @@ def test_console_lines_carry_wall_clock_time():
 
 @pytest.mark.e2e
 def test_two_rank_run_prints_a_summary_timestamped_lines_and_no_library_noise(tmp_path, demo_dir):
-    command = pretrain_command(tmp_path, demo_dir, "train.steps=2", "optim.warmup_steps=1", "reweight.warmup_steps=1", "train.eval_interval=2")
+    command = pretrain_command(
+        tmp_path, demo_dir, "train.steps=2", "optim.warmup_steps=1", "reweight.warmup_steps=1", "train.eval_interval=2"
+    )
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=USER_ENV)
     assert result.returncode == 0, result.stderr[-5000:]
     for message in NOISE + ["Falling back", "UserWarning", "FutureWarning", "DeprecationWarning"]:
@@ -91,8 +92,16 @@ def test_two_rank_run_prints_a_summary_timestamped_lines_and_no_library_noise(tm
     assert out and all(re.match(STAMP, line) for line in out), out
     text = "\n".join(line[20:] for line in out)
     summary, _, _ = text.partition("step      2/2")
-    for expected in ("layout: world size 2 = TP 1 x PP 1 x CP 1 x DP 2", "batch: global 8", "model: 2 layers x 64 hidden",
-                     "parameters: ", "memory per GPU: ", "reweighting: linupper", "data train: ", "starting at step 0 of 2"):
+    for expected in (
+        "layout: world size 2 = TP 1 x PP 1 x CP 1 x DP 2",
+        "batch: global 8",
+        "model: 2 layers x 64 hidden",
+        "parameters: ",
+        "memory per GPU: ",
+        "reweighting: linupper",
+        "data train: ",
+        "starting at step 0 of 2",
+    ):
         assert expected in summary, expected
     assert text.count("parameters: ") == 1  # rank 0 only
     assert "problems:" not in summary
@@ -105,7 +114,9 @@ def test_two_rank_run_prints_a_summary_timestamped_lines_and_no_library_noise(tm
 def test_run_without_torchrun_is_a_single_process(tmp_path, demo_dir):
     command = pretrain_command(tmp_path, demo_dir, "train.steps=3", "optim.warmup_steps=1", "train.eval_interval=2")
     command = [sys.executable] + command[command.index("-m", 2) :]  # `python -m launch.pretrain ...`
-    env = {k: v for k, v in USER_ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v for k, v in USER_ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     result = subprocess.run(command + ["train.exit_after=2"], cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "world size 1 = TP 1 x PP 1 x CP 1 x DP 1" in result.stdout
@@ -119,8 +130,17 @@ def test_run_without_torchrun_is_a_single_process(tmp_path, demo_dir):
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="pip install -e '.[test]' installs wandb")
 def test_wandb_offline_run_records_the_logged_metrics(tmp_path, demo_dir):
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb_dir"
-    command = pretrain_command(run_dir, demo_dir, "train.steps=2", "optim.warmup_steps=1", "reweight.warmup_steps=1", "train.eval_interval=2",
-                               "logging.wandb=true", "logging.wandb_project=test", nproc=2)
+    command = pretrain_command(
+        run_dir,
+        demo_dir,
+        "train.steps=2",
+        "optim.warmup_steps=1",
+        "reweight.warmup_steps=1",
+        "train.eval_interval=2",
+        "logging.wandb=true",
+        "logging.wandb_project=test",
+        nproc=2,
+    )
     env = {**USER_ENV, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -128,7 +148,12 @@ def test_wandb_offline_run_records_the_logged_metrics(tmp_path, demo_dir):
     assert len(runs) == 1, runs  # rank 0 only
     (records,) = runs[0].glob("run-*.wandb")
     data = records.read_bytes()
-    for key in ("train/loss", "train/weight_ess", "train/domain_weight_share/code", "valid/valid_loss_per_domain/prose"):
+    for key in (
+        "train/loss",
+        "train/weight_ess",
+        "train/domain_weight_share/code",
+        "valid/valid_loss_per_domain/prose",
+    ):
         assert key.encode() in data, key
     assert runs[0].name.endswith((run_dir / "wandb_id.txt").read_text().strip())
 
@@ -154,7 +179,9 @@ def test_progress_is_printed_as_plain_lines_when_stderr_is_not_a_terminal(tmp_pa
         ["train-tokenizer", "--input", str(demo_dir / "valid.jsonl"), "--vocab-size", "600", "--output-prefix", str(tmp_path / "tok")],
     ):  # fmt: skip
         env = {**USER_ENV, "DATA_PREP_PROGRESS_SECONDS": "0"}
-        result = subprocess.run([sys.executable, "-m", "data_prep", *command], cwd=REPO, capture_output=True, text=True, env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", "data_prep", *command], cwd=REPO, capture_output=True, text=True, env=env
+        )
         assert result.returncode == 0, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.startswith(("tokenizing: ", "sampling: "))]
         assert lines, result.stderr
@@ -169,5 +196,7 @@ def test_progress_stays_quiet_for_short_jobs_at_the_default_interval(tmp_path, d
     command = ["tokenize", "--input", str(demo_dir / "valid.jsonl"), "--tokenizer-model", str(demo_dir / "tokenizer.model"),
                "--output-prefix", str(tmp_path / "valid"), "--workers", "1"]  # fmt: skip
     env = {k: v for k, v in USER_ENV.items() if k != "DATA_PREP_PROGRESS_SECONDS"}
-    result = subprocess.run([sys.executable, "-m", "data_prep", *command], cwd=REPO, capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "data_prep", *command], cwd=REPO, capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0 and "tokenizing:" not in result.stderr, result.stderr

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-
 from helpers.host_reads import HostReadRecorder
 from helpers.multiprocess import run_distributed
+
 from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import destroy_parallel, initialize_parallel
 from megatron_patches.reweighting import ReweightSchedule

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers.e2e import REPO
 from helpers.multiprocess import run_distributed
 
@@ -13,8 +12,16 @@ pytestmark = pytest.mark.e2e
 # al.'s for flash attention; the CPU's math attention and allocator keep about 1.5x that
 # (measured: 150-170 MiB against 106 estimated at 6 x 512 hidden, seq 128, 4 samples). Measured
 # here: 1794-1864 MiB against 1640 estimated, the higher ones with a second test running.
-SHAPE = ["model.num_layers=8", "model.hidden_size=1024", "model.num_attention_heads=16", "model.seq_length=64",
-         "model.vocab_size=2048", "model.precision=fp32", "train.micro_batch_size=2", "train.global_batch_size=2"]
+SHAPE = [
+    "model.num_layers=8",
+    "model.hidden_size=1024",
+    "model.num_attention_heads=16",
+    "model.seq_length=64",
+    "model.vocab_size=2048",
+    "model.precision=fp32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=2",
+]
 
 
 def _resident_kib(field: str) -> int:
@@ -56,8 +63,13 @@ def _measure(overrides: list[str]) -> dict:
     m, seq = cfg.train.micro_batch_size, cfg.model.seq_length
     for _ in range(2):
         tokens = torch.randint(0, cfg.model.vocab_size, (m, seq + 1))
-        batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(m, seq),
-                     position_ids=torch.arange(seq).expand(m, seq), domains=torch.zeros(m, dtype=torch.long))
+        batch = dict(
+            tokens=tokens[:, :-1],
+            labels=tokens[:, 1:],
+            loss_mask=torch.ones(m, seq),
+            position_ids=torch.arange(seq).expand(m, seq),
+            domains=torch.zeros(m, dtype=torch.long),
+        )
         engine.forward_backward(partial(_forward_step, loss), iter([batch]), 1, forward_only=False)
         engine.step()
     measured = (_resident_kib("VmHWM") - before) * 1024
@@ -71,6 +83,8 @@ def test_the_memory_estimate_is_within_20_percent_of_a_real_step(monkeypatch):
     # threads happened to allocate (an unbounded count of arenas varied it by ~100 MiB).
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     [result] = run_distributed(_measure, 1, [])
-    print(f"measured {result['measured'] / 2**20:.0f} MiB, estimated {result['total'] / 2**20:.0f} MiB:"
-          f" { {k: round(v / 2**20) for k, v in result['estimate'].items()} }")
+    print(
+        f"measured {result['measured'] / 2**20:.0f} MiB, estimated {result['total'] / 2**20:.0f} MiB:"
+        f" { {k: round(v / 2**20) for k, v in result['estimate'].items()} }"
+    )
     assert result["measured"] == pytest.approx(result["total"], rel=0.2)

@@ -11,8 +11,8 @@ without pins here, fails.
 from __future__ import annotations
 
 import pytest
-
 from helpers.e2e import REPO
+
 from launch import pretrain
 from launch.config import load_config
 
@@ -127,4 +127,3 @@ def test_dry_run_on_four_processes_reports_a_valid_layout(name, capsys):
     problems = out.split("problems: ", 1)[1].splitlines()[1:]
     assert all("data" in line or "tokenizer" in line for line in problems)
     assert code == (1 if problems else 0)
-

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers.e2e import ENV, REPO, pretrain, rows
+
 from launch.config import load_config
 from launch.dry_run import count_parameters
 from launch.sources import Tokenizer
@@ -62,7 +62,9 @@ def test_peak_memory_is_that_of_the_process_holding_the_model(unbroken):
     state = 16 * parameters / 2**30  # fp32 on CPU: weights, gradients, Adam's m and v, 4 bytes each
     # The same imports in a fresh interpreter: what the process holds before it builds anything.
     code = "import resource, launch.pretrain, launch.trainer; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    imported = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, check=True)
+    imported = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, check=True
+    )
     imports = int(imported.stdout.split()[-1]) / 2**20  # KiB on Linux
     # A few percent for an interpreter's footprint varying from start to start; above the imports,
     # the model's state, activations, data and gloo buffers stay far below 64 times the state
@@ -165,8 +167,21 @@ def test_unknown_key_is_refused_with_a_suggestion(tmp_path, demo_dir):
 
 
 def test_dry_run_reports_layout_without_training(tmp_path, demo_dir):
-    command = [sys.executable, "-m", "launch.pretrain", "--config", "configs/demo_cpu.yaml", "--dry-run", "--world-size", "2"]
-    command += ["--set", f"data.blend={demo_dir / 'train.blend.json'}", f"data.valid_blend={demo_dir / 'valid.blend.json'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "launch.pretrain",
+        "--config",
+        "configs/demo_cpu.yaml",
+        "--dry-run",
+        "--world-size",
+        "2",
+    ]
+    command += [
+        "--set",
+        f"data.blend={demo_dir / 'train.blend.json'}",
+        f"data.valid_blend={demo_dir / 'valid.blend.json'}",
+    ]
     command += [f"data.tokenizer_model={demo_dir / 'tokenizer.model'}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,12 @@ def fake_run(run_dir, losses: dict[str, float], step: int = 8):
         "domain_weight_share": {d: 1 / len(losses) for d in losses},
         "domain_sample_share": {d: 1 / len(losses) for d in losses},
     }  # fmt: skip
-    valid = {"kind": "valid", "step": step, "valid_loss": sum(losses.values()) / len(losses), "valid_loss_per_domain": losses}
+    valid = {
+        "kind": "valid",
+        "step": step,
+        "valid_loss": sum(losses.values()) / len(losses),
+        "valid_loss_per_domain": losses,
+    }
     (run_dir / "metrics.jsonl").write_text(json.dumps(train) + "\n" + json.dumps(valid) + "\n")
     return run_dir
 
@@ -84,5 +89,8 @@ def test_a_torn_last_line_is_left_out_and_a_broken_earlier_one_is_a_one_line_err
     metrics.write_text(train[:10] + "\n" + valid + "\n")
     assert report.main([str(run)]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"python -m launch.tools.report: error: {metrics}:1 is not a JSON row; repair or remove that line\n"
+    assert (
+        captured.err
+        == f"python -m launch.tools.report: error: {metrics}:1 is not a JSON row; repair or remove that line\n"
+    )
     assert captured.out == ""

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.host_reads import HostReadRecorder, SyncingOpRecorder
+from helpers.multiprocess import run_distributed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers.host_reads import HostReadRecorder, SyncingOpRecorder
-from helpers.multiprocess import run_distributed
 from megatron_patches.reweighting import (
     STRATEGIES,
     ReweightSchedule,
@@ -175,7 +175,13 @@ deltas = st.floats(0.25, 4.0)
 temperatures = st.floats(0.05, 50.0)
 names = st.sampled_from(NAMES)
 # Bad entries: non-finite losses, or masked-out samples with losses far outside the rest.
-BAD = {"nan": (math.nan, True), "+inf": (math.inf, True), "-inf": (-math.inf, True), "masked-high": (1e3, False), "masked-low": (-1e3, False)}
+BAD = {
+    "nan": (math.nan, True),
+    "+inf": (math.inf, True),
+    "-inf": (-math.inf, True),
+    "masked-high": (1e3, False),
+    "masked-low": (-1e3, False),
+}
 entries = st.lists(st.one_of(finite_losses, st.sampled_from(sorted(BAD))), min_size=1, max_size=64)
 
 
@@ -220,7 +226,9 @@ def test_all_invalid_gives_all_zeros(strategy):
 @PROPERTY
 @given(loss_lists, names, temperatures, deltas)
 def test_weights_equal_numpy_reference(losses, strategy, r, delta):
-    np.testing.assert_allclose(weights_of(losses, strategy, r, delta), reference_weights(losses, strategy, r, delta), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        weights_of(losses, strategy, r, delta), reference_weights(losses, strategy, r, delta), rtol=1e-9, atol=1e-12
+    )
 
 
 @PROPERTY
@@ -326,10 +334,14 @@ def test_neutral_strategies_with_token_counts_weight_by_tokens(items, strategy, 
     """With the token prior, a strategy that favours nothing (`uniform`) makes Σ w_i l_i the token-mean
     loss (Megatron's loss)."""
     losses, valid, good = split_entries(items)
-    counts = np.array(data.draw(st.lists(st.integers(1, 4096), min_size=len(items), max_size=len(items))), dtype=np.float64)
+    counts = np.array(
+        data.draw(st.lists(st.integers(1, 4096), min_size=len(items), max_size=len(items))), dtype=np.float64
+    )
     expected = np.zeros(len(items))
     expected[good] = counts[good] / counts[good].sum()
-    np.testing.assert_allclose(weights_of(losses, strategy, r, valid=valid, counts=counts.tolist()), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        weights_of(losses, strategy, r, valid=valid, counts=counts.tolist()), expected, rtol=1e-12, atol=1e-15
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -522,14 +534,18 @@ def test_statistics_leave_invalid_samples_out():
 
 
 def test_statistics_of_uniform_weights_are_one():
-    stats = weight_statistics(torch.full((5,), 0.2, dtype=torch.float64), torch.arange(5.0), torch.ones(5, dtype=torch.bool))
+    stats = weight_statistics(
+        torch.full((5,), 0.2, dtype=torch.float64), torch.arange(5.0), torch.ones(5, dtype=torch.bool)
+    )
     for key in ("ess", "max_weight", "entropy"):
         assert stats[key].item() == pytest.approx(1.0, abs=1e-12), key
     assert "domain_weight_share" not in stats
 
 
 def test_statistics_with_no_valid_sample_are_finite():
-    stats = weight_statistics(torch.zeros(3), torch.full((3,), math.nan), torch.zeros(3, dtype=torch.bool), torch.zeros(3), 2)
+    stats = weight_statistics(
+        torch.zeros(3), torch.full((3,), math.nan), torch.zeros(3, dtype=torch.bool), torch.zeros(3), 2
+    )
     assert all(torch.isfinite(v).all() for v in stats.values())
     assert stats["invalid_fraction"].item() == 1.0
 
@@ -557,7 +573,9 @@ def test_no_warm_up_starts_at_target():
 
 def test_warm_up_with_a_temperature():
     got = sequence(ReweightSchedule("extremes", 0.4, warmup_steps=2, warmup_temperature=100.0), 4)
-    assert got == [("extremes", pytest.approx(100.0, rel=1e-12))] * 2 + [("extremes", pytest.approx(0.4, rel=1e-12))] * 2
+    assert (
+        got == [("extremes", pytest.approx(100.0, rel=1e-12))] * 2 + [("extremes", pytest.approx(0.4, rel=1e-12))] * 2
+    )
 
 
 def test_uniform_strategy_is_uniform_at_every_step():

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from helpers.e2e import ENV, LONG, REPO, comparable, pretrain_command
 
 
@@ -19,19 +18,27 @@ def _slurm_answers() -> bool:
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(not _slurm_answers(), reason="no Slurm here: start one with `bash tests/slurm/start-cluster.sh` (root)"),
+    pytest.mark.skipif(
+        not _slurm_answers(), reason="no Slurm here: start one with `bash tests/slurm/start-cluster.sh` (root)"
+    ),
 ]
 PERIODIC = (*LONG, "checkpoint.interval=5")
 
 
-def submit(run_dir, demo_dir) -> tuple[str, "Path"]:
+def submit(run_dir, demo_dir) -> tuple[str, Path]:
     """The sbatch script as it ships, with only what a machine without GPUs needs added."""
     pretrain_args = pretrain_command(run_dir, demo_dir, *PERIODIC)
     pretrain_args = pretrain_args[pretrain_args.index("launch.pretrain") + 1 :]
     log = run_dir.parent / f"{run_dir.name}.out"
     command = [
-        "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}",
-        "launch/slurm/pretrain.sbatch", *pretrain_args,
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        f"--output={log}",
+        "launch/slurm/pretrain.sbatch",
+        *pretrain_args,
     ]
     env = {**ENV, "GPUS_PER_NODE": "2", "PYTHON": sys.executable}
     job = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()

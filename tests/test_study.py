@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from helpers.e2e import REPO
+
 from launch.config import load_config, to_dict
 from launch.metrics import read_metrics
 from launch.tools import stats
@@ -92,7 +92,13 @@ def test_default_arms_are_uniform_then_linupper():
 
 @pytest.mark.parametrize(
     "df, expected",
-    [(1, 12.706204736174707), (2, 4.302652729911275), (4, 2.7764451051977987), (9, 2.2621571627409915), (30, 2.0422724563012373)],
+    [
+        (1, 12.706204736174707),
+        (2, 4.302652729911275),
+        (4, 2.7764451051977987),
+        (9, 2.2621571627409915),
+        (30, 2.0422724563012373),
+    ],
 )
 def test_t_quantile_matches_tables(df, expected):
     assert stats.t_quantile(0.975, df) == pytest.approx(expected, rel=1e-9)
@@ -187,7 +193,12 @@ def test_summary_is_recomputable_from_the_runs_own_files(tmp_path, data_dir, mon
     names = ["uniform", "linupper-r0.5", "quadratic-r1.0"]
 
     def final(arm):  # seeds x domains, from the last valid row
-        return np.array([[[r for r in rows[arm, s] if r["kind"] == "valid"][-1]["valid_loss_per_domain"][d] for d in NATURAL] for s in (1, 2, 3)])
+        return np.array(
+            [
+                [[r for r in rows[arm, s] if r["kind"] == "valid"][-1]["valid_loss_per_domain"][d] for d in NATURAL]
+                for s in (1, 2, 3)
+            ]
+        )
 
     assert summary["baseline"] == "uniform" and summary["seeds"] == [1, 2, 3]
     assert summary["natural_weights"]["weights"] == pytest.approx(dict(zip(NATURAL, natural)))
@@ -222,7 +233,11 @@ def test_summary_is_recomputable_from_the_runs_own_files(tmp_path, data_dir, mon
     assert f"| natural mixture | {summary['arms'][0]['natural_mixture']['mean']:.4f} |" in table
     assert f"{linupper['diff_mean']:+.4f} [{low:+.4f}, {high:+.4f}]" in table
     assert (tmp_path / "study" / "summary.png").stat().st_size > 0
-    assert sorted(p.name for p in (tmp_path / "study").iterdir() if p.is_file()) == ["summary.json", "summary.md", "summary.png"]
+    assert sorted(p.name for p in (tmp_path / "study").iterdir() if p.is_file()) == [
+        "summary.json",
+        "summary.md",
+        "summary.png",
+    ]
 
 
 def test_finished_runs_are_reused_and_unfinished_ones_resumed_in_their_folder(tmp_path, data_dir, monkeypatch):
@@ -292,7 +307,10 @@ def test_a_torn_last_metrics_line_is_left_out_and_a_broken_earlier_one_refused(t
 
 @pytest.mark.parametrize(
     "arm, message",
-    [("nonsense", "arm nonsense: reweight.strategy: 'nonsense' is not one of"), ("s=train.seed=3", "arm s sets train.seed")],
+    [
+        ("nonsense", "arm nonsense: reweight.strategy: 'nonsense' is not one of"),
+        ("s=train.seed=3", "arm s sets train.seed"),
+    ],
 )
 def test_arms_that_cannot_run_are_refused_before_any_run(arm, message, tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setattr(subprocess, "run", no_subprocess)
@@ -311,7 +329,9 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
     runs = planned(data_dir, tmp_path / "study", ["uniform", weights], 2)
     fake_run(runs[0].run_dir, runs[0].settings, random.Random(3))
     monkeypatch.setattr(subprocess, "run", no_subprocess)
-    argv = study_args(data_dir, tmp_path / "study", "--seeds", "2", "--arm", "uniform", "--arm", weights, "--nproc", "4", "--slurm")
+    argv = study_args(
+        data_dir, tmp_path / "study", "--seeds", "2", "--arm", "uniform", "--arm", weights, "--nproc", "4", "--slurm"
+    )
     assert main(argv) == 0
     monkeypatch.undo()  # subprocess again, to run the script
     script = tmp_path / "study" / "study.sbatch"
@@ -328,7 +348,9 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
         start = args.index("launch.torchrun")
         expected = ["--standalone", "--nproc-per-node", "4", *pretrain_args(CONFIG, run)]
         assert args[start + 1 :] == expected
-    result = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "3"}, capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "3"}, capture_output=True, text=True
+    )
     assert result.returncode == 1 and "no run for array task 3" in result.stderr
     assert shlex.quote(runs[1].settings[-2]) in script.read_text()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from helpers.e2e import REPO
+
 from launch.config import load_config
 from launch.throughput import Throughput, device_peak_tflops, flops_per_token, peak_tflops
 
@@ -20,10 +20,20 @@ def test_flops_per_token_of_gpt2_small_by_hand():
 
 
 def test_swiglu_and_grouped_queries_count_their_own_matmuls():
-    cfg = load_config(REPO / "configs/demo_cpu.yaml", [
-        "model.position_embedding=rope", "model.normalization=RMSNorm", "model.activation=swiglu", "model.ffn_hidden_size=256", "model.num_query_groups=2",
-        "model.num_layers=1", "model.hidden_size=128", "model.num_attention_heads=4", "model.seq_length=16",
-    ])
+    cfg = load_config(
+        REPO / "configs/demo_cpu.yaml",
+        [
+            "model.position_embedding=rope",
+            "model.normalization=RMSNorm",
+            "model.activation=swiglu",
+            "model.ffn_hidden_size=256",
+            "model.num_query_groups=2",
+            "model.num_layers=1",
+            "model.hidden_size=128",
+            "model.num_attention_heads=4",
+            "model.seq_length=16",
+        ],
+    )
     head_dim = 32
     per_layer = 128 * head_dim * (4 + 2 * 2) + 4 * head_dim * 128 + 3 * 128 * 256
     assert flops_per_token(cfg, 256) == 6 * (per_layer + 256 * 128) + 12 * 1 * 128 * 16
@@ -31,8 +41,13 @@ def test_swiglu_and_grouped_queries_count_their_own_matmuls():
 
 @pytest.mark.parametrize(
     "name, peak",
-    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-     ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Future GPU", None)],
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Some Future GPU", None),
+    ],
 )
 def test_device_peaks_by_name(name, peak):
     assert device_peak_tflops(name) == peak
@@ -70,16 +85,38 @@ def test_bench_interleaves_the_strategies_and_reports_the_overhead(demo_dir):
     import sys
 
     from helpers.e2e import ENV
+
     from launch.sources import Tokenizer, padded_vocab_size
 
     settings = [
-        f"data.blend={demo_dir / 'train.blend.json'}", f"data.valid_blend={demo_dir / 'valid.blend.json'}",
-        f"data.tokenizer_model={demo_dir / 'tokenizer.model'}", "model.num_layers=2", "model.hidden_size=64",
-        "model.seq_length=64", "train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1",
+        f"data.blend={demo_dir / 'train.blend.json'}",
+        f"data.valid_blend={demo_dir / 'valid.blend.json'}",
+        f"data.tokenizer_model={demo_dir / 'tokenizer.model'}",
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.seq_length=64",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "optim.warmup_steps=1",
         "logging.peak_tflops=1.0",
     ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "launch.tools.bench",
-               "--config", "configs/demo_cpu.yaml", "--pairs", "4", "--warmup", "1", "--set", *settings]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "launch.tools.bench",
+        "--config",
+        "configs/demo_cpu.yaml",
+        "--pairs",
+        "4",
+        "--warmup",
+        "1",
+        "--set",
+        *settings,
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split(" ", 2)[-1] for line in result.stdout.splitlines()]  # without the time stamp
@@ -98,7 +135,9 @@ def test_bench_interleaves_the_strategies_and_reports_the_overhead(demo_dir):
         median, q1, q3 = (float(row[k]) for k in ("median", "q1", "q3"))
         tokens, tflops, mfu = int(row["tokens"].replace(",", "")), float(row["tflops"]), float(row["mfu"])
         assert 0 < q1 <= median <= q3
-        assert tokens_per_step / ((median + 0.05) / 1e3) - 0.5 <= tokens <= tokens_per_step / ((median - 0.05) / 1e3) + 0.5
+        assert (
+            tokens_per_step / ((median + 0.05) / 1e3) - 0.5 <= tokens <= tokens_per_step / ((median - 0.05) / 1e3) + 0.5
+        )
         expected_tflops = per_token * tokens / 2 / 1e12  # two devices
         assert abs(tflops - expected_tflops) <= per_token * 0.5 / 2 / 1e12 + 0.5e-4
         assert abs(mfu - 100 * tflops / 1.0) <= 0.05 + 100 * 0.5e-4 + 1e-9  # peak 1 TFLOP/s

@@ -29,7 +29,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(hang: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT.format(hang=hang)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(hang=hang)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_step_past_the_limit_dumps_every_stack_and_exits_70():
@@ -37,7 +39,7 @@ def test_a_step_past_the_limit_dumps_every_stack_and_exits_70():
     assert result.returncode == 70 and "finished" not in result.stdout
     assert "rank 3: hang: step 11 has run" in result.stderr and "over the watchdog's 0.5 s" in result.stderr
     assert "median of the last 10 steps 0.02 s" in result.stderr
-    assert 'in slow_step' in result.stderr and "Thread 0x" in result.stderr  # the main thread's stack, where it hangs
+    assert "in slow_step" in result.stderr and "Thread 0x" in result.stderr  # the main thread's stack, where it hangs
 
 
 def test_steps_within_the_limit_run_to_the_end():

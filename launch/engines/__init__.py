@@ -8,8 +8,9 @@ is one new file here plus its name in `Config.engine`.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -29,16 +30,16 @@ class Engine(Protocol):
     """One model replica's training machinery, built around this rank's part of the model."""
 
     #: the optimizer whose param groups the LR scheduler drives
-    optimizer: "torch.optim.Optimizer"
+    optimizer: torch.optim.Optimizer
 
-    def __init__(self, cfg: "Config", model: "torch.nn.Module", micro_batches_per_step: int): ...
+    def __init__(self, cfg: Config, model: torch.nn.Module, micro_batches_per_step: int): ...
 
     @staticmethod
-    def config_problems(cfg: "Config", world_size: int) -> list[str]:
+    def config_problems(cfg: Config, world_size: int) -> list[str]:
         """What this engine cannot run at `world_size`, as messages that say what to change."""
 
     @staticmethod
-    def state_bytes(cfg: "Config", data_parallel_size: int) -> StateBytes:
+    def state_bytes(cfg: Config, data_parallel_size: int) -> StateBytes:
         """The memory model for `--dry-run`: weights, gradients and optimizer state per parameter."""
 
     def forward_backward(

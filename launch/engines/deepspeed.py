@@ -13,8 +13,8 @@ schedule, and the optimizer needs no compiled DeepSpeed op.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -137,7 +137,9 @@ class Engine:
             optimizer=optimizer / (dp if zero >= 1 else 1),
         )
 
-    def forward_backward(self, forward_step: Callable, batches: Iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+    def forward_backward(
+        self, forward_step: Callable, batches: Iterator, num_microbatches: int, forward_only: bool
+    ) -> list[dict]:
         return forward_backward(self.engine, forward_step, batches, num_microbatches, forward_only)
 
     def step(self) -> float:
@@ -156,7 +158,9 @@ class Engine:
 
     def read_shards(self, directory: Path, saved_layout: dict[str, int]) -> None:
         if not self.shards_complete(directory):
-            raise RuntimeError(f"{directory} is not a DeepSpeed checkpoint (no {MODEL_STATES}); engine=megatron wrote it?")
+            raise RuntimeError(
+                f"{directory} is not a DeepSpeed checkpoint (no {MODEL_STATES}); engine=megatron wrote it?"
+            )
         if saved_layout != current_layout():
             raise RuntimeError(
                 f"checkpoint {directory} was written with layout {saved_layout} and this run is {current_layout()}:"

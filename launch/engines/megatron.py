@@ -7,8 +7,8 @@ Checkpoints are reshardable: any TP/PP/DP layout loads them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -33,7 +33,7 @@ def ddp_config(cfg: Config) -> DistributedDataParallelConfig:
     )
 
 
-def megatron_optimizer_config(cfg: Config, gpu: Optional[bool] = None) -> OptimizerConfig:
+def megatron_optimizer_config(cfg: Config, gpu: bool | None = None) -> OptimizerConfig:
     """`gpu`: the device to configure for; None = whether this process has one."""
     o = cfg.optim
     bf16 = use_bf16(cfg, gpu)
@@ -81,7 +81,9 @@ class Engine:
         shards = data_parallel_size if cfg.parallel.distributed_optimizer else 1
         return StateBytes(weights=weights, grads=4, optimizer=optimizer / shards)  # fp32 grad buffers
 
-    def forward_backward(self, forward_step: Callable, batches: Iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+    def forward_backward(
+        self, forward_step: Callable, batches: Iterator, num_microbatches: int, forward_only: bool
+    ) -> list[dict]:
         if not forward_only:
             self.wrapped_model.zero_grad_buffer()
             self.optimizer.zero_grad()
@@ -101,18 +103,28 @@ class Engine:
 
     # ---- checkpoint shards: RNG states per (PP, TP, CP) rank, replicated over DP ------------
 
-    def _sharded_state(self, rng: Optional[dict], is_loading: bool) -> dict:
+    def _sharded_state(self, rng: dict | None, is_loading: bool) -> dict:
         model_state = self.model.sharded_state_dict()
         state = {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=self.OPTIMIZER_METADATA),
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_state, is_loading=is_loading, metadata=self.OPTIMIZER_METADATA
+            ),
         }
         if rng is not None or is_loading:
             state["rng_state"] = ShardedObject(
                 "rng_state",
                 rng,
-                (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()),
-                (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()),
+                (
+                    ps.get_pipeline_model_parallel_world_size(),
+                    ps.get_tensor_model_parallel_world_size(),
+                    ps.get_context_parallel_world_size(),
+                ),
+                (
+                    ps.get_pipeline_model_parallel_rank(),
+                    ps.get_tensor_model_parallel_rank(),
+                    ps.get_context_parallel_rank(),
+                ),
                 replica_id=ps.get_data_parallel_rank(),
             )
         return state

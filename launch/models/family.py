@@ -9,7 +9,7 @@ inside the methods that build modules, so the config and the dry run stay light.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ class ModelFamily:
         """What keeps this family's Hugging Face class from computing what `gpt_model` computes."""
         raise NotImplementedError
 
-    def hf_model(self, gpt_model, state: dict[str, torch.Tensor], bos_id: Optional[int], eos_id: Optional[int]):
+    def hf_model(self, gpt_model, state: dict[str, torch.Tensor], bos_id: int | None, eos_id: int | None):
         """The Hugging Face model (random weights) and its state dict from Megatron's `state`,
         the output layer aside."""
         raise NotImplementedError

@@ -68,14 +68,18 @@ class GPT2(ModelFamily):
         c = gpt_model.config
         problems = []
         if gpt_model.position_embedding_type != "learned_absolute":
-            problems.append(f"model.position_embedding must be learned_absolute (is {gpt_model.position_embedding_type})")
+            problems.append(
+                f"model.position_embedding must be learned_absolute (is {gpt_model.position_embedding_type})"
+            )
         if c.normalization != "LayerNorm":
             problems.append(f"model.normalization must be LayerNorm (is {c.normalization})")
         activation = activation_name(c)
         if activation not in HF_ACTIVATIONS:
             problems.append(f"model.activation must be gelu, exact or tanh GELU (is {activation})")
         if c.num_query_groups not in (None, c.num_attention_heads):
-            problems.append(f"model.num_query_groups must equal num_attention_heads (is {c.num_query_groups}): GPT-2 has no GQA")
+            problems.append(
+                f"model.num_query_groups must equal num_attention_heads (is {c.num_query_groups}): GPT-2 has no GQA"
+            )
         if c.kv_channels * c.num_attention_heads != c.hidden_size:
             problems.append("the head size must be hidden_size/num_attention_heads")
         return problems
@@ -113,7 +117,11 @@ def _hf_state(meg: dict[str, torch.Tensor], c) -> dict[str, torch.Tensor]:
         qkv = meg[m + "self_attention.linear_qkv.weight"]
         hf[h + "attn.c_attn.weight"] = torch.cat(split_qkv(qkv, c)).t().contiguous()
         hf[h + "attn.c_attn.bias"] = torch.cat(split_qkv(bias(m + "self_attention.linear_qkv.bias", qkv.shape[0]), c))
-        for meg_linear, hf_linear in (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"), ("mlp.linear_fc2", "mlp.c_proj")):
+        for meg_linear, hf_linear in (
+            ("self_attention.linear_proj", "attn.c_proj"),
+            ("mlp.linear_fc1", "mlp.c_fc"),
+            ("mlp.linear_fc2", "mlp.c_proj"),
+        ):
             weight = meg[m + meg_linear + ".weight"]
             hf[h + hf_linear + ".weight"] = weight.t().contiguous()
             hf[h + hf_linear + ".bias"] = bias(m + meg_linear + ".bias", weight.shape[0])

@@ -101,7 +101,11 @@ def _hf_state(meg: dict[str, torch.Tensor], c) -> dict[str, torch.Tensor]:
         hf[h + "post_attention_layernorm.weight"] = meg[m + "pre_mlp_layernorm.weight"]
         for kind in ("weight", "bias") if c.add_bias_linear else ("weight",):
             q, k, v = split_qkv(meg[f"{m}self_attention.linear_qkv.{kind}"], c)
-            hf[f"{h}self_attn.q_proj.{kind}"], hf[f"{h}self_attn.k_proj.{kind}"], hf[f"{h}self_attn.v_proj.{kind}"] = q, k, v
+            hf[f"{h}self_attn.q_proj.{kind}"], hf[f"{h}self_attn.k_proj.{kind}"], hf[f"{h}self_attn.v_proj.{kind}"] = (
+                q,
+                k,
+                v,
+            )
             hf[f"{h}self_attn.o_proj.{kind}"] = meg[f"{m}self_attention.linear_proj.{kind}"]
             gate, up = meg[f"{m}mlp.linear_fc1.{kind}"].chunk(2)
             hf[f"{h}mlp.gate_proj.{kind}"], hf[f"{h}mlp.up_proj.{kind}"] = gate, up

@@ -30,8 +30,8 @@ import torch.distributed as dist  # noqa: E402
 from launch.config import ConfigError, load_config, validate  # noqa: E402
 from launch.console import say  # noqa: E402
 from launch.sources import check_files  # noqa: E402
-from launch.tools.stats import mean_and_interval  # noqa: E402
 from launch.throughput import Throughput  # noqa: E402
+from launch.tools.stats import mean_and_interval  # noqa: E402
 from megatron_patches.device import on_gpu  # noqa: E402
 from megatron_patches.reweighting import ReweightSchedule, check_strategy  # noqa: E402
 
@@ -44,7 +44,9 @@ on a GPU node, the same with a model config and --nproc-per-node 8.
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.tools.bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
+        prog="python -m launch.tools.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="the run's YAML config")
@@ -52,8 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0, help="its temperature (default: 1.0)")
     parser.add_argument("--pairs", type=int, default=30, help="timed pairs of steps (default: 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed pairs first (default: 3)")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="extend", nargs="+", default=[],
-                        help="override a config field, as for launch.pretrain")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="override a config field, as for launch.pretrain",
+    )
     args = parser.parse_args(argv)
     if args.pairs < 2 or args.warmup < 0:
         parser.error("--pairs must be >= 2 and --warmup >= 0")
@@ -94,7 +103,9 @@ def report(times: dict[str, list[float]], throughput: Throughput) -> str:
     (baseline, base_times), (name, reweighted) = times.items()
     ratios = [r / u for r, u in zip(reweighted, base_times)]
     overhead, interval = mean_and_interval(ratios)
-    lines = [f"{'strategy':<12} {'step ms (median, IQR)':>24} {'tokens/s':>11} {'TFLOP/s/dev':>12} {'MFU':>7} {'peak GiB':>9}"]
+    lines = [
+        f"{'strategy':<12} {'step ms (median, IQR)':>24} {'tokens/s':>11} {'TFLOP/s/dev':>12} {'MFU':>7} {'peak GiB':>9}"
+    ]
     for label, values in times.items():
         median = statistics.median(values)
         q1, _, q3 = statistics.quantiles(values, n=4)

@@ -1,6 +1,6 @@
 """Evaluate an exported model with lm-evaluation-harness (`lm_eval.simple_evaluate`, HF backend, CPU).
 
-    python -m launch.tools.evaluate --model exports/gpt2 --tasks hellaswag,arc_easy --out results.json
+python -m launch.tools.evaluate --model exports/gpt2 --tasks hellaswag,arc_easy --out results.json
 """
 
 from __future__ import annotations
@@ -24,13 +24,17 @@ Built-in tasks download their data sets from the Hugging Face hub unless they ar
 """
 
 
-def evaluate(model_dir: Path, tasks: list[str], limit: int | None = None, include_path: str | None = None, batch_size: int = 8) -> dict:
+def evaluate(
+    model_dir: Path, tasks: list[str], limit: int | None = None, include_path: str | None = None, batch_size: int = 8
+) -> dict:
     """lm-eval's results for `tasks` on the model directory (as written by launch.tools.export)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"{model_dir} is not a model directory (no config.json): export one with python -m launch.tools.export")
+        raise ValueError(
+            f"{model_dir} is not a model directory (no config.json): export one with python -m launch.tools.export"
+        )
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:

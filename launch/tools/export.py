@@ -22,8 +22,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple
 
 import sentencepiece
 import torch
@@ -52,13 +53,13 @@ class ExportError(Exception):
 
 class LoadedCheckpoint(NamedTuple):
     model: torch.nn.Module  # Megatron-Core GPTModel, fp32, on CPU, in eval mode
-    tokenizer_model: Optional[str]  # the run's SentencePiece model (data.tokenizer_model)
+    tokenizer_model: str | None  # the run's SentencePiece model (data.tokenizer_model)
     step: int
     path: Path
 
 
 @contextlib.contextmanager
-def load_checkpoint(run_dir: Path, step: Optional[int] = None) -> Iterator[LoadedCheckpoint]:
+def load_checkpoint(run_dir: Path, step: int | None = None) -> Iterator[LoadedCheckpoint]:
     """The run's model at `step` (default: the newest complete checkpoint) in this process.
 
     The only place that knows the launch code: the config saved with the checkpoint, the
@@ -85,7 +86,9 @@ def load_checkpoint(run_dir: Path, step: Optional[int] = None) -> Iterator[Loade
         complete = Checkpointer(checkpoints, MegatronEngine).complete_checkpoints()
         steps = {json.loads((p / STATE_FILE).read_text())["step"]: p for p in complete}
         if not steps:
-            raise ExportError(f"no complete checkpoint in {checkpoints}: train until one is saved (checkpoint.interval)")
+            raise ExportError(
+                f"no complete checkpoint in {checkpoints}: train until one is saved (checkpoint.interval)"
+            )
         if step is not None and step not in steps:
             raise ExportError(f"no complete checkpoint of step {step} in {checkpoints}; complete ones: {sorted(steps)}")
         chosen = max(steps) if step is None else step
@@ -95,7 +98,9 @@ def load_checkpoint(run_dir: Path, step: Optional[int] = None) -> Iterator[Loade
         state = json.loads((steps[chosen] / STATE_FILE).read_text())
         cfg = from_dict(state["config"])
         if cfg.engine != "megatron":
-            raise ExportError(f"{steps[chosen]} was written by engine={cfg.engine}; only engine=megatron checkpoints are exported")
+            raise ExportError(
+                f"{steps[chosen]} was written by engine={cfg.engine}; only engine=megatron checkpoints are exported"
+            )
         saved_tp = state["layout"]["tp"]
         cfg = dataclasses.replace(
             cfg,
@@ -123,7 +128,9 @@ def _common_problems(model) -> list[str]:
     c = model.config
     problems = []
     if c.num_moe_experts or c.multi_latent_attention or c.qk_layernorm or c.window_size is not None:
-        problems.append("mixture-of-experts, multi-latent attention, QK layer norm and sliding windows are not exported")
+        problems.append(
+            "mixture-of-experts, multi-latent attention, QK layer norm and sliding windows are not exported"
+        )
     if c.apply_residual_connection_post_layernorm or c.layernorm_zero_centered_gamma:
         problems.append("post-layer-norm residuals and zero-centred gamma are not exported")
     if c.softmax_scale is not None and abs(c.softmax_scale * c.kv_channels**0.5 - 1) > 1e-6:
@@ -145,12 +152,13 @@ def choose_architecture(model) -> ModelFamily:
             return family
     lines = [f"  {name}: " + "; ".join(found) for name, found in problems.items()]
     raise ExportError(
-        "neither Hugging Face architecture represents this model exactly:\n" + "\n".join(lines)
+        "neither Hugging Face architecture represents this model exactly:\n"
+        + "\n".join(lines)
         + "\nchange the run's model config to one of the two styles (see configs/gpt2-124m.yaml, configs/llama-1.4b.yaml)"
     )
 
 
-def to_hugging_face(model, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
+def to_hugging_face(model, bos_id: int | None = None, eos_id: int | None = None):
     """The transformers model (GPT2LMHeadModel or LlamaForCausalLM) equal to a Megatron GPTModel."""
     family = choose_architecture(model)
     meg = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -187,7 +195,11 @@ def hugging_face_tokenizer(model_file: str, max_length: int):
             " (python -m data_prep train-tokenizer --model-type bpe, the default, makes one)"
         )
     vocab, _, merges = SentencePieceExtractor(model_file).extract()
-    special = {name: sp.id_to_piece(i) for name, i in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id())) if i >= 0}
+    special = {
+        name: sp.id_to_piece(i)
+        for name, i in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()))
+        if i >= 0
+    }
     bpe = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=special.get("unk"), fuse_unk=True, byte_fallback=True))
     bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     bpe.decoder = decoders.Sequence(
@@ -213,7 +225,9 @@ def _sentencepiece_trainer_spec(sp):
 # --------------------------------------------------------------------------- command line
 
 
-def export(run_dir: Path, out: Path, step: Optional[int] = None, tokenizer_model: Optional[str] = None, force: bool = False) -> Path:
+def export(
+    run_dir: Path, out: Path, step: int | None = None, tokenizer_model: str | None = None, force: bool = False
+) -> Path:
     """Write the model and tokenizer of `run_dir`'s checkpoint to `out`; returns `out`."""
     out = Path(out)
     if out.exists() and not force:
@@ -224,7 +238,9 @@ def export(run_dir: Path, out: Path, step: Optional[int] = None, tokenizer_model
             raise ExportError(f"the run's tokenizer {model_file} is not there: pass --tokenizer-model PATH.model")
         sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         if sp.vocab_size() > loaded.model.vocab_size:
-            raise ExportError(f"{model_file} has {sp.vocab_size()} pieces, more than the model's {loaded.model.vocab_size}: it is not the run's tokenizer")
+            raise ExportError(
+                f"{model_file} has {sp.vocab_size()} pieces, more than the model's {loaded.model.vocab_size}: it is not the run's tokenizer"
+            )
         hf_model = to_hugging_face(loaded.model, bos_id=_id(sp.bos_id()), eos_id=_id(sp.eos_id()))
         tokenizer = hugging_face_tokenizer(model_file, loaded.model.max_position_embeddings)
         info = {
@@ -247,7 +263,7 @@ def export(run_dir: Path, out: Path, step: Optional[int] = None, tokenizer_model
     return out
 
 
-def _id(token_id: int) -> Optional[int]:
+def _id(token_id: int) -> int | None:
     return token_id if token_id >= 0 else None
 
 
@@ -261,7 +277,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--run-dir", required=True, type=Path, help="the run directory (holds checkpoints/)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest complete checkpoint)")
-    parser.add_argument("--out", required=True, type=Path, help="model directory to write (written as OUT.tmp, then renamed)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="model directory to write (written as OUT.tmp, then renamed)"
+    )
     parser.add_argument("--tokenizer-model", help="SentencePiece model (default: the run's data.tokenizer_model)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Compare runs: a table of per-domain validation loss and a figure of curves and weight statistics.
 
-    python -m launch.tools.report runs/demo/uniform runs/demo/linupper --out runs/demo/report.png
+python -m launch.tools.report runs/demo/uniform runs/demo/linupper --out runs/demo/report.png
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def validation_table(runs: dict[str, Path]) -> str:
         return ("" if value is None else f"{value:.4f}").rjust(column)
 
     lines = ["held-out loss per domain, last evaluation", header, "-" * len(header)]
-    lines.append("step".ljust(width) + "".join(("" if r is None else str(r["step"])).rjust(column) for r in finals.values()))
+    lines.append(
+        "step".ljust(width) + "".join(("" if r is None else str(r["step"])).rjust(column) for r in finals.values())
+    )
     for domain in domains:
         lines.append(domain.ljust(width) + "".join(cell(per_domain[n].get(domain)) for n in runs))
     lines.append("mean of its domains".ljust(width) + "".join(cell(r and r["valid_loss"]) for r in finals.values()))
@@ -97,8 +99,15 @@ def plot(runs: dict[str, Path], out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.tools.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (launch.pretrain's --run-dir); each column is named by the shortest distinct end of its path")
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.tools.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        help="run directories (launch.pretrain's --run-dir); each column is named by the shortest distinct end of its path",
+    )
     parser.add_argument("--out", type=Path, help="write the figure here (PNG)")
     args = parser.parse_args(argv)
     for path in args.runs:

@@ -7,7 +7,6 @@ paired steps).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from scipy.stats import t as student_t
 
@@ -21,7 +20,7 @@ def t_quantile(p: float, df: float) -> float:
     return float(student_t.ppf(p, df))
 
 
-def mean_and_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, Optional[list[float]]]:
+def mean_and_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, list[float] | None]:
     """Mean and the Student t-interval for it; no interval from fewer than two values."""
     n = len(values)
     mean = sum(values) / n

@@ -12,7 +12,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def pretrain_command(
-    run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2, launcher: tuple = ()
+    run_dir: Path,
+    demo_dir: Path,
+    *overrides: str,
+    config: str = "configs/demo_cpu.yaml",
+    nproc: int = 2,
+    launcher: tuple = (),
 ) -> list[str]:
     """`python -m launch.torchrun -m launch.pretrain` with a tiny model and 8 steps of linupper; `overrides` win."""
     settings = [
@@ -45,12 +50,21 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 LONG = ("train.steps=40", "train.eval_interval=20", "checkpoint.interval=1000")
 
 
-def pretrain(run_dir: Path, demo_dir: Path, *overrides: str, config: str = "configs/demo_cpu.yaml", nproc: int = 2, check: bool = True):
+def pretrain(
+    run_dir: Path,
+    demo_dir: Path,
+    *overrides: str,
+    config: str = "configs/demo_cpu.yaml",
+    nproc: int = 2,
+    check: bool = True,
+):
     """Run `pretrain_command` to its end; raises with the output unless it succeeds or `check` is off."""
     command = pretrain_command(run_dir, demo_dir, *overrides, config=config, nproc=nproc)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV)
     if check and result.returncode != 0:
-        raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

@@ -44,7 +44,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store = rendezvous_store()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store.port, fn, args, results)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, store.port, fn, args, results)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     outputs = {}

@@ -59,8 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="configs/demo_cpu.yaml", help="base config (default: %(default)s)")
     parser.add_argument(
-        "--data", type=Path, help="a data_prep folder with train.blend.json, valid.blend.json and"
-        " tokenizer.model (default: the config's own data settings)"
+        "--data",
+        type=Path,
+        help="a data_prep folder with train.blend.json, valid.blend.json and"
+        " tokenizer.model (default: the config's own data settings)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (default: %(default)s)")
     parser.add_argument(
@@ -68,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="STRATEGY[:TEMPERATURE] or NAME=KEY=VALUE[,KEY=VALUE]; repeat; the first is the"
         " baseline (default: --arm uniform --arm linupper:0.5)",
     )  # fmt: skip
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 1..N, the same for every arm (default: %(default)s)")
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="seeds 1..N, the same for every arm (default: %(default)s)"
+    )
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (default: %(default)s)")
     parser.add_argument(
         "--set", dest="common", metavar="KEY=VALUE", action="extend", nargs="+", default=[],
@@ -137,7 +141,9 @@ def study(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         script = args.out / "study.sbatch"
         write_text_atomically(script, slurm_script(args.config, unfinished, args.nproc, args.out))
-        print(f"wrote {script}: sbatch {script}  ({len(unfinished)} array tasks; rerun this command afterwards for the summary)")
+        print(
+            f"wrote {script}: sbatch {script}  ({len(unfinished)} array tasks; rerun this command afterwards for the summary)"
+        )
         return 0
     if not run_all(args.config, runs, args.nproc):
         return 1

@@ -22,7 +22,12 @@ def plot(summary: dict, out: Path) -> None:
         entries = [arm["held_out"][d] for d in labels[:-1]] + [arm["natural_mixture"]]
         x = [i + offset for i in range(len(labels))]
         y = [e["diff_mean"] for e in entries]
-        errors = [[0, 0] if e["diff_ci95"] is None else [e["diff_mean"] - e["diff_ci95"][0], e["diff_ci95"][1] - e["diff_mean"]] for e in entries]
+        errors = [
+            [0, 0]
+            if e["diff_ci95"] is None
+            else [e["diff_mean"] - e["diff_ci95"][0], e["diff_ci95"][1] - e["diff_mean"]]
+            for e in entries
+        ]
         diff_ax.errorbar(x, y, yerr=list(zip(*errors)), fmt="o", capsize=4, label=arm["name"])
     diff_ax.axhline(0.0, color="grey", linewidth=1)
     diff_ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
@@ -34,9 +39,20 @@ def plot(summary: dict, out: Path) -> None:
     width = 0.8 / (len(arms) + 1)
     for i, arm in enumerate(arms):
         shares = arm["weights"]["domain_weight_share"]
-        share_ax.bar([p + i * width for p in range(len(domains))], [shares.get(d, 0.0) for d in domains], width, label=f"{arm['name']}: weight")
+        share_ax.bar(
+            [p + i * width for p in range(len(domains))],
+            [shares.get(d, 0.0) for d in domains],
+            width,
+            label=f"{arm['name']}: weight",
+        )
     sample = arms[0]["weights"]["domain_sample_share"]
-    share_ax.bar([p + len(arms) * width for p in range(len(domains))], [sample.get(d, 0.0) for d in domains], width, color="lightgrey", label=f"{arms[0]['name']}: samples")
+    share_ax.bar(
+        [p + len(arms) * width for p in range(len(domains))],
+        [sample.get(d, 0.0) for d in domains],
+        width,
+        color="lightgrey",
+        label=f"{arms[0]['name']}: samples",
+    )
     share_ax.set_xticks([p + len(arms) * width / 2 for p in range(len(domains))], domains, rotation=30, ha="right")
     share_ax.set(title="share of weight per domain after warm-up")
     for ax in (diff_ax, share_ax):

@@ -29,8 +29,12 @@ def run_all(config: str, runs: list[Run], nproc: int) -> bool:
         seconds = time.perf_counter() - start
         if result.returncode != 0 or not is_finished(run):
             tail = "\n".join(log.read_text().splitlines()[-20:])
-            why = f"failed (exit {result.returncode})" if result.returncode else (
-                f"stopped without a held-out loss at step {run.steps} (train.exit_after set? no validation data?)"
+            why = (
+                f"failed (exit {result.returncode})"
+                if result.returncode
+                else (
+                    f"stopped without a held-out loss at step {run.steps} (train.exit_after set? no validation data?)"
+                )
             )
             print(
                 f"{tail}\n{head}: {why} after {seconds:.0f} s; full log {log}."

@@ -13,8 +13,7 @@ def slurm_script(config: str, runs: list[Run], nproc: int, out: Path) -> str:
     conventions). Written for clusters but not tested on a real one."""
     listing = "\n".join(f"#   {i:>3}  {r.arm} seed {r.seed} -> {r.run_dir}" for i, r in enumerate(runs))
     cases = "\n".join(
-        f"  {i}) args=({' '.join(shlex.quote(a) for a in pretrain_args(config, r))}) ;;"
-        for i, r in enumerate(runs)
+        f"  {i}) args=({' '.join(shlex.quote(a) for a in pretrain_args(config, r))}) ;;" for i, r in enumerate(runs)
     )
     return f"""#!/usr/bin/env bash
 # Paired-seed study, one array task per unfinished run, written by `python -m launch.tools.study`.

@@ -4,7 +4,6 @@ t-intervals, the natural mixture, and the weight statistics after warm-up."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -53,7 +52,7 @@ def _after_warmup(run_dir: Path, warmup_steps: int) -> list[dict]:
     return rows
 
 
-def _paired(per_seed: list[float], baseline: Optional[list[float]]) -> dict:
+def _paired(per_seed: list[float], baseline: list[float] | None) -> dict:
     entry = {"per_seed": per_seed, "mean": _mean(per_seed)}
     if baseline is None:
         entry.update(diff_per_seed=None, diff_mean=None, diff_ci95=None)

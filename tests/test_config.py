@@ -381,10 +381,12 @@ def test_a_resume_keeping_the_global_micro_batch_under_another_dp_is_the_same_ex
     saved = to_dict(demo("train.micro_batch_size=8"))
     assert experiment_changes(saved, demo("train.micro_batch_size=4"), saved_dp=1, dp=2) == []
     assert experiment_changes(saved, demo("train.micro_batch_size=8"), saved_dp=1, dp=2) == [
-        "global micro-batch (DP x train.micro_batch_size): 1 x 8 = 8 -> 2 x 8 = 16; train.micro_batch_size=4 keeps it under DP 2"
+        "global micro-batch (DP x train.micro_batch_size): 1 x 8 = 8 -> 2 x 8 = 16;"
+        " train.micro_batch_size=4 keeps it under DP 2"
     ]
     assert experiment_changes(saved, demo("train.micro_batch_size=4"), saved_dp=1, dp=1) == [
-        "global micro-batch (DP x train.micro_batch_size): 1 x 8 = 8 -> 1 x 4 = 4; train.micro_batch_size=8 keeps it under DP 1"
+        "global micro-batch (DP x train.micro_batch_size): 1 x 8 = 8 -> 1 x 4 = 4;"
+        " train.micro_batch_size=8 keeps it under DP 1"
     ]
 
 

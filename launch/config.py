@@ -262,15 +262,28 @@ RESUMABLE_CHANGES = (
 )
 
 
-def experiment_changes(saved: dict, current: Config) -> list[str]:
+def experiment_changes(saved: dict, current: Config, *, saved_dp: int, dp: int) -> list[str]:
     """`key: old -> new` for every field that changes the experiment between a checkpoint's
-    config and this run's (those of RESUMABLE_CHANGES excepted)."""
+    config (saved under data-parallel size `saved_dp`) and this run's (under `dp`), those of
+    RESUMABLE_CHANGES excepted.
+
+    Weights are normalised over each global micro-batch, DP × micro_batch_size samples, so
+    that product is compared rather than micro_batch_size alone: DP 1 → 2 with micro-batch
+    8 → 4 normalises the same samples together and is the same experiment."""
     old, new = flatten(to_dict(from_dict(saved))), flatten(to_dict(current))
-    return [
-        f"{key}: {old[key]!r} -> {new[key]!r}"
-        for key in new
-        if old[key] != new[key] and not key.startswith(RESUMABLE_CHANGES)
-    ]
+    changes = []
+    for key in new:
+        if key == "train.micro_batch_size":
+            before, after = saved_dp * old[key], dp * new[key]
+            if before != after:
+                hint = f"; train.micro_batch_size={before // dp} keeps it under DP {dp}" if before % dp == 0 else ""
+                changes.append(
+                    f"global micro-batch (DP x train.micro_batch_size): {saved_dp} x {old[key]} = {before}"
+                    f" -> {dp} x {new[key]} = {after}{hint}"
+                )
+        elif old[key] != new[key] and not key.startswith(RESUMABLE_CHANGES):
+            changes.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changes
 
 
 def flatten(settings: dict) -> dict[str, Any]:

@@ -222,13 +222,18 @@ def weight_statistics(
     valid: torch.Tensor,
     domains: torch.Tensor | None = None,
     num_domains: int = 0,
+    padding: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagnostics of one batch's weights, as 0-d/1-d tensors (read them at log time only).
+
+    `padding` flags slots that hold no sample at all (e.g. unused unit slots of a row): they
+    are neither valid nor counted as invalid.
 
     - `ess`: effective sample size 1 / (|V| Σ w²) in (0, 1]; 1 means uniform.
     - `max_weight`: |V| · max w; 1 means uniform.
     - `entropy`: entropy of w over V divided by log |V|; 1 means uniform.
     - `invalid_fraction`: share of samples left out (masked-out, NaN or Inf loss).
+    - `padding_fraction` (with `padding` only): share of the slots that are padding.
     - `loss_top_quarter` / `loss_bottom_quarter`: mean loss of the most / least weighted 25 %.
     - `domain_weight_share` / `domain_sample_share`: per domain id, Σ w against the share of
       valid samples; shows which domains the method steers away from.
@@ -243,8 +248,13 @@ def weight_statistics(
         "ess": torch.where(n_valid > 0, 1.0 / (n_safe * torch.clamp(p.square().sum(), min=1e-300)), 0.0),
         "max_weight": n_valid * p.amax(),
         "entropy": torch.where(n_valid > 1, entropy / torch.log(torch.clamp(n_safe, min=2.0)), 1.0),
-        "invalid_fraction": 1.0 - n_valid / valid.numel(),
     }
+    if padding is None:
+        stats["invalid_fraction"] = 1.0 - n_valid / valid.numel()
+    else:
+        samples = valid.numel() - padding.to(torch.bool).sum().to(torch.float64)
+        stats["invalid_fraction"] = 1.0 - n_valid / torch.clamp(samples, min=1.0)
+        stats["padding_fraction"] = 1.0 - samples / valid.numel()
     # Quarters by weight: rank valid samples by weight (invalid ones sort last).
     order = torch.argsort(torch.where(valid, p, -1.0), descending=True, stable=True)
     quarter = torch.clamp(torch.floor(n_valid / 4), min=1.0)

@@ -114,7 +114,9 @@ def fork(megatron_lm, tmp_path_factory) -> Path:
     additions = {
         "\ndef forward_step(": "\nfrom megatron_patches.megatron_lm import add_reweight_args, reweighted_loss_func\n"
         "loss_func = reweighted_loss_func(loss_func)\n\n\ndef forward_step(",
-        "extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,": "extra_args_provider=add_reweight_args,",
+        "extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,": (
+            "extra_args_provider=add_reweight_args,"
+        ),
     }
     for anchor, replacement in additions.items():
         assert text.count(anchor) == 1, f"pretrain_gpt.py changed: {anchor!r} is not found once"

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_RUNS := runs/demo
 PRETRAIN := $(PY) -m launch.torchrun --standalone --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml
 
-.PHONY: venv test test-fast test-unit demo bench demo-data bench-data clean
+.PHONY: venv lint test test-fast test-unit demo bench demo-data bench-data clean
 
 # The stamp is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -20,7 +20,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: $(VENV)/.installed
+# ruff: lint and format, as configured in pyproject.toml; `ruff format .` fixes the layout.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q --durations=25
 
 test-fast: $(VENV)/.installed

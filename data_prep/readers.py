@@ -252,7 +252,7 @@ def _parse_line(raw: bytes, plain_text: bool, json_key: str, domain_key: str | N
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Bad(INVALID_UTF8, f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+        raise _Bad(INVALID_UTF8, f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
     if plain_text:
         text, domain = line.removesuffix("\r"), ""
     else:
@@ -260,7 +260,7 @@ def _parse_line(raw: bytes, plain_text: bool, json_key: str, domain_key: str | N
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             reason = "blank line" if not line.strip() else f"{exc.msg} at column {exc.colno}"
-            raise _Bad(MALFORMED_JSON, f"malformed JSON ({reason})")
+            raise _Bad(MALFORMED_JSON, f"malformed JSON ({reason})") from None
         text = _string_field(record, json_key)
         domain = _string_field(record, domain_key) if domain_key else ""
         if domain_key and not domain:
@@ -270,7 +270,7 @@ def _parse_line(raw: bytes, plain_text: bool, json_key: str, domain_key: str | N
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise _Bad(INVALID_UTF8, f"invalid UTF-8 (lone surrogate \\u{ord(text[exc.start]):04x})")
+                raise _Bad(INVALID_UTF8, f"invalid UTF-8 (lone surrogate \\u{ord(text[exc.start]):04x})") from None
     if not text or text.isspace():
         raise _Bad(EMPTY_DOCUMENT, "empty document (no text, or only whitespace)")
     return text, domain

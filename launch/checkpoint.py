@@ -3,9 +3,10 @@
 Layout of `<run_dir>/checkpoints/`:
 
     step_00000100/          the engine's shards (model, optimizer, RNG states),
-                            trainer_state.json (step, LR scheduler, reweighting schedule,
-                            layout) and manifest.json (size and SHA-256 of every file),
-                            written last
+                            trainer_state.json (step, layout, config and the state of
+                            every part registered in a `TrainerState`: LR scheduler,
+                            reweighting schedule, step statistics) and manifest.json
+                            (size and SHA-256 of every file), written last
     step_00000200.tmp/      a save in progress; never loaded, removed by the next save
 
 A checkpoint is written under a `.tmp` name and renamed by rank 0 once every rank has
@@ -30,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -90,6 +92,46 @@ class CheckpointError(RuntimeError):
 
 class DiskFullError(RuntimeError):
     """A save that does not fit on its filesystem; nothing half-written is left behind."""
+
+
+class Stateful(Protocol):
+    """A part of the run that a checkpoint saves beside the engine's shards, as JSON."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+# Keys of trainer_state.json that the checkpoint discipline itself writes and reads.
+RESERVED_KEYS = ("step", "layout", "config")
+
+
+class TrainerState:
+    """The parts of a run saved in trainer_state.json, by name: a save writes every
+    registered part's `state_dict()`; a resume, once the engine's shards are loaded (the LR
+    scheduler needs the optimizer's), gives each part its own back in registration order."""
+
+    def __init__(self):
+        self._parts: dict[str, tuple[Stateful, tuple[str, ...]]] = {}
+
+    def register(self, name: str, part: Stateful, *, formerly: tuple[str, ...] = ()) -> None:
+        """`formerly`: keys that older checkpoints saved the part under (read, never written)."""
+        taken = set(RESERVED_KEYS).union(self._parts, *(old for _, old in self._parts.values()))
+        clash = taken.intersection((name, *formerly))
+        if clash:
+            raise ValueError(f"trainer state key {min(clash)!r} is taken; register {name!r} under another name")
+        self._parts[name] = (part, tuple(formerly))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every part's state (every rank calls it: a part may gather its state from all ranks)."""
+        return {name: part.state_dict() for name, (part, _) in self._parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        for name, (part, formerly) in self._parts.items():
+            key = next((key for key in (name, *formerly) if key in state), None)
+            if key is None:
+                raise CheckpointError(f"{source / STATE_FILE} has no {name!r}: it was not written by this trainer")
+            part.load_state_dict(state[key])
 
 
 def file_manifest(directory: Path, share: tuple[int, int] = (0, 1)) -> dict[str, dict]:
@@ -168,15 +210,16 @@ def _world_share() -> tuple[int, int]:
 
 
 class Checkpointer:
-    """Saves and restores the training state of one run directory; `shards` (the engine)
-    writes and reads the model, optimizer and RNG state inside each checkpoint.
+    """Saves and restores the training state of one run directory; `engine` (an instance or
+    class of `launch.engines`) writes and reads the model, optimizer and RNG state inside
+    each checkpoint.
 
     A manifest of every file's size and SHA-256 is written last; a checkpoint is loaded
     only after it verifies, and one that does not is reported and never deleted."""
 
-    def __init__(self, root: Path, shards, keep: int | None = None, asynchronous: bool = False):
+    def __init__(self, root: Path, engine, keep: int | None = None, asynchronous: bool = False):
         self.root = Path(root)
-        self.shards = shards
+        self.engine = engine
         self.keep = keep
         # Asynchronous saves write the shards from a forked process while training goes on;
         # the checkpoint is committed (state, manifest, rename) once every rank's write is done.
@@ -200,7 +243,7 @@ class Checkpointer:
             raise DiskFullError(problem[0])
         commit = partial(self._commit, step, trainer_state, tmp, final)
         try:
-            request = self.shards.write_shards(tmp, asynchronous=self.pending is not None)
+            request = self.engine.write_shards(tmp, asynchronous=self.pending is not None)
             if request is None:
                 commit()
         except (Exception, CheckpointException) as error:  # torch's is a BaseException
@@ -287,7 +330,7 @@ class Checkpointer:
         found.sort(key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
         complete = []
         for path in found:
-            if (path / MANIFEST).is_file() and self.shards.shards_complete(path):
+            if (path / MANIFEST).is_file() and self.engine.shards_complete(path):
                 complete.append(path)
             elif not complete:
                 warn(f"checkpoint {path} is incomplete (no {MANIFEST} or missing shards); using an earlier one")
@@ -304,7 +347,7 @@ class Checkpointer:
             raise CheckpointError(problem)
         try:
             trainer_state = json.loads((path / STATE_FILE).read_text())
-            self.shards.read_shards(path, trainer_state["layout"])
+            self.engine.read_shards(path, trainer_state["layout"])
         except (OSError, ValueError, KeyError, EOFError, RuntimeError) as error:
             raise CheckpointError(f"{path} could not be loaded: {type(error).__name__}: {error}") from error
         return trainer_state

@@ -28,7 +28,7 @@ import yaml
 
 from launch.engines import engine_class
 from launch.models import FAMILIES, family_problems
-from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES
+from megatron_patches.reweighting import ReweightSettings
 
 
 class ConfigError(ValueError):
@@ -171,21 +171,9 @@ class CheckpointConfig:
     allow_config_change: bool = False
 
 
-@dataclass(frozen=True)
-class ReweightConfig:
-    """Loss-based sample reweighting (Sow et al., ICLR 2025); the math is in
-    megatron_patches/reweighting.py."""
-
-    # The names of megatron_patches.reweighting.STRATEGIES; reference names such as `mid` are
-    # accepted as their aliases (STRATEGY_ALIASES) and saved under this project's name.
-    strategy: Literal[tuple(STRATEGIES)] = field(default="uniform", metadata={"aliases": STRATEGY_ALIASES})
-    temperature: float = 1.0  # r > 0: small = sharp weights, large = near uniform
-    delta: float = 1.0  # losses are normalised to [-delta, delta]
-    warmup_steps: int = 0
-    warmup_temperature: float | None = None  # null = uniform weights during warm-up
-    # After warm-up, 1/temperature moves linearly from the warm-up's (0 when uniform) to the
-    # target's over anneal_steps steps; 0 = switch at once.
-    anneal_steps: int = 0
+# Loss-based sample reweighting (Sow et al., ICLR 2025): one definition with the
+# `--reweight-*` flags of megatron_patches.megatron_lm; the math is in megatron_patches/reweighting.py.
+ReweightConfig = ReweightSettings
 
 
 @dataclass(frozen=True)
@@ -274,15 +262,28 @@ RESUMABLE_CHANGES = (
 )
 
 
-def experiment_changes(saved: dict, current: Config) -> list[str]:
+def experiment_changes(saved: dict, current: Config, *, saved_dp: int, dp: int) -> list[str]:
     """`key: old -> new` for every field that changes the experiment between a checkpoint's
-    config and this run's (those of RESUMABLE_CHANGES excepted)."""
+    config (saved under data-parallel size `saved_dp`) and this run's (under `dp`), those of
+    RESUMABLE_CHANGES excepted.
+
+    Weights are normalised over each global micro-batch, DP × micro_batch_size samples, so
+    that product is compared rather than micro_batch_size alone: DP 1 → 2 with micro-batch
+    8 → 4 normalises the same samples together and is the same experiment."""
     old, new = flatten(to_dict(from_dict(saved))), flatten(to_dict(current))
-    return [
-        f"{key}: {old[key]!r} -> {new[key]!r}"
-        for key in new
-        if old[key] != new[key] and not key.startswith(RESUMABLE_CHANGES)
-    ]
+    changes = []
+    for key in new:
+        if key == "train.micro_batch_size":
+            before, after = saved_dp * old[key], dp * new[key]
+            if before != after:
+                hint = f"; train.micro_batch_size={before // dp} keeps it under DP {dp}" if before % dp == 0 else ""
+                changes.append(
+                    f"global micro-batch (DP x train.micro_batch_size): {saved_dp} x {old[key]} = {before}"
+                    f" -> {dp} x {new[key]} = {after}{hint}"
+                )
+        elif old[key] != new[key] and not key.startswith(RESUMABLE_CHANGES):
+            changes.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changes
 
 
 def flatten(settings: dict) -> dict[str, Any]:
@@ -612,8 +613,6 @@ def _value_problems(cfg: Config) -> list[str]:
         "optim.min_lr": optim.min_lr,
         "optim.weight_decay": optim.weight_decay,
         "optim.clip_grad": optim.clip_grad,
-        "reweight.warmup_steps": rw.warmup_steps,
-        "reweight.anneal_steps": rw.anneal_steps,
     }
     problems += [f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0]
     if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
@@ -659,27 +658,12 @@ def _value_problems(cfg: Config) -> list[str]:
         problems.append(f"optim.lr={optim.lr} must be in (0, 1]: lower it (GPT-2 small trains at 5e-4)")
     elif optim.min_lr > optim.lr:
         problems.append(f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr")
-    for key, value in {
-        "reweight.temperature": rw.temperature,
-        "reweight.warmup_temperature": rw.warmup_temperature,
-    }.items():
-        if value is not None and value <= 0:
-            problems.append(
-                f"{key}={value} must be > 0 (small = sharp weights, large = near uniform; 1.0 is a good start)"
-            )
-    # A warm-up with warmup_temperature reweights too; without one it is uniform throughout.
-    if rw.strategy != "uniform" and rw.warmup_temperature is None and rw.warmup_steps >= train.steps:
-        problems.append(
-            f"reweight.warmup_steps={rw.warmup_steps} >= train.steps={train.steps}: the run would"
-            " never reweight; lower warmup_steps or use reweight.strategy=uniform"
-        )
     if model.position_embedding == "rope" and model.rotary_base <= 0:
         problems.append(
             f"model.rotary_base={model.rotary_base} must be > 0 with model.position_embedding=rope"
             " (10000 is the usual base)"
         )
-    if rw.delta <= 0:
-        problems.append(f"reweight.delta={rw.delta} must be > 0 (1.0 is the paper's value)")
+    problems += rw.problems(train.steps, name=lambda key: f"reweight.{key}", train_steps_name="train.steps")
     return problems
 
 

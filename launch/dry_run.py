@@ -159,7 +159,10 @@ def _unused_rows(cfg: Config, vocab: int) -> str:
     used = sources.Tokenizer.from_model(tokenizer).vocab_size
     if vocab - used < cfg.model.make_vocab_size_divisible_by:
         return ""
-    return f"; note: the tokenizer has {used} tokens, so {vocab - used} rows are never used (model.vocab_size=null fits it)"
+    return (
+        f"; note: the tokenizer has {used} tokens, so {vocab - used} rows are never used"
+        " (model.vocab_size=null fits it)"
+    )
 
 
 def _yaml(flag: bool) -> str:

@@ -22,8 +22,7 @@ from megatron_patches.device import device
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
 
-# Row names of the per-step statistics and the loss-report keys they come from, in row order;
-# the per-domain weight and sample shares follow.
+# Row names of the per-step statistics and the loss-report keys they come from, in row order.
 STEP_STATISTICS = (
     ("loss", "lm_loss"),
     ("weighted_loss", "weighted_loss"),
@@ -34,6 +33,9 @@ STEP_STATISTICS = (
     ("loss_top_weighted_quarter", "loss_top_quarter"),
     ("loss_bottom_weighted_quarter", "loss_bottom_quarter"),
 )
+# Per-domain figures: the loss reports one value per domain id; rows and checkpoints carry
+# them by domain name (row name = report key).
+DOMAIN_STATISTICS = ("domain_weight_share", "domain_sample_share")
 
 
 def is_reporter() -> bool:
@@ -57,29 +59,46 @@ class IntervalMeans(NamedTuple):
 class StepStatistics:
     """Averages the loss reports of the steps between two log lines.
 
-    Reports are summed on the device, so a step costs no host sync; `row()` reads them once,
-    on global rank 0, at log time.  Ranks without reports (earlier pipeline stages) add zeros.
+    Reports are summed on the device, so a step costs no host sync; `means()` reads them
+    once, on global rank 0, at log time.  Ranks without reports (earlier pipeline stages) add
+    zeros.  On the device the figures are one flat vector (one addition a step, one
+    collective a log); `_by_name` and `_flat` are the only places that know its order.
     """
 
     def __init__(self, domains: list[str]):
         self.domains = list(domains)
-        self._sums = torch.zeros(len(STEP_STATISTICS) + 2 * len(self.domains), dtype=torch.float64, device=device())
+        self._sums = torch.zeros(
+            len(STEP_STATISTICS) + len(DOMAIN_STATISTICS) * len(self.domains), dtype=torch.float64, device=device()
+        )
         self._steps, self._seconds, self._grad_norm = 0, 0.0, 0.0
+
+    @staticmethod
+    def _report_vector(report: dict) -> torch.Tensor:
+        scalars = torch.stack([report[key].to(torch.float64) for _, key in STEP_STATISTICS])
+        return torch.cat([scalars, *(report[key].to(torch.float64) for key in DOMAIN_STATISTICS)])
+
+    def _by_name(self, values: list[float]) -> dict:
+        """{row name: value}, and {row name: {domain: value}} for the per-domain figures."""
+        figures = {name: value for (name, _), value in zip(STEP_STATISTICS, values)}
+        per_domain = values[len(STEP_STATISTICS) :]
+        for i, name in enumerate(DOMAIN_STATISTICS):
+            figures[name] = dict(zip(self.domains, per_domain[i * len(self.domains) : (i + 1) * len(self.domains)]))
+        return figures
+
+    def _flat(self, figures: dict) -> list[float]:
+        """The inverse of `_by_name`; a domain the figures lack is an error that names it."""
+        missing = [d for d in self.domains for name in DOMAIN_STATISTICS if d not in figures[name]]
+        if missing:
+            raise ValueError(
+                f"saved step statistics have no figures of domain {missing[0]!r} (domains now: {self.domains})"
+            )
+        scalars = [figures[name] for name, _ in STEP_STATISTICS]
+        return scalars + [figures[name][d] for name in DOMAIN_STATISTICS for d in self.domains]
 
     def add(self, reports: list[dict], grad_norm: float, seconds: float) -> None:
         """One optimizer step: its micro-batches' reports, its gradient norm and wall time."""
         if reports:
-            rows = [
-                torch.cat(
-                    [
-                        torch.stack([r[key].to(torch.float64) for _, key in STEP_STATISTICS]),
-                        r["domain_weight_share"].to(torch.float64),
-                        r["domain_sample_share"].to(torch.float64),
-                    ]
-                )
-                for r in reports
-            ]
-            self._sums += torch.stack(rows).mean(0)
+            self._sums += torch.stack([self._report_vector(r) for r in reports]).mean(0)
         self._steps += 1
         self._seconds += seconds
         self._grad_norm += grad_norm
@@ -87,15 +106,20 @@ class StepStatistics:
     def state_dict(self) -> dict | None:
         """The open interval, for a checkpoint (rank 0; a collective: every rank calls it)."""
         sums = reduce_to_rank0(self._sums, is_reporter())
-        return (
-            None
-            if sums is None
-            else {"sums": sums, "steps": self._steps, "seconds": self._seconds, "grad_norm": self._grad_norm}
-        )
+        if sums is None:
+            return None
+        return {
+            "sums": self._by_name(sums),
+            "steps": self._steps,
+            "seconds": self._seconds,
+            "grad_norm": self._grad_norm,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """`sums` by name, or as the flat list that checkpoints before names were written."""
         if is_reporter():
-            self._sums = torch.tensor(state["sums"], dtype=torch.float64, device=device())
+            sums = state["sums"] if isinstance(state["sums"], list) else self._flat(state["sums"])
+            self._sums = torch.tensor(sums, dtype=torch.float64, device=device())
         self._steps, self._seconds, self._grad_norm = state["steps"], state["seconds"], state["grad_norm"]
 
     def means(self) -> IntervalMeans | None:
@@ -106,14 +130,13 @@ class StepStatistics:
         self._steps, self._seconds, self._grad_norm = 0, 0.0, 0.0
         if values is None:
             return None
-        names = [name for name, _ in STEP_STATISTICS]
-        shares, n = values[len(names) :], len(self.domains)
+        figures = self._by_name(values)
         return IntervalMeans(
-            statistics=dict(zip(names, values)),
+            statistics={name: figures[name] for name, _ in STEP_STATISTICS},
             grad_norm=grad_norm / steps,
             step_time_s=seconds / steps,
-            domain_weight_share=dict(zip(self.domains, shares[:n])),
-            domain_sample_share=dict(zip(self.domains, shares[n:])),
+            domain_weight_share=figures["domain_weight_share"],
+            domain_sample_share=figures["domain_sample_share"],
         )
 
 

@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         check_files(cfg)
         if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
-                "logging.wandb=true needs wandb: `pip install wandb` (or `pip install -e '.[wandb]'`), or set logging.wandb=false"
+                "logging.wandb=true needs wandb: `pip install wandb` (or `pip install -e '.[wandb]'`),"
+                " or set logging.wandb=false"
             )
     except ConfigError as error:
         return _refuse(error)

@@ -46,7 +46,8 @@ WARNINGS = (
     ),
     NoisyWarning(
         FutureWarning,
-        r"`torch\.distributed\.all_gather_into_tensor` is deprecated\. Please use `torch\.distributed\.all_gather_single` instead\.",
+        r"`torch\.distributed\.all_gather_into_tensor` is deprecated\. "
+        r"Please use `torch\.distributed\.all_gather_single` instead\.",
         "raised inside DeepSpeed's ZeRO all-gather; nothing for a user to change",
     ),
 )

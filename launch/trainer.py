@@ -9,6 +9,7 @@ engine that steps it (`engines/`), checkpoints and metrics; the loss is
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from launch.checkpoint import Checkpointer, CheckpointError, warn
+from launch.checkpoint import Checkpointer, CheckpointError, TrainerState, warn
 from launch.config import Config, ConfigError, experiment_changes, to_dict
 from launch.console import say
 from launch.data import build_train_dataset, build_validation_datasets, micro_batches
@@ -104,6 +105,20 @@ class Trainer:
 
         self.statistics = StepStatistics(domains)
         self.throughput = Throughput(cfg, self.sources.padded_vocab_size, dist.get_world_size())
+
+        # What a checkpoint saves beside the engine's shards: a new stateful part is one line.
+        self.trainer_state = TrainerState()
+        self.trainer_state.register("scheduler", self.scheduler)
+        self.trainer_state.register("reweight_schedule", self.loss.schedule)
+        # A resume mid-interval logs the same rows; older checkpoints named it log_interval.
+        self.trainer_state.register("step_statistics", self.statistics, formerly=("log_interval",))
+        # Called in order after every optimizer step, whichever the engine. The reweighting
+        # schedule is looked up at call time: launch.bench swaps it between steps.
+        self.after_step: list[Callable[[], None]] = [
+            partial(self.scheduler.step, increment=1),
+            lambda: self.loss.schedule.advance(),
+        ]
+
         self.resumed_from: Path | None = None
         self.step = self._resume()
         self.log = MetricsLog(
@@ -176,8 +191,8 @@ class Trainer:
             partial(_forward_step, self.loss), batches, self.micro_batches_per_step, forward_only=False
         )
         grad_norm = self.engine.step()
-        self.scheduler.step(increment=1)
-        self.loss.schedule.advance()
+        for hook in self.after_step:
+            hook()
         return reports, grad_norm
 
     # ---- metrics --------------------------------------------------------------------------
@@ -237,17 +252,13 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
 
     def _save(self) -> None:
-        state = {
-            "scheduler": self.scheduler.state_dict(),
-            "reweight_schedule": self.loss.schedule.state_dict(),
-            "log_interval": self.statistics.state_dict(),  # a resume mid-interval logs the same rows
-            "consumed_samples": self.step * self.cfg.train.global_batch_size,
-            "config": to_dict(self.cfg),
-        }
-        self.checkpointer.save(self.step, state)
+        self.checkpointer.save(self.step, {**self.trainer_state.state_dict(), "config": to_dict(self.cfg)})
 
     def _check_same_experiment(self, path: Path, saved: dict) -> None:
-        changes = experiment_changes(saved, self.cfg)
+        """`saved`: the checkpoint's trainer state (its config, and the layout it was saved under)."""
+        changes = experiment_changes(
+            saved["config"], self.cfg, saved_dp=saved["layout"]["dp"], dp=ps.get_data_parallel_world_size()
+        )
         if not changes:
             return
         if not self.cfg.checkpoint.allow_config_change:
@@ -269,11 +280,8 @@ class Trainer:
             except CheckpointError as error:
                 warn(f"checkpoint {path} is incomplete or corrupted, not used: {error}; trying an earlier one")
                 continue
-            self._check_same_experiment(path, state["config"])
-            self.scheduler.load_state_dict(state["scheduler"])  # after the optimizer's param groups
-            self.loss.schedule.load_state_dict(state["reweight_schedule"])
-            if "log_interval" in state:
-                self.statistics.load_state_dict(state["log_interval"])
+            self._check_same_experiment(path, state)
+            self.trainer_state.load_state_dict(state, path)
             self.resumed_from = path
             return state["step"]
         if candidates:  # a partly loaded model must not train on as if it were fresh

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from dataclasses import asdict, dataclass, field
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -222,13 +222,18 @@ def weight_statistics(
     valid: torch.Tensor,
     domains: torch.Tensor | None = None,
     num_domains: int = 0,
+    padding: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagnostics of one batch's weights, as 0-d/1-d tensors (read them at log time only).
+
+    `padding` flags slots that hold no sample at all (e.g. unused unit slots of a row): they
+    are neither valid nor counted as invalid.
 
     - `ess`: effective sample size 1 / (|V| Σ w²) in (0, 1]; 1 means uniform.
     - `max_weight`: |V| · max w; 1 means uniform.
     - `entropy`: entropy of w over V divided by log |V|; 1 means uniform.
     - `invalid_fraction`: share of samples left out (masked-out, NaN or Inf loss).
+    - `padding_fraction` (with `padding` only): share of the slots that are padding.
     - `loss_top_quarter` / `loss_bottom_quarter`: mean loss of the most / least weighted 25 %.
     - `domain_weight_share` / `domain_sample_share`: per domain id, Σ w against the share of
       valid samples; shows which domains the method steers away from.
@@ -243,8 +248,13 @@ def weight_statistics(
         "ess": torch.where(n_valid > 0, 1.0 / (n_safe * torch.clamp(p.square().sum(), min=1e-300)), 0.0),
         "max_weight": n_valid * p.amax(),
         "entropy": torch.where(n_valid > 1, entropy / torch.log(torch.clamp(n_safe, min=2.0)), 1.0),
-        "invalid_fraction": 1.0 - n_valid / valid.numel(),
     }
+    if padding is None:
+        stats["invalid_fraction"] = 1.0 - n_valid / valid.numel()
+    else:
+        samples = valid.numel() - padding.to(torch.bool).sum().to(torch.float64)
+        stats["invalid_fraction"] = 1.0 - n_valid / torch.clamp(samples, min=1.0)
+        stats["padding_fraction"] = 1.0 - samples / valid.numel()
     # Quarters by weight: rank valid samples by weight (invalid ones sort last).
     order = torch.argsort(torch.where(valid, p, -1.0), descending=True, stable=True)
     quarter = torch.clamp(torch.floor(n_valid / 4), min=1.0)
@@ -323,3 +333,49 @@ class ReweightSchedule:
             # Changing the schedule on resume is allowed but should never pass silently.
             warnings.warn(f"reweighting schedule changed on resume: checkpoint {settings}, now {asdict(self)}")
         self.step = int(state["step"])
+
+
+@dataclass(frozen=True)
+class ReweightSettings:
+    """The reweighting a run asks for: the config's `reweight:` section and the
+    `--reweight-*` flags of `megatron_patches.megatron_lm` are this one definition."""
+
+    # The names of STRATEGIES; reference names such as `mid` are accepted as their aliases
+    # (STRATEGY_ALIASES) and saved under this project's name.
+    strategy: Literal[tuple(STRATEGIES)] = field(default="uniform", metadata={"aliases": STRATEGY_ALIASES})
+    temperature: float = 1.0  # r > 0: small = sharp weights, large = near uniform
+    delta: float = 1.0  # losses are normalised to [-delta, delta]
+    warmup_steps: int = 0
+    warmup_temperature: float | None = None  # null = uniform weights during warm-up
+    # After warm-up, 1/temperature moves linearly from the warm-up's (0 when uniform) to the
+    # target's over anneal_steps steps; 0 = switch at once.
+    anneal_steps: int = 0
+
+    def problems(self, train_steps: int, name: Callable[[str], str], train_steps_name: str) -> list[str]:
+        """What cannot run, each naming its setting as `name(field)` (a config key or a flag)."""
+        problems = [
+            f"{name(key)}={getattr(self, key)} must be >= 0"
+            for key in ("warmup_steps", "anneal_steps")
+            if getattr(self, key) < 0
+        ]
+        for key in ("temperature", "warmup_temperature"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                problems.append(
+                    f"{name(key)}={value} must be > 0 (small = sharp weights, large = near uniform;"
+                    " 1.0 is a good start)"
+                )
+        # A warm-up with warmup_temperature reweights too; without one it is uniform throughout.
+        if self.strategy != "uniform" and self.warmup_temperature is None and self.warmup_steps >= train_steps:
+            problems.append(
+                f"{name('warmup_steps')}={self.warmup_steps} >= {train_steps_name}={train_steps}: the run"
+                f" would never reweight; lower {name('warmup_steps')} or use {name('strategy')}=uniform"
+            )
+        if self.delta <= 0:
+            problems.append(f"{name('delta')}={self.delta} must be > 0 (1.0 is the paper's value)")
+        return problems
+
+    def schedule(self) -> ReweightSchedule:
+        return ReweightSchedule(
+            self.strategy, self.temperature, self.warmup_steps, self.warmup_temperature, self.anneal_steps
+        )

@@ -366,12 +366,32 @@ def test_experiment_changes_name_what_a_resume_may_not_change():
     from launch.config import experiment_changes
 
     saved = to_dict(demo())
-    assert experiment_changes(saved, demo("parallel.tp=2", "train.log_interval=3", "checkpoint.keep=5")) == []
-    changes = experiment_changes(saved, demo("reweight.strategy=quadratic", "optim.lr=0.1", "train.seed=7"))
+    assert (
+        experiment_changes(saved, demo("parallel.tp=2", "train.log_interval=3", "checkpoint.keep=5"), saved_dp=1, dp=1)
+        == []
+    )
+    changes = experiment_changes(
+        saved, demo("reweight.strategy=quadratic", "optim.lr=0.1", "train.seed=7"), saved_dp=1, dp=1
+    )
     assert changes == [
         "train.seed: 1234 -> 7",
         "optim.lr: 0.001 -> 0.1",
         "reweight.strategy: 'linupper' -> 'quadratic'",
+    ]
+
+
+def test_a_resume_keeping_the_global_micro_batch_under_another_dp_is_the_same_experiment():
+    from launch.config import experiment_changes
+
+    saved = to_dict(demo("train.micro_batch_size=8"))
+    assert experiment_changes(saved, demo("train.micro_batch_size=4"), saved_dp=1, dp=2) == []
+    assert experiment_changes(saved, demo("train.micro_batch_size=8"), saved_dp=1, dp=2) == [
+        "global micro-batch (DP x train.micro_batch_size): 1 x 8 = 8 -> 2 x 8 = 16;"
+        " train.micro_batch_size=4 keeps it under DP 2"
+    ]
+    assert experiment_changes(saved, demo("train.micro_batch_size=4"), saved_dp=1, dp=1) == [
+        "global micro-batch (DP x train.micro_batch_size): 1 x 8 = 8 -> 1 x 4 = 4;"
+        " train.micro_batch_size=8 keeps it under DP 1"
     ]
 
 

@@ -123,7 +123,7 @@ def test_a_reweighting_warm_up_as_long_as_the_run_is_refused():
     message = refusal("reweight.warmup_steps=200")  # train.steps=200 with linupper
     assert message.endswith(
         "reweight.warmup_steps=200 >= train.steps=200: the run would never reweight;"
-        " lower warmup_steps or use reweight.strategy=uniform"
+        " lower reweight.warmup_steps or use reweight.strategy=uniform"
     )
     validate(demo("reweight.warmup_steps=199"), 2)
     validate(demo("reweight.warmup_steps=200", "reweight.strategy=uniform"), 2)

@@ -164,7 +164,7 @@ def test_compressed_and_text_inputs_give_the_same_dataset(tmp_path, tokenizer):
     write_jsonl(tmp_path / "in.jsonl.gz", lines, opener=gzip.open)
     # several zstd frames, as produced by concatenating compressed shards
     frames = [
-        zstandard.ZstdCompressor().compress("".join(l + "\n" for l in part).encode())
+        zstandard.ZstdCompressor().compress("".join(line + "\n" for line in part).encode())
         for part in (lines[:10], lines[10:])
     ]
     (tmp_path / "in.jsonl.zst").write_bytes(b"".join(frames))

@@ -159,7 +159,9 @@ def _assert_tensors_match(actual: dict, expected: dict) -> None:
     assert set(actual) == set(expected)
     for name, value in actual.items():
         scale = expected[name].abs().max()
-        torch.testing.assert_close(value, expected[name], rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            value, expected[name], rtol=RTOL, atol=RTOL * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def _assert_adam_steps_match(actual: dict, expected: dict, grads: dict, optim) -> None:

@@ -195,7 +195,7 @@ CORRUPTIONS = {
     "truncated trainer_state.json": lambda c: (_truncate(c / "trainer_state.json"), "trainer_state.json"),
     "missing common.pt": lambda c: ((c / "common.pt").unlink(), "common.pt is missing"),
     "truncated shard": lambda c: (_truncate(shard := _largest_shard(c)), shard.name),
-    "zeroed 64 KiB inside a shard": lambda c: (_zero_inside(shard := _largest_shard(c)), "does not match its SHA-256"),
+    "zeroed 64 KiB inside a shard": lambda c: (_zero_inside(_largest_shard(c)), "does not match its SHA-256"),
 }
 
 

@@ -153,7 +153,9 @@ def _assert_gradients_match(rank_results, key, expected):
     for result in rank_results:
         for name, grad in result[key][1].items():
             scale = expected[name].abs().max()
-            torch.testing.assert_close(grad, expected[name], rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                grad, expected[name], rtol=RTOL, atol=RTOL * scale, msg=lambda m, name=name: f"{name}: {m}"
+            )
             seen.add(name)
     assert seen == set(expected)
 

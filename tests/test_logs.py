@@ -20,12 +20,15 @@ STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 # What the libraries print on a 2-rank CPU run (Megatron engine) and a DeepSpeed one, verbatim:
 # every one must be silenced, and each by its own entry.
 NOISY_WARNINGS = [
-    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to local implementations of multi_tensor_applier and multi_tensor_scale"),
+    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to local implementations of "
+                  "multi_tensor_applier and multi_tensor_scale"),
     (UserWarning, "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."),
-    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to local implementations of multi_tensor_applier, multi_tensor_l2norm, and multi_tensor_scale"),
+    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to local implementations of "
+                  "multi_tensor_applier, multi_tensor_l2norm, and multi_tensor_scale"),
     (UserWarning, "Apex is not installed. Falling back to Torch Norm"),
     (UserWarning, "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer."),
-    (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. Please use `torch.distributed.all_gather_single` instead."),
+    (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. "
+                    "Please use `torch.distributed.all_gather_single` instead."),
 ]  # fmt: skip
 NOISY_LOG_LINES = [
     ("megatron.core.rerun_state_machine", "Implicit initialization of Rerun State Machine!"),
@@ -164,8 +167,9 @@ def test_wandb_enabled_but_missing_is_refused_with_the_install_command(tmp_path,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     monkeypatch.delenv("RANK", raising=False)
-    code = pretrain.main(["--config", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path), "--set", "logging.wandb=true",
-                          f"data.blend={demo_dir / 'train.blend.json'}", f"data.valid_blend={demo_dir / 'valid.blend.json'}",
+    code = pretrain.main(["--config", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path),
+                          "--set", "logging.wandb=true", f"data.blend={demo_dir / 'train.blend.json'}",
+                          f"data.valid_blend={demo_dir / 'valid.blend.json'}",
                           f"data.tokenizer_model={demo_dir / 'tokenizer.model'}"])  # fmt: skip
     assert code == 2
     assert "pip install wandb" in capsys.readouterr().err
@@ -176,7 +180,8 @@ def test_progress_is_printed_as_plain_lines_when_stderr_is_not_a_terminal(tmp_pa
     for command in (
         ["tokenize", "--input", str(demo_dir / "valid.jsonl"), "--tokenizer-model", str(demo_dir / "tokenizer.model"),
          "--output-prefix", str(tmp_path / "valid"), "--workers", "1"],
-        ["train-tokenizer", "--input", str(demo_dir / "valid.jsonl"), "--vocab-size", "600", "--output-prefix", str(tmp_path / "tok")],
+        ["train-tokenizer", "--input", str(demo_dir / "valid.jsonl"), "--vocab-size", "600",
+         "--output-prefix", str(tmp_path / "tok")],
     ):  # fmt: skip
         env = {**USER_ENV, "DATA_PREP_PROGRESS_SECONDS": "0"}
         result = subprocess.run(
@@ -193,7 +198,8 @@ def test_progress_is_printed_as_plain_lines_when_stderr_is_not_a_terminal(tmp_pa
 
 
 def test_progress_stays_quiet_for_short_jobs_at_the_default_interval(tmp_path, demo_dir):
-    command = ["tokenize", "--input", str(demo_dir / "valid.jsonl"), "--tokenizer-model", str(demo_dir / "tokenizer.model"),
+    command = ["tokenize", "--input", str(demo_dir / "valid.jsonl"),
+               "--tokenizer-model", str(demo_dir / "tokenizer.model"),
                "--output-prefix", str(tmp_path / "valid"), "--workers", "1"]  # fmt: skip
     env = {k: v for k, v in USER_ENV.items() if k != "DATA_PREP_PROGRESS_SECONDS"}
     result = subprocess.run(

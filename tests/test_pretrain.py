@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers.e2e import ENV, REPO, pretrain, rows
 
+from launch.checkpoint import MANIFEST, STATE_FILE, file_manifest
 from launch.config import load_config
 from launch.dry_run import count_parameters
+from launch.metrics import STEP_STATISTICS
 from launch.sources import Tokenizer
 from launch.throughput import peak_tflops
 
@@ -66,10 +71,11 @@ def test_peak_memory_is_that_of_the_process_holding_the_model(unbroken):
         [sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, check=True
     )
     imports = int(imported.stdout.split()[-1]) / 2**20  # KiB on Linux
-    # A few percent for an interpreter's footprint varying from start to start; above the imports,
-    # the model's state, activations, data and gloo buffers stay far below 64 times the state
-    # (a unit slip is a factor of 1024).
-    assert peaks[0] >= state and peaks[0] >= 0.98 * imports
+    # The footprint of the same imports varies from start to start (measured: the run's rank 0
+    # 5 % below a fresh interpreter's, on a loaded machine); a unit slip is a factor of 1024.
+    # Above the imports, the model's state, activations, data and gloo buffers stay far below
+    # 64 times the state.
+    assert peaks[0] >= state and peaks[0] >= 0.8 * imports
     assert peaks[-1] <= imports + 64 * state
 
 
@@ -129,6 +135,61 @@ def test_asynchronous_checkpoints_commit_and_resume_exactly(tmp_path, demo_dir, 
     assert "resuming from" in result.stdout and "step_00000004" in result.stdout
     expected = [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(unbroken)]
     assert [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(tmp_path)] == expected
+
+
+def test_a_checkpoint_of_the_earlier_trainer_state_format_resumes_exactly(tmp_path, demo_dir, unbroken):
+    """Checkpoints written before the trainer state was keyed by name hold the step statistics
+    under `log_interval` with their sums as one flat list, and a `consumed_samples` that is
+    never read.  The fixture is such a trainer_state.json, of step 3 of
+    `pretrain(run_dir, demo_dir, "train.exit_after=3")` at commit cbd5647, with the demo
+    directory written DEMO_DIR (to regenerate: run that at that commit and copy
+    run_dir/checkpoints/step_00000003/trainer_state.json).  This run's own state, rewritten
+    in that format, must resume as exactly as a checkpoint of the current format does."""
+    earlier = json.loads((Path(__file__).parent / "fixtures/trainer_state_log_interval.json").read_text())
+    assert set(earlier) == {
+        "scheduler",
+        "reweight_schedule",
+        "log_interval",
+        "consumed_samples",
+        "config",
+        "step",
+        "layout",
+    }
+    pretrain(tmp_path, demo_dir, "train.exit_after=3")  # step 3: mid-interval, the statistics carry over
+    checkpoint = tmp_path / "checkpoints" / "step_00000003"
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    statistics = state.pop("step_statistics")
+    sums = statistics["sums"]  # by name; the earlier format: the statistics, then per domain in blend order
+    flat = [sums[name] for name, _ in STEP_STATISTICS]
+    flat += [*sums["domain_weight_share"].values(), *sums["domain_sample_share"].values()]
+    assert len(flat) == len(earlier["log_interval"]["sums"])
+    rewritten = {**earlier, **state, "log_interval": {**statistics, "sums": flat}}
+    (checkpoint / STATE_FILE).write_text(json.dumps(rewritten, indent=2))
+    (checkpoint / MANIFEST).write_text(json.dumps({"files": file_manifest(checkpoint)}))
+
+    result = pretrain(tmp_path, demo_dir)
+    assert "resuming from" in result.stdout and "step_00000003" in result.stdout
+    expected = [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(unbroken)]
+    assert [(r["step"], r["loss"], r["weighted_loss"], r["lr"]) for r in rows(tmp_path)] == expected
+    assert [r["valid_loss"] for r in rows(tmp_path, "valid")] == [r["valid_loss"] for r in rows(unbroken, "valid")]
+    written = json.loads((tmp_path / "checkpoints" / "step_00000008" / STATE_FILE).read_text())
+    assert "step_statistics" in written and not {"log_interval", "consumed_samples"} & set(written)
+
+
+def test_resume_under_another_dp_keeping_the_global_micro_batch_is_accepted(tmp_path, demo_dir):
+    """Weights are normalised over DP x micro_batch_size samples: DP 1 x 8 -> DP 2 x 4 is the same experiment."""
+    batch = "train.global_batch_size=16"
+    pretrain(tmp_path / "dp1", demo_dir, batch, "train.micro_batch_size=8", "train.exit_after=2", nproc=1)
+    shutil.copytree(tmp_path / "dp1", tmp_path / "refused")
+    result = pretrain(tmp_path / "dp1", demo_dir, batch, "train.micro_batch_size=4", "train.exit_after=1")
+    assert "resuming from" in result.stdout and "step_00000002" in result.stdout
+    assert [r["step"] for r in rows(tmp_path / "dp1")] == [2]
+    assert (tmp_path / "dp1" / "checkpoints" / "step_00000003").is_dir()
+
+    refused = pretrain(tmp_path / "refused", demo_dir, batch, "train.micro_batch_size=8", check=False)
+    assert refused.returncode != 0
+    assert "global micro-batch (DP x train.micro_batch_size): 1 x 8 = 8 -> 2 x 8 = 16" in refused.stderr
+    assert "train.micro_batch_size=4 keeps it under DP 2" in refused.stderr
 
 
 def test_incomplete_latest_checkpoint_is_skipped_with_a_warning(tmp_path, demo_dir):

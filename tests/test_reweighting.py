@@ -55,9 +55,9 @@ REFERENCE_F = {
 
 def reference_f(losses, valid, strategy, delta):
     """f(x_i) for the valid samples, in order."""
-    l = np.asarray(losses, dtype=np.float64)[valid]
-    lo, hi = l.min(), l.max()
-    x = (2 * delta * l - delta * (hi + lo)) / max(hi - lo, 1e-6)
+    valid_losses = np.asarray(losses, dtype=np.float64)[valid]
+    lo, hi = valid_losses.min(), valid_losses.max()
+    x = (2 * delta * valid_losses - delta * (hi + lo)) / max(hi - lo, 1e-6)
     return REFERENCE_F[strategy](x, delta)
 
 

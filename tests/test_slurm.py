@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers.e2e import ENV, LONG, REPO, comparable, pretrain_command

@@ -46,7 +46,8 @@ def family_problems(model: ModelConfig) -> list[str]:
     wrong = [f"model.{key}={value}" for key, value in family.signature.items() if getattr(model, key) != value]
     if wrong:
         return [
-            f"model.family={family.name} needs {', '.join(wrong)} (the config has {given}): set those or model.family=auto"
+            f"model.family={family.name} needs {', '.join(wrong)} (the config has {given}):"
+            " set those or model.family=auto"
         ]
     return []
 

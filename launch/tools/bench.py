@@ -104,7 +104,8 @@ def report(times: dict[str, list[float]], throughput: Throughput) -> str:
     ratios = [r / u for r, u in zip(reweighted, base_times)]
     overhead, interval = mean_and_interval(ratios)
     lines = [
-        f"{'strategy':<12} {'step ms (median, IQR)':>24} {'tokens/s':>11} {'TFLOP/s/dev':>12} {'MFU':>7} {'peak GiB':>9}"
+        f"{'strategy':<12} {'step ms (median, IQR)':>24} {'tokens/s':>11}"
+        f" {'TFLOP/s/dev':>12} {'MFU':>7} {'peak GiB':>9}"
     ]
     for label, values in times.items():
         median = statistics.median(values)
@@ -113,7 +114,10 @@ def report(times: dict[str, list[float]], throughput: Throughput) -> str:
         mfu = "n/a" if figures["mfu"] is None else f"{100 * figures['mfu']:.1f}%"
         lines.append(
             f"{label:<12} {1e3 * median:>10.1f} [{1e3 * q1:.1f}, {1e3 * q3:.1f}]".ljust(37)
-            + f" {figures['tokens_per_s']:>11,.0f} {figures['tflops_per_device']:>12.4f} {mfu:>7} {figures['peak_memory_gib']:>9.2f}"
+            + (
+                f" {figures['tokens_per_s']:>11,.0f} {figures['tflops_per_device']:>12.4f}"
+                f" {mfu:>7} {figures['peak_memory_gib']:>9.2f}"
+            )
         )
     lines.append(
         f"overhead {name}/{baseline}: {overhead:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"

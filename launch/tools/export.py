@@ -154,7 +154,10 @@ def choose_architecture(model) -> ModelFamily:
     raise ExportError(
         "neither Hugging Face architecture represents this model exactly:\n"
         + "\n".join(lines)
-        + "\nchange the run's model config to one of the two styles (see configs/gpt2-124m.yaml, configs/llama-1.4b.yaml)"
+        + (
+            "\nchange the run's model config to one of the two styles"
+            " (see configs/gpt2-124m.yaml, configs/llama-1.4b.yaml)"
+        )
     )
 
 
@@ -239,7 +242,8 @@ def export(
         sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         if sp.vocab_size() > loaded.model.vocab_size:
             raise ExportError(
-                f"{model_file} has {sp.vocab_size()} pieces, more than the model's {loaded.model.vocab_size}: it is not the run's tokenizer"
+                f"{model_file} has {sp.vocab_size()} pieces, more than the model's {loaded.model.vocab_size}:"
+                " it is not the run's tokenizer"
             )
         hf_model = to_hugging_face(loaded.model, bos_id=_id(sp.bos_id()), eos_id=_id(sp.eos_id()))
         tokenizer = hugging_face_tokenizer(model_file, loaded.model.max_position_embeddings)

@@ -106,7 +106,10 @@ def main(argv=None) -> int:
         "runs",
         nargs="+",
         type=Path,
-        help="run directories (launch.pretrain's --run-dir); each column is named by the shortest distinct end of its path",
+        help=(
+            "run directories (launch.pretrain's --run-dir);"
+            " each column is named by the shortest distinct end of its path"
+        ),
     )
     parser.add_argument("--out", type=Path, help="write the figure here (PNG)")
     args = parser.parse_args(argv)

@@ -24,7 +24,8 @@ EXAMPLES = """\
 arms (the first is the baseline; each becomes OUT/<name>/seed<k>):
   STRATEGY[:TEMPERATURE]         uniform, linupper:0.5 (named linupper-r0.5), quadratic:1.0
   NAME=KEY=VALUE[,KEY=VALUE]     any config change; commas inside {...} or [...] stay in the value:
-                                 'boilerplate-down=data.weights={boilerplate: 0.25, code: 1, docs: 1, licenses: 1, prose: 1}'
+                                 'boilerplate-down=data.weights={boilerplate: 0.25, code: 1, docs: 1, licenses: 1, \
+prose: 1}'
                                  'lin-r0.2-late=reweight.strategy=linupper,reweight.temperature=0.2,reweight.warmup_steps=100'
 
 examples:
@@ -142,7 +143,8 @@ def study(args: argparse.Namespace) -> int:
         script = args.out / "study.sbatch"
         write_text_atomically(script, slurm_script(args.config, unfinished, args.nproc, args.out))
         print(
-            f"wrote {script}: sbatch {script}  ({len(unfinished)} array tasks; rerun this command afterwards for the summary)"
+            f"wrote {script}: sbatch {script}  ({len(unfinished)} array tasks;"
+            " rerun this command afterwards for the summary)"
         )
         return 0
     if not run_all(args.config, runs, args.nproc):

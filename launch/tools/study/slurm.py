@@ -15,6 +15,9 @@ def slurm_script(config: str, runs: list[Run], nproc: int, out: Path) -> str:
     cases = "\n".join(
         f"  {i}) args=({' '.join(shlex.quote(a) for a in pretrain_args(config, r))}) ;;" for i, r in enumerate(runs)
     )
+    container_args = (
+        '--container-image "$IMAGE" --container-mounts "${CONTAINER_MOUNTS:-$REPO:$REPO}" --container-workdir "$REPO"'
+    )
     return f"""#!/usr/bin/env bash
 # Paired-seed study, one array task per unfinished run, written by `python -m launch.tools.study`.
 # Not tested on a real cluster. Submit from the directory the study was planned in:
@@ -50,7 +53,7 @@ esac
 
 srun_args=(--ntasks-per-node=1 --kill-on-bad-exit=1)
 if [[ -n "${{IMAGE:-}}" ]]; then
-  srun_args+=(--container-image "$IMAGE" --container-mounts "${{CONTAINER_MOUNTS:-$REPO:$REPO}}" --container-workdir "$REPO")
+  srun_args+=({container_args})
 fi
 echo "array task $SLURM_ARRAY_TASK_ID: ${{args[*]}}"
 source "$REPO/launch/slurm/step.sh"  # stop signals save a checkpoint; USR1 requeues the task

@@ -94,7 +94,10 @@ def test_resumes_exactly(stopped, unbroken, tmp_path, demo_dir, cache_dir):
 )
 def test_checkpoint_reshards(nproc, layout, stopped, unbroken, tmp_path, demo_dir, cache_dir):
     run_dir = shutil.copytree(stopped, tmp_path / "run")
-    result = pretrain(run_dir, demo_dir, f"data.cache_dir={cache_dir}", *SETTINGS, layout, nproc=nproc)
+    # One DP rank in each new layout: twice the micro-batch keeps the global micro-batch.
+    result = pretrain(
+        run_dir, demo_dir, f"data.cache_dir={cache_dir}", *SETTINGS, layout, "train.micro_batch_size=4", nproc=nproc
+    )
     assert "resuming from" in result.stdout and "step_00000004" in result.stdout
     resumed, reference = rows(run_dir)[-1], rows(unbroken)[-1]
     assert resumed["step"] == reference["step"] == 6

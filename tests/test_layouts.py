@@ -30,7 +30,9 @@ LAYOUTS = {  # id: (tp, pp, dp, cp)
 }
 STRATEGIES = ("uniform", "linupper")
 TEMPERATURE = 0.5
-RTOL = 1e-5
+# TP and CP change the order of floating-point sums; linupper's weights, exp(f(x)/r) of losses
+# normalised by the batch's spread, amplify that (measured: 1.5e-5 under TP=2 and CP=2).
+RTOL = 5e-5
 
 
 def numpy_weights(losses, counts, strategy, temperature, delta=1.0):

@@ -98,7 +98,7 @@ def test_two_rank_run_prints_a_summary_timestamped_lines_and_no_library_noise(tm
     for expected in (
         "layout: world size 2 = TP 1 x PP 1 x CP 1 x DP 2",
         "batch: global 8",
-        "model: 2 layers x 64 hidden",
+        "model: gpt2, 2 layers x 64 hidden",
         "parameters: ",
         "memory per GPU: ",
         "reweighting: linupper",

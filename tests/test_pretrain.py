@@ -71,11 +71,11 @@ def test_peak_memory_is_that_of_the_process_holding_the_model(unbroken):
         [sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, check=True
     )
     imports = int(imported.stdout.split()[-1]) / 2**20  # KiB on Linux
-    # The footprint of the same imports varies from start to start (measured: the run's rank 0
-    # 5 % below a fresh interpreter's, on a loaded machine); a unit slip is a factor of 1024.
-    # Above the imports, the model's state, activations, data and gloo buffers stay far below
-    # 64 times the state.
-    assert peaks[0] >= state and peaks[0] >= 0.8 * imports
+    # The footprint of the same imports in a fresh interpreter is no lower bound: it varies with
+    # what each start imports lazily (measured: the run's rank 0 at 0.46 GiB, a fresh interpreter
+    # at 0.68). Above the imports, the model's state, activations, data and gloo buffers stay far
+    # below 64 times the state; a unit slip is a factor of 1024.
+    assert peaks[0] >= state
     assert peaks[-1] <= imports + 64 * state
 
 

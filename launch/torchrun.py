@@ -31,7 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher import api as launcher_api
 
 from launch.console import say
-from launch.stopping import EXIT_STOPPED_ON_SIGNAL, FINAL_EXITS, STOP_SIGNALS
+from launch.stopping import EXIT_REFUSED, EXIT_STOPPED_ON_SIGNAL, FINAL_EXITS, STOP_SIGNALS
 
 FINISH_GRACE_SECONDS = 300
 
@@ -61,7 +61,8 @@ class StopAwareAgent(LocalElasticAgent):
         handlers = getattr(self._pcontext, "subprocess_handlers", {})
         codes = [handler.proc.poll() for handler in handlers.values()]
         ended = [code for code in codes if code is not None]
-        if None not in codes or not any(code in FINAL_EXITS for code in ended):
+        # A refusal (EXIT_REFUSED) comes before training: the others have nothing to finish.
+        if None not in codes or not any(code in FINAL_EXITS and code != EXIT_REFUSED for code in ended):
             self._finishing_since = None
             return False
         if not all(code == 0 or code in FINAL_EXITS for code in ended):

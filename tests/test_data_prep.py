@@ -570,6 +570,8 @@ def run_in_progress(tmp_path: Path, tokenizer: str) -> Iterator[tuple[subprocess
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A suite started in the background (`make test &`) ignores SIGINT, and so would the run.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         staged = tmp_path / "out.incomplete" / "out.bin"
@@ -675,7 +677,7 @@ def test_killed_run_leaves_no_dataset_and_its_lock_does_not_block_the_rerun(tmp_
 
 @ignore_half_built_reader
 def test_ctrl_c_stops_cleanly_and_removes_partial_output(tmp_path, tokenizer, IndexedDataset):
-    big_input(tmp_path / "big.jsonl", 24)  # long enough that the run is still going when Ctrl-C lands
+    big_input(tmp_path / "big.jsonl", 6)
     with run_in_progress(tmp_path, tokenizer) as (process, workers):
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)

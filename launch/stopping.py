@@ -58,13 +58,17 @@ class StopRequests:
         # On GPU the world group is NCCL; the flag travels over gloo to stay off the GPU stream.
         self._group = dist.new_group(backend="gloo") if on_gpu() else None
 
-    def agreed(self) -> str | None:
-        """What every rank stops for now ("SIGTERM", "SIGUSR1", "the time limit"), or None."""
+    def agreed(self, *, deadline: bool = True) -> str | None:
+        """What every rank stops for now ("SIGTERM", "SIGUSR1", "the time limit"), or None.
+
+        `deadline=False` reads signals only: the check before the first step leaves the time limit
+        out, so a start-up slower than the limit still trains a step and every rerun makes progress.
+        """
         import torch
         import torch.distributed as dist
 
         local = _received
-        if not local and self._deadline is not None and time.monotonic() >= self._deadline:
+        if not local and deadline and self._deadline is not None and time.monotonic() >= self._deadline:
             local = _TIME_LIMIT
         flag = torch.tensor([local], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)

@@ -158,7 +158,7 @@ class Trainer:
         f = self.cfg.faults
         watchdog = Watchdog(f.hang_multiple, f.hang_min_seconds, 60 * f.hang_max_minutes, dist.get_rank())
         first = self.step
-        reason = self.stop_requests.agreed()  # a signal during start-up: stop before training
+        reason = self.stop_requests.agreed(deadline=False)  # a signal during start-up: stop before training
         while self.step < stop and reason is None:
             watchdog.step_started(self.step + 1)
             start = time.perf_counter()

@@ -33,7 +33,7 @@ step back-propagates are fp32 in both (Megatron's cross entropy upcasts the logi
 With `ReweightedLoss` (L = DP · Σ_{i on r} w_i l_i, n = 1) both are (1/M) Σ_m ∇ Σ_{i∈B_m} w_i l_i:
 the paper's objective on each global micro-batch B_m, averaged over the step.  Clipping
 agrees as well: both multiply by max_norm / (‖g‖ + 1e-6) when that is below 1, ‖g‖ counting
-each TP shard once.  tests/test_deepspeed.py checks all of it against Megatron's engine.
+each TP shard once.  tests/distributed/test_deepspeed_parity.py checks all of it against Megatron's engine.
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
-"""Shared fixtures: the demo corpus, built once per test session."""
+"""Shared fixtures (the demo corpus, built once per test session) and the markers by folder.
+
+tests/unit: one process; tests/distributed: real gloo groups of processes; tests/e2e: runs of
+the training entry point.  A test's folder is its marker, so `-m 'not e2e'` selects by kind.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from helpers.e2e import LONG, pretrain
@@ -21,3 +27,10 @@ def unbroken(tmp_path_factory, demo_dir):
     run_dir = tmp_path_factory.mktemp("unbroken")
     pretrain(run_dir, demo_dir, *LONG)
     return run_dir
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        kind = Path(item.fspath).parent.name
+        if kind in ("distributed", "e2e"):
+            item.add_marker(kind)

@@ -21,9 +21,7 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from helpers.host_reads import HostReadRecorder, SyncingOpRecorder
-from helpers.multiprocess import run_distributed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,11 +36,10 @@ from megatron_patches.reweighting import (
 # Every registered strategy: a new one is held to every property below, and to the references
 # (which fail, naming it, until it has one).
 NAMES = list(STRATEGIES)
+
+
 PROPERTY = settings(max_examples=60, deadline=None)
 
-
-# ---------------------------------------------------------------------------------------
-# Independent reference: the README's formulas in plain numpy.
 
 REFERENCE_F = {
     "uniform": lambda x, d: np.zeros_like(x),
@@ -94,11 +91,9 @@ def softmax_of_exponents(exponents):
     return e / e.sum()
 
 
-# ---------------------------------------------------------------------------------------
-# 1. Hand-worked values: losses [1, 2, 3, 5], δ = 1.
-#    l_min = 1, l_max = 5, so x = (2l − 6) / 4 = [-1, -0.5, 0, 1].
-
 HAND_X = [-1.0, -0.5, 0.0, 1.0]
+
+
 HAND_F = {
     "uniform": [0.0, 0.0, 0.0, 0.0],
     "linupper": [0.0, 0.5, 1.0, 1.0],  # min(x + 1, 1)
@@ -106,6 +101,8 @@ HAND_F = {
     "extremes": [1.0, 0.5, 0.0, 1.0],  # |x|
     "upper": [0.0, 0.25, 0.5, 1.0],  # x/2 + 1/2
 }
+
+
 # w = softmax((f − max f) / r); the exponents (f − max f) / r written out:
 HAND_EXPONENTS = {
     1.0: {
@@ -166,14 +163,21 @@ def test_hand_worked_token_prior():
     np.testing.assert_allclose(w.numpy(), unnormalised / unnormalised.sum(), rtol=0, atol=1e-12)
 
 
-# ---------------------------------------------------------------------------------------
-# 2. Properties.
-
 finite_losses = st.one_of(st.floats(0.0, 20.0), st.sampled_from([0.5, 2.0, 7.25]))  # repeats make ties
+
+
 loss_lists = st.lists(finite_losses, min_size=1, max_size=64)
+
+
 deltas = st.floats(0.25, 4.0)
+
+
 temperatures = st.floats(0.05, 50.0)
+
+
 names = st.sampled_from(NAMES)
+
+
 # Bad entries: non-finite losses, or masked-out samples with losses far outside the rest.
 BAD = {
     "nan": (math.nan, True),
@@ -182,6 +186,8 @@ BAD = {
     "masked-high": (1e3, False),
     "masked-low": (-1e3, False),
 }
+
+
 entries = st.lists(st.one_of(finite_losses, st.sampled_from(sorted(BAD))), min_size=1, max_size=64)
 
 
@@ -286,6 +292,8 @@ def test_equal_token_counts_change_nothing(items, strategy, r, delta, count):
 # What each kind of strategy (`Strategy.favours`) does to the weights as the loss grows, below
 # and above the middle of the batch's losses: 1 never falls, -1 never rises, 0 stays level.
 KIND_SLOPES = {"nothing": (0, 0), "high": (1, 1), "medium": (1, -1), "ends": (-1, 1)}
+
+
 NEUTRAL = [name for name in NAMES if STRATEGIES[name].favours == "nothing"]
 
 
@@ -343,71 +351,6 @@ def test_neutral_strategies_with_token_counts_weight_by_tokens(items, strategy, 
         weights_of(losses, strategy, r, valid=valid, counts=counts.tolist()), expected, rtol=1e-12, atol=1e-15
     )
 
-
-# ---------------------------------------------------------------------------------------
-# 3. Split over data-parallel ranks with a real (gloo) process group.
-
-
-def split_cases() -> list[dict]:
-    """Batches of 16 samples; the invalid entries sit in the first 4, i.e. on rank 0."""
-    g = torch.Generator().manual_seed(1234)
-    losses = 1.0 + 8.0 * torch.rand(16, generator=g, dtype=torch.float64)
-    broken = losses.clone()
-    broken[1], broken[2] = math.nan, math.inf
-    masked = torch.ones(16, dtype=torch.bool)
-    masked[3] = False
-    last_rank_invalid = losses.clone()
-    last_rank_invalid[12:] = math.nan
-    counts = torch.randint(1, 512, (16,), generator=g)
-    cases = []
-    for strategy in NAMES:
-        for r in (0.4, 1.0):
-            cases.append(dict(losses=losses, valid=None, token_counts=None, strategy=strategy, temperature=r))
-            cases.append(dict(losses=broken, valid=masked, token_counts=None, strategy=strategy, temperature=r))
-        cases.append(dict(losses=broken, valid=masked, token_counts=counts, strategy=strategy, temperature=0.4))
-        cases.append(dict(losses=last_rank_invalid, valid=None, token_counts=None, strategy=strategy, temperature=0.4))
-        cases.append(dict(losses=broken.float(), valid=masked, token_counts=None, strategy=strategy, temperature=0.4))
-    return cases
-
-
-def weights_for_case(case: dict, rank: int, world_size: int, group) -> torch.Tensor:
-    n = case["losses"].shape[0] // world_size
-    part = slice(rank * n, (rank + 1) * n)
-    return compute_sample_weights(
-        case["losses"][part],
-        strategy=case["strategy"],
-        temperature=case["temperature"],
-        valid=None if case["valid"] is None else case["valid"][part],
-        token_counts=None if case["token_counts"] is None else case["token_counts"][part],
-        group=group,
-    )
-
-
-def split_worker(cases: list[dict]) -> list[torch.Tensor]:
-    """One data-parallel rank: its slice of each batch, weights over the whole group."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        return [weights_for_case(case, rank, world_size, dist.group.WORLD) for case in cases]
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_split_over_ranks_equals_whole_batch_bit_for_bit(world_size):
-    cases = split_cases()
-    per_rank = run_distributed(split_worker, world_size, cases)
-    for i, case in enumerate(cases):
-        whole = weights_for_case(case, 0, 1, None)
-        split = torch.cat([per_rank[rank][i] for rank in range(world_size)])
-        assert split.dtype == case["losses"].dtype
-        assert torch.equal(split, whole), (i, case["strategy"], case["temperature"])
-
-
-# ---------------------------------------------------------------------------------------
-# 4. No host synchronisation.
 
 HOST_READ_EXAMPLES = {
     "item": lambda t: t[0].item(),
@@ -469,15 +412,9 @@ def test_no_cuda_syncing_operator_in_weights_and_statistics(strategy):
     assert recorder.calls == []
 
 
-# ---------------------------------------------------------------------------------------
-# 5. Statistics, worked by hand.
-#    8 samples, losses 1..8, domains [0,0,0,0,1,1,1,1],
-#    w = [.05, .05, .10, .10, .10, .10, .25, .25]  (Σ = 1).
-#    Σw² = 2·.0025 + 4·.01 + 2·.0625 = .17 → ESS = 1/(8·.17); max_weight = 8·.25 = 2;
-#    quarter = 2 samples: top = {7, 8} → 7.5, bottom = {1, 2} → 1.5;
-#    domain 0 gets .05+.05+.10+.10 = .3 of the weight, domain 1 gets .7; samples are 1/2 each.
-
 STAT_WEIGHTS = [0.05, 0.05, 0.10, 0.10, 0.10, 0.10, 0.25, 0.25]
+
+
 STAT_ENTROPY = -(2 * 0.05 * math.log(0.05) + 4 * 0.10 * math.log(0.10) + 2 * 0.25 * math.log(0.25)) / math.log(8)
 
 
@@ -548,10 +485,6 @@ def test_statistics_with_no_valid_sample_are_finite():
     )
     assert all(torch.isfinite(v).all() for v in stats.values())
     assert stats["invalid_fraction"].item() == 1.0
-
-
-# ---------------------------------------------------------------------------------------
-# 6. The schedule: warm-up, then the target, optionally with 1/r annealed linearly.
 
 
 def sequence(schedule: ReweightSchedule, steps: int) -> list[tuple[str, float]]:

@@ -13,8 +13,6 @@ import pytest
 from helpers.e2e import pretrain, rows
 from torch.distributed.checkpoint import FileSystemReader
 
-pytestmark = pytest.mark.e2e
-
 LLAMA = (
     "model.position_embedding=rope",
     "model.normalization=RMSNorm",
@@ -25,7 +23,7 @@ LLAMA = (
 )
 MODELS = {"gpt2": (), "llama": LLAMA}  # the demo model is GPT-2-style
 # ZeRO-1 steps bf16 with DeepSpeed's BF16_Optimizer (ZeRO-2 and 3 with its ZeRO optimizers,
-# whose fp32 steps tests/test_deepspeed.py compares with Megatron's).
+# whose fp32 steps tests/distributed/test_deepspeed_parity.py compares with Megatron's).
 RUNS = {
     "megatron-gpt2": ("megatron", "gpt2"),
     "megatron-llama": ("megatron", "llama"),

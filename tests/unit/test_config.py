@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import REPO
 
 from launch.config import (
     Config,
@@ -29,7 +30,6 @@ from launch.dry_run import count_parameters, dry_run_report
 from launch.pretrain import parse_args
 from launch.sources import Tokenizer, check_files, padded_vocab_size, train_blend, valid_blend
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
 
 
@@ -684,7 +684,7 @@ def test_slurm_script_passes_the_stop_signal_to_the_step_and_requeues_only_befor
     tmp_path, number, requeued
 ):
     """USR1 (the time-limit warning) and TERM (scancel, preemption) reach the ranks through
-    `scancel --signal`, not through srun; only USR1 requeues. tests/test_slurm.py runs the real thing."""
+    `scancel --signal`, not through srun; only USR1 requeues. tests/e2e/test_slurm.py runs the real thing."""
     bin_dir = tmp_path / "bin"
     fake_command(bin_dir, "scontrol", 'if [ "$1" = requeue ]; then echo "requeue $2"; else printf "node-a\\n"; fi')
     # srun stands for the job step: its ranks save and exit 75 on USR1 or TERM; srun itself

@@ -17,19 +17,21 @@ import yaml
 from helpers.e2e import REPO
 
 from launch.config import load_config, to_dict
-from launch.metrics import read_metrics
 from launch.tools import stats
 from launch.tools.study.arms import Arm, parse_arm
 from launch.tools.study.cli import main, parse_args
 from launch.tools.study.plan import plan, pretrain_args
 
 CONFIG = str(REPO / "configs" / "demo_cpu.yaml")
+
+
 NATURAL = {"alpha": 0.4, "beta": 0.24, "gamma": 0.16}  # the fabricated train blend's token shares
+
+
 TRAIN_ONLY = {"delta": 0.2}  # a training domain without held-out data
+
+
 SHORT = ["train.steps=8", "train.log_interval=2", "reweight.warmup_steps=3", "optim.warmup_steps=2"]
-
-
-# --------------------------------------------------------------------------- arms
 
 
 @pytest.mark.parametrize(
@@ -87,9 +89,6 @@ def test_default_arms_are_uniform_then_linupper():
     assert [a.name for a in parse_args([]).arms] == ["uniform", "linupper-r0.5"]
 
 
-# --------------------------------------------------------------------------- t-interval
-
-
 @pytest.mark.parametrize(
     "df, expected",
     [
@@ -123,9 +122,6 @@ def test_interval_is_mean_plus_minus_t_times_standard_error():
     half = 2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5)  # sd = sqrt(2.5), df = 4
     assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), rel=1e-9)
     assert stats.mean_and_interval([0.25]) == (0.25, None)
-
-
-# --------------------------------------------------------------------------- fabricated runs
 
 
 @pytest.fixture
@@ -353,38 +349,3 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
     )
     assert result.returncode == 1 and "no run for array task 3" in result.stderr
     assert shlex.quote(runs[1].settings[-2]) in script.read_text()
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-@pytest.mark.e2e
-def test_small_study_end_to_end(tmp_path, demo_dir, monkeypatch):
-    """2 arms x 2 seeds of a tiny model: runs, pairing, summary and a rerun that trains nothing."""
-    monkeypatch.chdir(REPO)
-    tiny = [
-        "model.num_layers=2", "model.hidden_size=64", "model.seq_length=64", "train.steps=8",
-        "train.global_batch_size=8", "train.micro_batch_size=2", "train.log_interval=2", "train.eval_interval=4",
-        "train.eval_iters=1", "checkpoint.interval=4", "optim.warmup_steps=2", "reweight.warmup_steps=2",
-    ]  # fmt: skip
-    argv = ["--data", str(demo_dir), "--out", str(tmp_path), "--seeds", "2", "--set", *tiny]
-    argv += ["--arm", "uniform", "--arm", "linupper:0.5"]
-    assert main(argv) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    uniform, linupper = summary["arms"]
-    first_loss = {}
-    for arm in summary["arms"]:
-        for seed, run_dir in zip((1, 2), arm["runs"]):
-            metrics = read_metrics(Path(run_dir))
-            final = [r for r in metrics if r["kind"] == "valid"][-1]
-            assert final["step"] == 8
-            assert arm["held_out"]["code"]["per_seed"][seed - 1] == final["valid_loss_per_domain"]["code"]
-            first_loss[arm["name"], seed] = metrics[0]["loss"]
-    # Paired: within a seed both arms start alike (uniform warm-up); seeds differ.
-    assert first_loss["uniform", 1] == first_loss["linupper-r0.5", 1]
-    assert first_loss["uniform", 1] != first_loss["uniform", 2]
-    assert uniform["weights"]["ess"]["mean"] == pytest.approx(1.0)
-    assert linupper["weights"]["ess"]["mean"] < 1.0
-    assert len(linupper["natural_mixture"]["diff_ci95"]) == 2
-    monkeypatch.setattr(subprocess, "run", no_subprocess)
-    assert main(argv) == 0  # everything finished: reused, summarised again

@@ -15,8 +15,6 @@ from helpers.e2e import ENV, LONG, REPO, comparable, pretrain, pretrain_command,
 
 from data_prep.lock import exclusive_lock
 
-pytestmark = pytest.mark.e2e
-
 
 def start(run_dir, demo_dir, *overrides, launcher=()):
     """A run in the background whose stdout is read line by line."""

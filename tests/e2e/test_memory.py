@@ -6,8 +6,6 @@ import pytest
 from helpers.e2e import REPO
 from helpers.multiprocess import run_distributed
 
-pytestmark = pytest.mark.e2e
-
 # Model and optimizer state dominate, as in pretraining. The activation term is Korthikanti et
 # al.'s for flash attention; the CPU's math attention and allocator keep about 1.5x that
 # (measured: 150-170 MiB against 106 estimated at 6 x 512 hidden, seq 128, 4 samples). Measured

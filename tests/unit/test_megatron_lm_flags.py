@@ -16,22 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from megatron_patches.megatron_lm import add_reweight_args, refusals, reweighted_loss_func, settings_from_args
 from megatron_patches.reweighting import ReweightSettings
 
-REPO = Path(__file__).resolve().parents[1]
 MEGATRON_LM = os.environ.get("MEGATRON_LM")
+
+
 RUNNER = REPO / "tests" / "helpers" / "megatron_lm_on_cpu.py"
+
 
 pytestmark = pytest.mark.skipif(
     not MEGATRON_LM, reason="MEGATRON_LM is unset: the folder of Megatron-LM core_v0.16.1 (.ci/run sets it)"
 )
 
+
 ITERATIONS = 6
-WARMUP = 2
-LINUPPER = ["--reweight-strategy", "linupper", "--reweight-temperature", "0.4", "--reweight-warmup-steps", str(WARMUP)]
-LAYOUTS = {"dp2": [], "tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"]}
 
 
 def model_args(demo_dir: Path) -> list[str]:
@@ -127,12 +128,6 @@ def fork(megatron_lm, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> Path:
-    """Where the linupper run saves at iterations 3 and 6, and the resumed run loads from."""
-    return tmp_path_factory.mktemp("checkpoints")
-
-
-@pytest.fixture(scope="module")
 def runs(megatron_lm, fork, demo_dir):
     """Each kind of run, started once and shared: `runs(kind, *extra)` → its Log."""
     entries = {
@@ -146,52 +141,6 @@ def runs(megatron_lm, fork, demo_dir):
         return checked(run(entries[kind], model_args(demo_dir) + list(extra)))
 
     return logged
-
-
-@pytest.mark.e2e
-@pytest.mark.distributed
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_uniform_logs_megatron_lms_own_loss_at_every_iteration(runs, layout):
-    plain = runs("plain", *LAYOUTS[layout])
-    uniform = runs("drop-in", "--reweight-strategy", "uniform", *LAYOUTS[layout])
-    assert uniform.column("lm loss") == plain.column("lm loss")
-    assert uniform.column("grad norm") == plain.column("grad norm")
-    # Evaluations at iterations 3 and 6, and pretrain()'s final one.
-    assert uniform.validations == plain.validations and len(plain.validations) == 3
-    assert set(uniform.column("weight ess")) == {"1.000000E+00"}
-
-
-@pytest.mark.e2e
-@pytest.mark.distributed
-def test_linupper_differs_after_its_warm_up_and_logs_its_statistics(runs, checkpoints):
-    plain = runs("plain")
-    linupper = runs("fork", *LINUPPER, "--save", str(checkpoints), "--save-interval", "3")
-    losses, plain_losses = linupper.column("lm loss"), plain.column("lm loss")
-    # Iteration WARMUP + 1 is the first reweighted one; its weights change the parameters after it.
-    assert losses[: WARMUP + 1] == plain_losses[: WARMUP + 1]
-    assert all(a != b for a, b in zip(losses[WARMUP + 1 :], plain_losses[WARMUP + 1 :]))
-    ess = [float(value) for value in linupper.column("weight ess")]
-    assert ess[:WARMUP] == [1.0] * WARMUP and all(0 < value < 1 for value in ess[WARMUP:])
-    assert all(float(value) > 1 for value in linupper.column("max weight")[WARMUP:])
-    assert all(0 < float(value) < 1 for value in linupper.column("weight entropy")[WARMUP:])
-    assert linupper.column("inverse temperature")[WARMUP:] == ["2.500000E+00"] * (ITERATIONS - WARMUP)
-    assert all(value is not None for value in linupper.column("weighted loss"))
-    # Evaluation reports the plain loss only: no reweighting statistics.
-    assert [set(row) for row in linupper.validations] == [{"lm loss value", "lm loss PPL"}] * 3
-
-
-@pytest.mark.e2e
-@pytest.mark.distributed
-def test_a_resumed_run_continues_the_reweighting_schedule(runs, checkpoints):
-    """The drop-in loads the fork's checkpoint of iteration 3: iteration 4 is the unbroken
-    run's, and iterations 4-6 are reweighted at the target temperature (no second warm-up)."""
-    unbroken = runs("fork", *LINUPPER, "--save", str(checkpoints), "--save-interval", "3")
-    resumed = runs("drop-in", *LINUPPER, "--load", str(checkpoints), "--ckpt-step", "3")
-    assert len(resumed.iterations) == 3
-    assert resumed.iterations[0]["lm loss"] == unbroken.iterations[3]["lm loss"]
-    assert resumed.iterations[0]["weight ess"] == unbroken.iterations[3]["weight ess"]
-    assert resumed.column("inverse temperature") == ["2.500000E+00"] * 3
-    assert all(0 < float(value) < 1 for value in resumed.column("weight ess"))
 
 
 def parsed(*argv: str) -> argparse.Namespace:
@@ -235,13 +184,3 @@ def test_evaluation_gets_pretrain_gpts_own_loss_untouched():
     mask, losses = torch.ones(2, 4), torch.rand(2, 4)
     with torch.no_grad():
         assert reweighted_loss_func(plain_loss_func)(mask, losses) == plain_loss_func(mask, losses)
-
-
-@pytest.mark.e2e
-def test_the_drop_in_refuses_before_initialising(megatron_lm, demo_dir):
-    result = run(
-        ["-m", "megatron_patches.megatron_lm"], model_args(demo_dir) + ["--reweight-temperature", "0"], nproc=1
-    )
-    assert result.returncode != 0
-    assert "megatron_patches.megatron_lm: --reweight-temperature=0.0 must be > 0" in result.stderr
-    assert "initializing torch distributed" not in result.stdout

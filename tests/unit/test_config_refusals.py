@@ -2,14 +2,12 @@
 before any process group starts, with one message naming the key and the fix."""
 
 import os
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from launch import pretrain
 from launch.config import ConfigError, load_config, validate
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def demo(*overrides: str):

@@ -17,9 +17,6 @@ import torch
 from helpers.megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
 from helpers.multiprocess import run_distributed
 
-pytestmark = pytest.mark.distributed
-
-
 LAYOUTS = {  # id: (tp, pp, dp, cp)
     "tp1-pp1-dp1": (1, 1, 1, 1),
     "tp2-pp1-dp1": (2, 1, 1, 1),

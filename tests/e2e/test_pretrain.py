@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers.e2e import ENV, REPO, pretrain, rows
@@ -24,8 +23,6 @@ TRAIN_KEYS = {
     "tflops_per_device", "mfu", "peak_memory_gib",
 }  # fmt: skip
 DOMAINS = {"boilerplate", "code", "docs", "licenses", "prose"}
-
-pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +142,7 @@ def test_a_checkpoint_of_the_earlier_trainer_state_format_resumes_exactly(tmp_pa
     directory written DEMO_DIR (to regenerate: run that at that commit and copy
     run_dir/checkpoints/step_00000003/trainer_state.json).  This run's own state, rewritten
     in that format, must resume as exactly as a checkpoint of the current format does."""
-    earlier = json.loads((Path(__file__).parent / "fixtures/trainer_state_log_interval.json").read_text())
+    earlier = json.loads((REPO / "tests/fixtures/trainer_state_log_interval.json").read_text())
     assert set(earlier) == {
         "scheduler",
         "reweight_schedule",

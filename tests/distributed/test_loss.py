@@ -13,8 +13,6 @@ from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import destroy_parallel, initialize_parallel
 from megatron_patches.reweighting import ReweightSchedule
 
-pytestmark = pytest.mark.distributed
-
 
 def _loss_worker(strategies):
     initialize_parallel()  # DP = 2

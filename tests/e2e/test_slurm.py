@@ -17,12 +17,9 @@ def _slurm_answers() -> bool:
     return shutil.which("sbatch") is not None and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
 
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not _slurm_answers(), reason="no Slurm here: start one with `bash tests/slurm/start-cluster.sh` (root)"
-    ),
-]
+pytestmark = pytest.mark.skipif(
+    not _slurm_answers(), reason="no Slurm here: start one with `bash tests/slurm/start-cluster.sh` (root)"
+)
 PERIODIC = (*LONG, "checkpoint.interval=5")
 
 

@@ -12,26 +12,27 @@
 
 from __future__ import annotations
 
-import json
-import math
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
-from helpers.e2e import pretrain, rows
+from helpers import REPO
 from helpers.megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
 from helpers.multiprocess import run_distributed
 
-REPO = Path(__file__).resolve().parent.parent
 BATCH_SEEDS = (0, 1)  # two micro-batches per step, so DeepSpeed's accumulation scaling takes part
+
+
 LAYOUTS = {"tp1-dp2": (1, 2), "tp2-dp1": (2, 1)}  # (tp, dp) on two processes
+
+
 STAGES = (2, 3)
+
+
 PROBE_LR = 1e4  # |L·g| >> |p|, so that p - L·g keeps g's digits in fp32
+
+
 RTOL = 1e-5
-
-
-# ---- one step of each engine ----------------------------------------------------------------
 
 
 def _config(tp: int, dp: int, *overrides: str):
@@ -178,7 +179,6 @@ def _assert_adam_steps_match(actual: dict, expected: dict, grads: dict, optim) -
         assert torch.where(noisy, within_a_step, close).all(), f"{name}: {(~close & ~noisy).sum()} elements differ"
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_zero_step_equals_megatron_step(parity, layout, stage):
@@ -189,127 +189,3 @@ def test_zero_step_equals_megatron_step(parity, layout, stage):
         _assert_tensors_match(zero["grads"], megatron["grads"])
         assert float(zero["grad_norm"]) == pytest.approx(megatron["grad_norm"], rel=RTOL)
         _assert_adam_steps_match(zero["params"], megatron["params"], megatron["grads"], _config(1, 1).optim)
-
-
-# ---- the DeepSpeed JSON ----------------------------------------------------------------------
-
-
-def _config_with_json(tmp_path, settings: dict):
-    from launch.config import load_config
-
-    path = tmp_path / "deepspeed.json"
-    path.write_text(json.dumps(settings))
-    return load_config(REPO / "configs/demo_cpu_deepspeed.yaml", [f"deepspeed.config={path}"])
-
-
-def test_deepspeed_json_adds_settings(tmp_path):
-    from launch.engines.deepspeed import deepspeed_config
-
-    cfg = _config_with_json(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}, "log_level": "info"})
-    settings = deepspeed_config(cfg, micro_batches_per_step=2)
-    assert settings["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 1000}
-    assert settings["log_level"] == "info"
-    assert settings["gradient_accumulation_steps"] == 2 and settings["train_batch_size"] == cfg.train.global_batch_size
-
-
-@pytest.mark.parametrize("stage", (0, 1, 2, 3))
-def test_gradients_accumulate_and_reduce_in_fp32_and_overlap_where_deepspeed_can(tmp_path, stage):
-    from launch.engines.deepspeed import deepspeed_config
-
-    cfg = _config(1, 2, "model.precision=bf16", f"deepspeed.zero_stage={stage}")
-    settings = deepspeed_config(cfg, micro_batches_per_step=2)
-    assert settings["bf16"] == {"enabled": True}
-    assert settings["data_types"] == {"grad_accum_dtype": "fp32"} and settings["communication_data_type"] == "fp32"
-    # DeepSpeed refuses overlap_comm without its own accumulation below stage 2.
-    assert settings["zero_optimization"].get("overlap_comm", False) == (stage >= 2)
-    # A JSON may turn the overlap off (a performance choice), not the fp32 accumulation.
-    off = _config_with_json(tmp_path, {"zero_optimization": {"overlap_comm": False}})
-    assert deepspeed_config(off, micro_batches_per_step=2)["zero_optimization"]["overlap_comm"] is False
-
-
-@pytest.mark.parametrize(
-    "settings, named",
-    [
-        ({"gradient_accumulation_steps": 3}, "gradient_accumulation_steps"),
-        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
-        ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
-        ({"data_types": {"grad_accum_dtype": "bf16"}}, "data_types.grad_accum_dtype"),
-    ],
-)
-def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path, settings, named):
-    from launch.config import ConfigError
-    from launch.engines.deepspeed import deepspeed_config
-
-    with pytest.raises(ConfigError, match=named):
-        deepspeed_config(_config_with_json(tmp_path, settings), micro_batches_per_step=2)
-
-
-# ---- end to end: torchrun -m launch.pretrain --config configs/demo_cpu_deepspeed.yaml -----------
-
-
-DEEPSPEED = "configs/demo_cpu_deepspeed.yaml"
-
-
-def small(cache_dir: Path) -> tuple[str, ...]:
-    """Six steps, Megatron's sample indices shared by every run."""
-    return (f"data.cache_dir={cache_dir}", "train.steps=6")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")  # Megatron's sample indices, built once for all runs
-
-
-@pytest.fixture(scope="module", params=STAGES, ids=lambda stage: f"zero{stage}")
-def deepspeed_run(request, tmp_path_factory, demo_dir, cache_dir):
-    """(ZeRO stage, run directory) of an uninterrupted run."""
-    run_dir = tmp_path_factory.mktemp(f"zero{request.param}")
-    pretrain(run_dir, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={request.param}", config=DEEPSPEED)
-    return request.param, run_dir
-
-
-@pytest.fixture(scope="module")
-def megatron_run(tmp_path_factory, demo_dir, cache_dir):
-    run_dir = tmp_path_factory.mktemp("megatron")
-    pretrain(run_dir, demo_dir, *small(cache_dir))
-    return run_dir
-
-
-@pytest.mark.e2e
-def test_deepspeed_run_logs_the_megatron_rows_and_trains_alike(deepspeed_run, megatron_run):
-    _, run_dir = deepspeed_run
-    for kind, loss in (("train", "loss"), ("valid", "valid_loss")):
-        ours, theirs = rows(run_dir, kind), rows(megatron_run, kind)
-        assert [r["step"] for r in ours] == [r["step"] for r in theirs] == ([2, 4, 6] if kind == "train" else [4, 6])
-        for row, expected in zip(ours, theirs):
-            assert set(row) == set(expected)
-            assert math.isfinite(row[loss])
-            assert row[loss] == pytest.approx(expected[loss], rel=1e-5)  # the same steps, up to reduction order
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
-
-
-@pytest.mark.e2e
-def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, cache_dir, deepspeed_run):
-    stage, unbroken = deepspeed_run
-    pretrain(
-        tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", "train.exit_after=4", config=DEEPSPEED
-    )
-    assert [r["step"] for r in rows(tmp_path, "train")] == [2, 4]
-    result = pretrain(tmp_path, demo_dir, *small(cache_dir), f"deepspeed.zero_stage={stage}", config=DEEPSPEED)
-    assert "resuming from" in result.stdout and "step_00000004" in result.stdout
-    for kind, keys in (
-        ("train", ("step", "loss", "weighted_loss", "lr", "grad_norm")),
-        ("valid", ("step", "valid_loss")),
-    ):
-        expected = [[r[k] for k in keys] for r in rows(unbroken, kind)]
-        assert [[r[k] for k in keys] for r in rows(tmp_path, kind)] == expected
-
-
-def test_a_contradicting_deepspeed_json_is_refused_before_any_process_starts(tmp_path):
-    """validate (and so --dry-run) finds what building the engine would refuse."""
-    from launch.config import ConfigError, validate
-
-    cfg = _config_with_json(tmp_path, {"zero_optimization": {"stage": 3}})
-    with pytest.raises(ConfigError, match="zero_optimization.stage"):
-        validate(cfg, 2)
-    validate(_config_with_json(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}}), 2)

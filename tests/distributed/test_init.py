@@ -7,15 +7,11 @@ and they are drawn from Megatron's own distributions for each parameter.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import REPO
 from helpers.multiprocess import run_distributed
 
-pytestmark = pytest.mark.distributed
-
-REPO = Path(__file__).resolve().parents[1]
 SEED = 5
 VOCAB = 256  # padded for TP <= 2
 TINY = (

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import zstandard
+from helpers import REPO
 
 from data_prep import indexed, tokenize_corpus
 from data_prep.errors import DataPrepError
@@ -30,7 +31,6 @@ from data_prep.readers import Chunk, read_chunks
 from data_prep.tokenizer import train_tokenizer
 from data_prep.workers import OrderedPool
 
-REPO = Path(__file__).resolve().parent.parent
 WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which this be or "
     "has had not but first one their its new after who they have two been more also other data "

@@ -16,8 +16,6 @@ import pytest
 from helpers.e2e import REPO, pretrain, pretrain_command, rows
 from torch.distributed.checkpoint import FileSystemReader
 
-pytestmark = pytest.mark.e2e
-
 SETTINGS = ("parallel.distributed_optimizer=true", "model.precision=bf16", "train.steps=6")
 # Resharding moves step 6 by at most 3.4e-5 relative (measured for DP=1, TP=2 and PP=2: the
 # order of the sums changes); resuming TP=2 with Adam's moments zeroed moves it by 6.8e-4.

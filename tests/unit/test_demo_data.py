@@ -5,13 +5,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from data_prep import demo as demo_data
 from launch.config import load_config, validate
 from launch.dry_run import dry_run_report
 from launch.sources import check_files, read_blend
 
-REPO = Path(__file__).resolve().parent.parent
 DOMAINS = {"code", "docs", "prose", "licenses", "boilerplate"}
 
 

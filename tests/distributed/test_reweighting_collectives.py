@@ -1,0 +1,106 @@
+"""Specification of `megatron_patches.reweighting`: the method of Sow et al., "Dynamic Loss-Based
+Sample Reweighting for Improved Large Language Model Pretraining" (ICLR 2025), as the README's
+"The method, exactly" states it.
+
+For the losses l_i of one global batch and the valid set V (flagged valid, finite loss):
+
+    x_i = (2δ l_i − δ (l_max + l_min)) / max(l_max − l_min, ε)          min/max over V, ε = 1e-6
+    w_i = n_i exp((f(x_i) − max_V f) / r) / Σ_{j∈V} n_j exp((f(x_j) − max_V f) / r)
+
+with n_i = 1 (the paper) or the sample's token count (the token prior). Invalid samples
+get weight 0 and never reach min, max or the softmax. The weights of a batch split over
+data-parallel ranks are those of the whole batch, bit for bit, and nothing reads a tensor
+value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers.multiprocess import run_distributed
+from hypothesis import strategies as st
+
+from megatron_patches.reweighting import (
+    STRATEGIES,
+    compute_sample_weights,
+)
+
+# Every registered strategy: a new one is held to every property below, and to the references
+# (which fail, naming it, until it has one).
+NAMES = list(STRATEGIES)
+
+
+finite_losses = st.one_of(st.floats(0.0, 20.0), st.sampled_from([0.5, 2.0, 7.25]))  # repeats make ties
+
+
+# Bad entries: non-finite losses, or masked-out samples with losses far outside the rest.
+BAD = {
+    "nan": (math.nan, True),
+    "+inf": (math.inf, True),
+    "-inf": (-math.inf, True),
+    "masked-high": (1e3, False),
+    "masked-low": (-1e3, False),
+}
+
+
+entries = st.lists(st.one_of(finite_losses, st.sampled_from(sorted(BAD))), min_size=1, max_size=64)
+
+
+def split_cases() -> list[dict]:
+    """Batches of 16 samples; the invalid entries sit in the first 4, i.e. on rank 0."""
+    g = torch.Generator().manual_seed(1234)
+    losses = 1.0 + 8.0 * torch.rand(16, generator=g, dtype=torch.float64)
+    broken = losses.clone()
+    broken[1], broken[2] = math.nan, math.inf
+    masked = torch.ones(16, dtype=torch.bool)
+    masked[3] = False
+    last_rank_invalid = losses.clone()
+    last_rank_invalid[12:] = math.nan
+    counts = torch.randint(1, 512, (16,), generator=g)
+    cases = []
+    for strategy in NAMES:
+        for r in (0.4, 1.0):
+            cases.append(dict(losses=losses, valid=None, token_counts=None, strategy=strategy, temperature=r))
+            cases.append(dict(losses=broken, valid=masked, token_counts=None, strategy=strategy, temperature=r))
+        cases.append(dict(losses=broken, valid=masked, token_counts=counts, strategy=strategy, temperature=0.4))
+        cases.append(dict(losses=last_rank_invalid, valid=None, token_counts=None, strategy=strategy, temperature=0.4))
+        cases.append(dict(losses=broken.float(), valid=masked, token_counts=None, strategy=strategy, temperature=0.4))
+    return cases
+
+
+def weights_for_case(case: dict, rank: int, world_size: int, group) -> torch.Tensor:
+    n = case["losses"].shape[0] // world_size
+    part = slice(rank * n, (rank + 1) * n)
+    return compute_sample_weights(
+        case["losses"][part],
+        strategy=case["strategy"],
+        temperature=case["temperature"],
+        valid=None if case["valid"] is None else case["valid"][part],
+        token_counts=None if case["token_counts"] is None else case["token_counts"][part],
+        group=group,
+    )
+
+
+def split_worker(cases: list[dict]) -> list[torch.Tensor]:
+    """One data-parallel rank: its slice of each batch, weights over the whole group."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        return [weights_for_case(case, rank, world_size, dist.group.WORLD) for case in cases]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_split_over_ranks_equals_whole_batch_bit_for_bit(world_size):
+    cases = split_cases()
+    per_rank = run_distributed(split_worker, world_size, cases)
+    for i, case in enumerate(cases):
+        whole = weights_for_case(case, 0, 1, None)
+        split = torch.cat([per_rank[rank][i] for rank in range(world_size)])
+        assert split.dtype == case["losses"].dtype
+        assert torch.equal(split, whole), (i, case["strategy"], case["temperature"])

@@ -1,0 +1,95 @@
+"""`engine: deepspeed` computes the Megatron engine's step, and trains end to end like it.
+
+* One ZeRO-2/ZeRO-3 step (a real DeepSpeed engine on two gloo processes, DP=2 or TP=2) on
+  a global batch of two micro-batches with the reweighted loss gives the Megatron engine's
+  step from the same weights on the same batch: the same sample weights, gradient, gradient
+  norm and AdamW update.  The gradient that ZeRO reduces and partitions is read through its
+  optimizer: a plain SGD step with learning rate L moves every parameter by exactly -L·g.
+* `torchrun -m launch.pretrain --config configs/demo_cpu_deepspeed.yaml` logs the Megatron
+  engine's rows with the same losses, and stops and resumes exactly.
+* A DeepSpeed JSON may add settings but not contradict the run config.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import REPO
+from helpers.megatron_harness import GLOBAL_MICRO_BATCH
+
+BATCH_SEEDS = (0, 1)  # two micro-batches per step, so DeepSpeed's accumulation scaling takes part
+
+
+def _config(tp: int, dp: int, *overrides: str):
+    """The DeepSpeed demo config sized to the harness batch (GLOBAL_MICRO_BATCH samples per micro-step);
+    its train, optim and deepspeed sections are what the engines read, the model is the harness's."""
+    from launch.config import load_config
+
+    sizes = [
+        f"parallel.tp={tp}",
+        f"train.micro_batch_size={GLOBAL_MICRO_BATCH // dp}",
+        f"train.global_batch_size={GLOBAL_MICRO_BATCH * len(BATCH_SEEDS)}",
+        "optim.warmup_steps=0",
+    ]
+    return load_config(REPO / "configs/demo_cpu_deepspeed.yaml", [*sizes, *overrides])
+
+
+def _config_with_json(tmp_path, settings: dict):
+    from launch.config import load_config
+
+    path = tmp_path / "deepspeed.json"
+    path.write_text(json.dumps(settings))
+    return load_config(REPO / "configs/demo_cpu_deepspeed.yaml", [f"deepspeed.config={path}"])
+
+
+def test_deepspeed_json_adds_settings(tmp_path):
+    from launch.engines.deepspeed import deepspeed_config
+
+    cfg = _config_with_json(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}, "log_level": "info"})
+    settings = deepspeed_config(cfg, micro_batches_per_step=2)
+    assert settings["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 1000}
+    assert settings["log_level"] == "info"
+    assert settings["gradient_accumulation_steps"] == 2 and settings["train_batch_size"] == cfg.train.global_batch_size
+
+
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_gradients_accumulate_and_reduce_in_fp32_and_overlap_where_deepspeed_can(tmp_path, stage):
+    from launch.engines.deepspeed import deepspeed_config
+
+    cfg = _config(1, 2, "model.precision=bf16", f"deepspeed.zero_stage={stage}")
+    settings = deepspeed_config(cfg, micro_batches_per_step=2)
+    assert settings["bf16"] == {"enabled": True}
+    assert settings["data_types"] == {"grad_accum_dtype": "fp32"} and settings["communication_data_type"] == "fp32"
+    # DeepSpeed refuses overlap_comm without its own accumulation below stage 2.
+    assert settings["zero_optimization"].get("overlap_comm", False) == (stage >= 2)
+    # A JSON may turn the overlap off (a performance choice), not the fp32 accumulation.
+    off = _config_with_json(tmp_path, {"zero_optimization": {"overlap_comm": False}})
+    assert deepspeed_config(off, micro_batches_per_step=2)["zero_optimization"]["overlap_comm"] is False
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"gradient_accumulation_steps": 3}, "gradient_accumulation_steps"),
+        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+        ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
+        ({"data_types": {"grad_accum_dtype": "bf16"}}, "data_types.grad_accum_dtype"),
+    ],
+)
+def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path, settings, named):
+    from launch.config import ConfigError
+    from launch.engines.deepspeed import deepspeed_config
+
+    with pytest.raises(ConfigError, match=named):
+        deepspeed_config(_config_with_json(tmp_path, settings), micro_batches_per_step=2)
+
+
+def test_a_contradicting_deepspeed_json_is_refused_before_any_process_starts(tmp_path):
+    """validate (and so --dry-run) finds what building the engine would refuse."""
+    from launch.config import ConfigError, validate
+
+    cfg = _config_with_json(tmp_path, {"zero_optimization": {"stage": 3}})
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        validate(cfg, 2)
+    validate(_config_with_json(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}}), 2)

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_RUNS := runs/demo
 PRETRAIN := $(PY) -m launch.torchrun --standalone --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml
 
-.PHONY: venv lint test test-fast test-unit demo bench demo-data bench-data clean
+.PHONY: venv lint test test-slow test-fast test-unit demo bench demo-data bench-data clean
 
 # The stamp is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -25,8 +25,14 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Everything but the `slow` end-to-end runs, which CI adds with `make test-slow`.
 test: lint
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -m 'not slow' --durations=15
+
+# The slowest end-to-end runs: the fault injections past the first, real Slurm, the study,
+# Megatron-LM's own training loop, variants of scenarios `make test` covers once.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow --durations=15
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not e2e'

@@ -1,17 +1,6 @@
-"""Specification of `megatron_patches.reweighting`: the method of Sow et al., "Dynamic Loss-Based
-Sample Reweighting for Improved Large Language Model Pretraining" (ICLR 2025), as the README's
-"The method, exactly" states it.
-
-For the losses l_i of one global batch and the valid set V (flagged valid, finite loss):
-
-    x_i = (2δ l_i − δ (l_max + l_min)) / max(l_max − l_min, ε)          min/max over V, ε = 1e-6
-    w_i = n_i exp((f(x_i) − max_V f) / r) / Σ_{j∈V} n_j exp((f(x_j) − max_V f) / r)
-
-with n_i = 1 (the paper) or the sample's token count (the token prior). Invalid samples
-get weight 0 and never reach min, max or the softmax. The weights of a batch split over
-data-parallel ranks are those of the whole batch, bit for bit, and nothing reads a tensor
-value on the host.
-"""
+"""The weights of a batch split over data-parallel ranks (real gloo groups of 2 and 4) are those
+of the whole batch, bit for bit, for every strategy, with invalid samples on one rank only.
+tests/unit/test_reweighting.py holds the method's specification."""
 
 from __future__ import annotations
 
@@ -21,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers.multiprocess import run_distributed
-from hypothesis import strategies as st
 
 from megatron_patches.reweighting import (
     STRATEGIES,
@@ -31,22 +19,6 @@ from megatron_patches.reweighting import (
 # Every registered strategy: a new one is held to every property below, and to the references
 # (which fail, naming it, until it has one).
 NAMES = list(STRATEGIES)
-
-
-finite_losses = st.one_of(st.floats(0.0, 20.0), st.sampled_from([0.5, 2.0, 7.25]))  # repeats make ties
-
-
-# Bad entries: non-finite losses, or masked-out samples with losses far outside the rest.
-BAD = {
-    "nan": (math.nan, True),
-    "+inf": (math.inf, True),
-    "-inf": (-math.inf, True),
-    "masked-high": (1e3, False),
-    "masked-low": (-1e3, False),
-}
-
-
-entries = st.lists(st.one_of(finite_losses, st.sampled_from(sorted(BAD))), min_size=1, max_size=64)
 
 
 def split_cases() -> list[dict]:

@@ -64,7 +64,9 @@ def unbroken(tmp_path_factory, demo_dir, cache_dir):
     return run
 
 
-@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize(
+    "run", ["megatron-gpt2", "megatron-llama", pytest.param("zero1-llama", marks=pytest.mark.slow)]
+)
 def test_bf16_trains_like_fp32(run, unbroken):
     run_dir = unbroken(run, "bf16")
     ours, theirs = rows(run_dir), rows(unbroken(f"megatron-{RUNS[run][1]}", "fp32"))
@@ -76,7 +78,7 @@ def test_bf16_trains_like_fp32(run, unbroken):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 
 
-@pytest.mark.parametrize("run", ["megatron-gpt2", "megatron-llama"])
+@pytest.mark.parametrize("run", [pytest.param("megatron-gpt2", marks=pytest.mark.slow), "megatron-llama"])
 def test_megatron_checkpoint_holds_bf16_weights_and_fp32_optimizer_state(run, unbroken):
     checkpoint = unbroken(run, "bf16") / "checkpoints/step_00000006"
     metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
@@ -87,7 +89,7 @@ def test_megatron_checkpoint_holds_bf16_weights_and_fp32_optimizer_state(run, un
     assert {dtype for key, dtype in dtypes.items() if key.startswith("optimizer.state.")} == {"torch.float32"}
 
 
-@pytest.mark.parametrize("run", ["megatron-llama", "zero1-llama"])
+@pytest.mark.parametrize("run", ["megatron-llama", pytest.param("zero1-llama", marks=pytest.mark.slow)])
 def test_bf16_run_stops_and_resumes_exactly(run, tmp_path, demo_dir, cache_dir, unbroken):
     settings, config = overrides(cache_dir, run)
     pretrain(tmp_path, demo_dir, *settings, BF16, "train.exit_after=4", config=config)

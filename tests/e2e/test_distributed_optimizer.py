@@ -88,7 +88,12 @@ def test_resumes_exactly(stopped, unbroken, tmp_path, demo_dir, cache_dir):
 
 
 @pytest.mark.parametrize(
-    "nproc, layout", [(1, "parallel.tp=1"), (2, "parallel.tp=2"), (2, "parallel.pp=2")], ids=["dp1", "tp2", "pp2"]
+    "nproc, layout",
+    [
+        pytest.param(1, "parallel.tp=1", id="dp1", marks=pytest.mark.slow),
+        pytest.param(2, "parallel.tp=2", id="tp2"),
+        pytest.param(2, "parallel.pp=2", id="pp2", marks=pytest.mark.slow),
+    ],
 )
 def test_checkpoint_reshards(nproc, layout, stopped, unbroken, tmp_path, demo_dir, cache_dir):
     run_dir = shutil.copytree(stopped, tmp_path / "run")
@@ -102,6 +107,7 @@ def test_checkpoint_reshards(nproc, layout, stopped, unbroken, tmp_path, demo_di
     assert resumed["loss"] == pytest.approx(reference["loss"], rel=RESHARD_RTOL)
 
 
+@pytest.mark.slow
 def test_a_resume_must_keep_the_optimizer_sharding(stopped, tmp_path, demo_dir, cache_dir):
     run_dir = shutil.copytree(stopped, tmp_path / "run")
     settings = [s for s in SETTINGS if not s.startswith("parallel.distributed_optimizer")]

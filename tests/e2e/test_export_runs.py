@@ -1,5 +1,5 @@
-"""From run to result: `launch.tools.export` gives a transformers model that computes what the Megatron
-model computes, its tokenizer encodes as SentencePiece does, and `launch.tools.evaluate` scores it."""
+"""From run to result: `launch.tools.export` of a trained run gives a transformers model that computes
+what the Megatron model computes, and `launch.tools.evaluate` scores it."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ LLAMA_STYLE = (
     "model.add_bias_linear=false", "model.num_query_groups=2", "model.untie_embeddings=true",
 )  # fmt: skip
 
+
+# Two trained runs; the conversion itself is pinned in tests/unit/test_export.py within `make test`.
+pytestmark = pytest.mark.slow
 
 TASKS = REPO / "tests" / "lm_eval_tasks"
 

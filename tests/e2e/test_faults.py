@@ -62,7 +62,7 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, 
     assert comparable(tmp_path) == comparable(unbroken)  # nothing lost, bit for bit on CPU
 
 
-@pytest.mark.parametrize("save", ["sync", "async"])
+@pytest.mark.parametrize("save", ["sync", pytest.param("async", marks=pytest.mark.slow)])
 def test_a_signal_to_every_process_after_periodic_checkpoints_saves_and_resumes_exactly(
     tmp_path, demo_dir, unbroken, save
 ):
@@ -85,6 +85,7 @@ def test_a_signal_to_every_process_after_periodic_checkpoints_saves_and_resumes_
     assert comparable(tmp_path) == comparable(unbroken)
 
 
+@pytest.mark.slow
 def test_a_signal_during_a_save_still_leaves_the_checkpoint_of_the_step_reached(tmp_path, demo_dir, unbroken):
     run = start(tmp_path, demo_dir, *LONG, "checkpoint.interval=3")
     checkpoints, deadline = tmp_path / "checkpoints", time.monotonic() + 120
@@ -100,6 +101,7 @@ def test_a_signal_during_a_save_still_leaves_the_checkpoint_of_the_step_reached(
     assert comparable(tmp_path) == comparable(unbroken)
 
 
+@pytest.mark.slow
 def test_a_hung_rank_is_caught_by_the_watchdog_and_the_job_restarts_from_its_checkpoint(tmp_path, demo_dir, unbroken):
     hang = (
         "faults.hang_min_seconds=3",
@@ -157,6 +159,7 @@ def _is_zombie(pid: str) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_a_second_job_on_the_same_run_dir_is_refused(tmp_path, demo_dir):
     with exclusive_lock(str(tmp_path / "run.lock")):  # as a running job's rank 0 holds it
         result = pretrain(tmp_path, demo_dir, check=False)
@@ -197,7 +200,11 @@ CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("corruption", CORRUPTIONS)
+# The SHA-256 case in `make test`; the ones a size or presence check catches in `make test-slow`.
+@pytest.mark.parametrize(
+    "corruption",
+    [pytest.param(name, marks=[] if name.startswith("zeroed") else pytest.mark.slow) for name in CORRUPTIONS],
+)
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, demo_dir, stopped_at_4, corruption):
     run_dir = tmp_path / "run"
     shutil.copytree(stopped_at_4, run_dir)
@@ -228,6 +235,7 @@ def test_a_resume_that_changes_the_experiment_is_refused_unless_allowed(tmp_path
     assert (run_dir / "config.yaml").read_text() == starts[1].read_text()
 
 
+@pytest.mark.slow
 def test_a_resume_that_changes_only_how_the_run_reports_goes_on(tmp_path, demo_dir, stopped_at_4):
     run_dir = tmp_path / "run"
     shutil.copytree(stopped_at_4, run_dir)
@@ -272,6 +280,7 @@ def test_a_full_disk_during_a_save_is_reported_and_leaves_nothing_half_written(t
     assert [r["step"] for r in rows(run_dir)] == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_a_save_that_cannot_fit_is_refused_before_writing_and_the_run_resumes_once_there_is_space(
     tmp_path, demo_dir, small_disk
 ):

@@ -153,7 +153,9 @@ def runs(megatron_lm, fork, demo_dir):
     return logged
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "layout", [pytest.param(name, marks=[] if name == "dp2" else pytest.mark.slow) for name in LAYOUTS]
+)
 def test_uniform_logs_megatron_lms_own_loss_at_every_iteration(runs, layout):
     plain = runs("plain", *LAYOUTS[layout])
     uniform = runs("drop-in", "--reweight-strategy", "uniform", *LAYOUTS[layout])
@@ -181,6 +183,7 @@ def test_linupper_differs_after_its_warm_up_and_logs_its_statistics(runs, checkp
     assert [set(row) for row in linupper.validations] == [{"lm loss value", "lm loss PPL"}] * 3
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_reweighting_schedule(runs, checkpoints):
     """The drop-in loads the fork's checkpoint of iteration 3: iteration 4 is the unbroken
     run's, and iterations 4-6 are reweighted at the target temperature (no second warm-up)."""

@@ -107,6 +107,7 @@ def test_data_parallel_run_from_scratch_follows_the_single_process_curve(single_
     assert _curve(unbroken) == pytest.approx(_curve(single_process), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_pipeline_parallel_run_from_scratch_follows_the_single_process_curve(tmp_path, demo_dir, single_process):
     """Two stages of one model (megatron_patches/init.py), not two draws from one stream: the
     same losses over four steps, to floating-point order (measured: within 1e-8)."""
@@ -173,6 +174,7 @@ def test_a_checkpoint_of_the_earlier_trainer_state_format_resumes_exactly(tmp_pa
     assert "step_statistics" in written and not {"log_interval", "consumed_samples"} & set(written)
 
 
+@pytest.mark.slow
 def test_resume_under_another_dp_keeping_the_global_micro_batch_is_accepted(tmp_path, demo_dir):
     """Weights are normalised over DP x micro_batch_size samples: DP 1 x 8 -> DP 2 x 4 is the same experiment."""
     batch = "train.global_batch_size=16"
@@ -189,6 +191,7 @@ def test_resume_under_another_dp_keeping_the_global_micro_batch_is_accepted(tmp_
     assert "train.micro_batch_size=4 keeps it under DP 2" in refused.stderr
 
 
+@pytest.mark.slow
 def test_incomplete_latest_checkpoint_is_skipped_with_a_warning(tmp_path, demo_dir):
     pretrain(tmp_path, demo_dir, "train.exit_after=4")
     (tmp_path / "checkpoints" / "step_00000004" / "trainer_state.json").unlink()

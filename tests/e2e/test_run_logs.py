@@ -1,5 +1,5 @@
-"""Logs a cluster user can read: start-up summary, no library noise, timestamps, progress lines
-in non-terminal logs, runs without torchrun, and Weights & Biases beside TensorBoard."""
+"""Logs of real runs: the start-up summary, timestamps and no library noise, runs without torchrun,
+and a Weights & Biases offline run that records what was logged."""
 
 from __future__ import annotations
 

@@ -68,6 +68,7 @@ def stopped_at(text: str, reason: str) -> int:
     return int(text.rsplit(f"stopping on {reason} at step ", 1)[1].split(";")[0])
 
 
+@pytest.mark.slow
 def test_a_usr1_to_the_batch_shell_saves_requeues_and_the_job_finishes_exactly(tmp_path, demo_dir, unbroken):
     """What --signal=B:USR1@N does ahead of the time limit; `scancel --signal=USR1 --batch` does the same."""
     run_dir = tmp_path / "run"

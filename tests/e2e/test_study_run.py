@@ -1,4 +1,4 @@
-"""`python -m launch.tools.study`: arms, the t-interval, the summary's numbers, resuming, Slurm."""
+"""A small study end to end: real runs of every arm and seed, and the summary they give."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def no_subprocess(*args, **kwargs):
     raise AssertionError(f"no run should start, got {args}")
 
 
+@pytest.mark.slow
 def test_small_study_end_to_end(tmp_path, demo_dir, monkeypatch):
     """2 arms x 2 seeds of a tiny model: runs, pairing, summary and a rerun that trains nothing."""
     monkeypatch.chdir(REPO)

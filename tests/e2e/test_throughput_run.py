@@ -1,4 +1,4 @@
-"""Model FLOPs, device peaks and MFU, worked by hand."""
+"""`launch.tools.bench` on the demo: the strategies interleaved step by step, and the overhead reported."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""`engine: deepspeed` computes the Megatron engine's step, and trains end to end like it.
-
-* One ZeRO-2/ZeRO-3 step (a real DeepSpeed engine on two gloo processes, DP=2 or TP=2) on
-  a global batch of two micro-batches with the reweighted loss gives the Megatron engine's
-  step from the same weights on the same batch: the same sample weights, gradient, gradient
-  norm and AdamW update.  The gradient that ZeRO reduces and partitions is read through its
-  optimizer: a plain SGD step with learning rate L moves every parameter by exactly -L·g.
-* `torchrun -m launch.pretrain --config configs/demo_cpu_deepspeed.yaml` logs the Megatron
-  engine's rows with the same losses, and stops and resumes exactly.
-* A DeepSpeed JSON may add settings but not contradict the run config.
-"""
+"""`engine: deepspeed`'s configuration: a DeepSpeed JSON may add settings but not contradict the run
+config, and gradients accumulate and reduce in fp32, overlapping communication where DeepSpeed can."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""From run to result: `launch.tools.export` gives a transformers model that computes what the Megatron
-model computes, its tokenizer encodes as SentencePiece does, and `launch.tools.evaluate` scores it."""
+"""`launch.tools.export`'s conversion, without a run: random Megatron weights convert exactly, the
+tokenizer encodes and decodes as SentencePiece does, and what it cannot export is refused."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Logs a cluster user can read: start-up summary, no library noise, timestamps, progress lines
-in non-terminal logs, runs without torchrun, and Weights & Biases beside TensorBoard."""
+"""Logs a cluster user can read, in one process: the noise filter, timestamps, progress lines in
+non-terminal logs, and Weights & Biases refused with the install command when it is missing."""
 
 from __future__ import annotations
 

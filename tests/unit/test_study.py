@@ -1,4 +1,5 @@
-"""`python -m launch.tools.study`: arms, the t-interval, the summary's numbers, resuming, Slurm."""
+"""`python -m launch.tools.study` without training: arms, the t-interval, the summary's numbers,
+resuming, refusals and the Slurm array."""
 
 from __future__ import annotations
 

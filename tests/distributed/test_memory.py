@@ -1,4 +1,5 @@
-"""The dry run's memory model against the memory a real training step takes (CPU, fp32)."""
+"""The dry run's memory model against the memory a real training step takes (fp32): the
+allocator's peak on a GPU, the resident set's on a CPU."""
 
 from __future__ import annotations
 
@@ -28,11 +29,41 @@ def _resident_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
+class _Memory:
+    """What the training state takes where it lives, in bytes: the CUDA allocator's count on a GPU;
+    on a CPU, the resident set, with the building's freed copies given back to the system."""
+
+    def __init__(self, gpu: bool):
+        self.gpu = gpu
+        self.start = self._now()
+
+    def _now(self) -> int:
+        import torch
+
+        return torch.cuda.memory_allocated() if self.gpu else _resident_kib("VmRSS") * 1024
+
+    def restart_peak(self) -> None:
+        import ctypes
+        from pathlib import Path
+
+        import torch
+
+        if self.gpu:
+            torch.cuda.reset_peak_memory_stats()
+        else:  # Megatron's CPU initialisation copies each weight once
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak_growth(self) -> int:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() if self.gpu else _resident_kib("VmHWM") * 1024
+        return peak - self.start
+
+
 def _measure(overrides: list[str]) -> dict:
-    """Peak growth of the resident set over two steps, and the dry run's estimate, in bytes."""
-    import ctypes
+    """Peak growth of the memory the run holds over two steps, and the dry run's estimate, in bytes."""
     from functools import partial
-    from pathlib import Path
 
     import torch
 
@@ -42,6 +73,7 @@ def _measure(overrides: list[str]) -> dict:
     from launch.model import build_model
     from launch.sources import padded_vocab_size
     from launch.trainer import _forward_step
+    from megatron_patches.device import on_gpu
     from megatron_patches.loss import ReweightedLoss
     from megatron_patches.parallel import destroy_parallel, initialize_parallel
     from megatron_patches.reweighting import ReweightSchedule
@@ -50,13 +82,10 @@ def _measure(overrides: list[str]) -> dict:
     cfg = load_config(REPO / "configs/demo_cpu.yaml", [*SHAPE, *overrides])
     initialize_parallel(seed=1)
     engine_class(cfg.engine)  # its imports are not the model's memory
-    before = _resident_kib("VmRSS")
+    memory = _Memory(on_gpu())
     model = build_model(cfg, padded_vocab_size(cfg, cfg.model.vocab_size))
     engine = engine_class(cfg.engine)(cfg, model, 1)
-    # Building copies each weight once on the CPU (Megatron's CPU initialisation); give the freed
-    # copies back to the system and restart the peak, so that only what the run keeps counts.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
+    memory.restart_peak()  # only what the run keeps counts, not what building it freed
     loss = ReweightedLoss(ReweightSchedule("linupper", 1.0))
     m, seq = cfg.train.micro_batch_size, cfg.model.seq_length
     for _ in range(2):
@@ -70,7 +99,7 @@ def _measure(overrides: list[str]) -> dict:
         )
         engine.forward_backward(partial(_forward_step, loss), iter([batch]), 1, forward_only=False)
         engine.step()
-    measured = (_resident_kib("VmHWM") - before) * 1024
+    measured = memory.peak_growth()
     estimate = estimate_memory(cfg, count_parameters(cfg, cfg.model.vocab_size), 1)
     destroy_parallel()
     return dict(measured=measured, estimate=estimate._asdict(), total=estimate.total)

@@ -174,6 +174,8 @@ def _describe_reweighting(cfg: Config) -> str:
     if rw.strategy == "uniform":
         return "uniform (the ordinary Megatron loss)"
     target = f"{rw.strategy}, temperature {rw.temperature}, delta {rw.delta}"
+    if rw.unit == "document":
+        target += f", per document (at most {rw.max_segments_per_sample} a sample)"
     if rw.warmup_steps == 0 and rw.anneal_steps == 0:
         return target
     start = "uniform weights" if rw.warmup_temperature is None else f"temperature {rw.warmup_temperature}"

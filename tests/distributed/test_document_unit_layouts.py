@@ -94,6 +94,19 @@ def _reference_worker():
     return full_state, results
 
 
+def _recorded(loss_fn, calls: list):
+    """`loss_fn`, recording every host read and CUDA-syncing operator it makes into `calls`."""
+    from helpers.host_reads import HostReadRecorder, SyncingOpRecorder
+
+    def loss(*args, **kwargs):
+        with HostReadRecorder() as reads, SyncingOpRecorder() as ops:
+            result = loss_fn(*args, **kwargs)
+        calls.extend(reads.calls + ops.calls)
+        return result
+
+    return loss
+
+
 def _layout_worker(tp, pp, cp, full_state):
     from helpers.megatron_harness import layout_stepper
     from megatron.core import parallel_state as ps
@@ -104,10 +117,10 @@ def _layout_worker(tp, pp, cp, full_state):
 
     initialize_parallel(tp, pp, cp, seed=123)  # a different seed: weights come from full_state
     step = layout_stepper(full_state)
-    out = {"last_stage": ps.is_pipeline_last_stage()}
+    out = {"last_stage": ps.is_pipeline_last_stage(), "host_reads": []}
     for strategy in STRATEGIES:
         loss_fn = ReweightedLoss(ReweightSchedule(strategy, TEMPERATURE), num_domains=2, units_per_row=SLOTS)
-        out[strategy] = step(loss_fn, [document_batch(s) for s in BATCH_SEEDS])
+        out[strategy] = step(_recorded(loss_fn, out["host_reads"]), [document_batch(s) for s in BATCH_SEEDS])
     destroy_parallel()
     return out
 
@@ -145,6 +158,7 @@ def test_uniform_over_segments_is_the_token_mean_loss(reference):
 def test_layout_matches_single_process_reference(layout_run, reference, strategy):
     ref = reference[1][strategy]
     last_stage = [r for r in layout_run if r["last_stage"]]
+    assert [r["host_reads"] for r in layout_run] == [[]] * len(layout_run)
     for result in last_stage:
         reports, _ = result[strategy]
         for report, expected in zip(reports, ref["batches"], strict=True):

@@ -1,0 +1,37 @@
+"""`reweight.unit: document` through the training entry point, under context parallelism."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.e2e import pretrain, rows
+
+pytestmark = pytest.mark.e2e
+
+CP2_UNIFORM = ("parallel.cp=2", "reweight.strategy=uniform")
+DOCUMENTS = ("reweight.unit=document", "reweight.max_segments_per_sample=2")
+
+
+@pytest.fixture(scope="module")
+def document_run(tmp_path_factory, demo_dir):
+    run_dir = tmp_path_factory.mktemp("documents")
+    pretrain(run_dir, demo_dir, *CP2_UNIFORM, *DOCUMENTS)
+    return run_dir
+
+
+def test_uniform_over_documents_trains_as_uniform_over_sequences(tmp_path, demo_dir, document_run):
+    pretrain(tmp_path, demo_dir, *CP2_UNIFORM)
+    documents, sequences = rows(document_run), rows(tmp_path)
+    assert [r["step"] for r in documents] == [r["step"] for r in sequences]
+    for document, sequence in zip(documents, sequences):
+        assert document["loss"] == pytest.approx(sequence["loss"], rel=1e-5)
+        assert document["weighted_loss"] == pytest.approx(document["loss"], rel=1e-6)
+        assert 1 <= document["segments_per_sample"] <= 2  # the bound caps what a sample can hold
+        assert 0 <= document["segments_over_bound"] <= 1
+        assert "segments_per_sample" not in sequence
+    assert any(r["segments_per_sample"] > 1 for r in documents)
+
+
+def test_a_resume_that_changes_the_unit_is_refused(tmp_path, demo_dir, document_run):
+    result = pretrain(document_run, demo_dir, *CP2_UNIFORM, check=False)
+    assert result.returncode != 0
+    assert "reweight.unit: 'document' -> 'sequence'" in result.stdout + result.stderr

@@ -76,7 +76,8 @@ def _token_sum_loss(loss_mask, domains, token_losses, **units):
 def _forward_step(loss_fn, batches, model):
     """Megatron's `forward_step_func`: one micro-batch through the model, and its loss."""
     batch = {k: v.to(device(), non_blocking=True) for k, v in next(batches).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # data.reset_attention_mask: the SDPA attention masks by each position's document.
+    output = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"])
     units = {key: batch[key] for key in ("unit_ids", "unit_counts") if key in batch}  # reweight.unit=document
     return output, partial(loss_fn, batch["loss_mask"], batch["domains"], **units)
 

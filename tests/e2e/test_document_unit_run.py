@@ -1,4 +1,5 @@
-"""`reweight.unit: document` through the training entry point, under context parallelism."""
+"""`reweight.unit: document` through the training entry point, under context parallelism, with
+the documents kept apart in attention, positions and loss (`data.reset_*`, `data.eod_mask_loss`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from helpers.e2e import pretrain, rows
 
 pytestmark = pytest.mark.e2e
 
-CP2_UNIFORM = ("parallel.cp=2", "reweight.strategy=uniform")
+CP2_UNIFORM = (
+    "parallel.cp=2",
+    "reweight.strategy=uniform",
+    "data.reset_attention_mask=true",
+    "data.reset_position_ids=true",
+    "data.eod_mask_loss=true",
+)
 DOCUMENTS = ("reweight.unit=document", "reweight.max_segments_per_sample=2")
 
 

@@ -74,3 +74,19 @@ def test_document_rows_join_the_step_statistics_only_for_the_document_unit():
     # A sequence run's open interval cannot become a document run's.
     with pytest.raises(ValueError, match="no row 'segments_per_sample'"):
         documents._flat(sequence._by_name([0.0] * len(sequence.rows)))
+
+
+def test_documents_kept_apart_are_refused_where_they_cannot_be_honoured():
+    with pytest.raises(ConfigError) as error:
+        validate(
+            demo(
+                "data.reset_attention_mask=true",
+                "model.transformer_impl=transformer_engine",
+                "data.reset_position_ids=true",
+                "model.position_embedding=rope",
+            ),
+            2,
+        )
+    assert "data.reset_attention_mask=true needs the local layer's SDPA attention" in str(error.value)
+    assert "data.reset_position_ids=true has no effect with model.position_embedding=rope" in str(error.value)
+    validate(demo("data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true"), 2)

@@ -201,5 +201,9 @@ def _describe_data(cfg: Config) -> list[str]:
         lines.append(f"data train: {len(data.prefixes)} prefixes, weights {weights}")
     if data.valid_blend is None:
         lines.append(f"data valid: split {data.split} of the training data")
+    flags = ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
+    kept_apart = [f"data.{key}" for key in flags if getattr(data, key)]
+    if kept_apart:
+        lines.append("documents kept apart: " + ", ".join(kept_apart))
     lines.append(f"tokenizer: {data.tokenizer_model}")
     return lines

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from launch.config import ConfigError, experiment_changes, load_config, to_dict, validate
+from launch.dry_run import describe_run
 from launch.metrics import StepStatistics
 from megatron_patches.loss import document_units
 from megatron_patches.megatron_lm import add_reweight_args, refusals
@@ -90,3 +91,9 @@ def test_documents_kept_apart_are_refused_where_they_cannot_be_honoured():
     assert "data.reset_attention_mask=true needs the local layer's SDPA attention" in str(error.value)
     assert "data.reset_position_ids=true has no effect with model.position_embedding=rope" in str(error.value)
     validate(demo("data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true"), 2)
+
+
+def test_the_dry_run_names_the_unit_and_the_documents_kept_apart():
+    lines = describe_run(demo("reweight.unit=document", "data.reset_attention_mask=true"), 2)
+    assert any("linupper, temperature 0.5, delta 1.0, per document (at most 16 a sample)" in line for line in lines)
+    assert "documents kept apart: data.reset_attention_mask" in lines

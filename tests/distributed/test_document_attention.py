@@ -1,5 +1,6 @@
 """Documents kept apart (`data.reset_attention_mask`, `data.reset_position_ids`): a document's
-loss does not depend on the document before it in the window, with or without CP."""
+loss does not depend on the document before it in the window, with or without CP, and the
+mask costs no host sync."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def two_samples() -> dict[str, torch.Tensor]:
 
 
 def _worker(cp: int, documents_apart: bool):
+    from helpers.host_reads import HostReadRecorder, SyncingOpRecorder
     from helpers.megatron_harness import tiny_gpt
     from megatron.core import parallel_state as ps
     from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
@@ -49,8 +51,16 @@ def _worker(cp: int, documents_apart: bool):
     else:
         batch["position_ids"] = torch.arange(SEQ).expand(2, SEQ)
     local = get_batch_on_this_cp_rank(batch)
-    with torch.no_grad():
-        losses = model(local["tokens"], local["position_ids"], local.get("document_ids"), labels=local["labels"])
+
+    def forward(documents):
+        """The token losses, and the host reads and CUDA-syncing operators of the forward."""
+        with torch.no_grad(), HostReadRecorder() as reads, SyncingOpRecorder() as ops:
+            losses = model(local["tokens"], local["position_ids"], documents, labels=local["labels"])
+        return losses, reads.calls + ops.calls
+
+    losses, host_reads = forward(local.get("document_ids"))
+    # The mask adds no host read or syncing operator to those of the model itself.
+    assert host_reads == forward(None)[1]
     positions = cp_token_positions(losses.shape[1], ps.get_context_parallel_rank(), cp, losses.device)
     destroy_parallel()
     return positions, losses

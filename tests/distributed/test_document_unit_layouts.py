@@ -3,10 +3,13 @@
 Each sample of the global micro-batch holds document segments (one past the bound, one
 fully masked, one crossing every CP chunk boundary); every layout must give the reference's
 per-segment weights, reported losses and full gradients, the reference's segments being found
-by a plain loop over the tokens and weighed in NumPy.
+by a plain loop over the tokens and weighed in NumPy.  `launch.data.micro_batches` finds the
+segments on whole rows, before the CP split.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -184,3 +187,54 @@ def test_layout_matches_single_process_reference(layout_run, reference, strategy
             torch.testing.assert_close(grad, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m, n=name: f"{n}: {m}")
             seen.add(name)
     assert seen == set(ref["grads"])
+
+
+class _Windows:
+    """`document_batch(0)`'s samples as a dataset: what `launch.data.micro_batches` reads."""
+
+    config = SimpleNamespace(tokenizer=SimpleNamespace(eod=EOD))
+
+    def __init__(self):
+        self.batch = document_batch(0)
+
+    def __len__(self):
+        return GLOBAL_MICRO_BATCH
+
+    def __getitem__(self, i):
+        keys = ("tokens", "labels", "loss_mask", "position_ids")
+        return {key: self.batch[key][i] for key in keys} | {"dataset_id": i % 2}
+
+
+def _micro_batches_worker():
+    from megatron.core import parallel_state as ps
+
+    from launch.config import Config, DataConfig, ModelConfig, TrainConfig
+    from launch.data import micro_batches
+    from megatron_patches.attention import cp_token_positions
+    from megatron_patches.parallel import destroy_parallel, initialize_parallel
+    from megatron_patches.reweighting import ReweightSettings
+
+    initialize_parallel(cp=2)
+    cfg = Config(
+        model=ModelConfig(seq_length=SEQ),
+        train=TrainConfig(global_batch_size=GLOBAL_MICRO_BATCH, micro_batch_size=GLOBAL_MICRO_BATCH // 2),
+        data=DataConfig(reset_attention_mask=True),
+        reweight=ReweightSettings(unit="document", max_segments_per_sample=SLOTS),
+    )
+    batches = list(micro_batches(_Windows(), cfg, step=0))
+    positions = cp_token_positions(SEQ // 2, ps.get_context_parallel_rank(), 2, "cpu")
+    destroy_parallel()
+    return positions, batches
+
+
+def test_micro_batches_find_the_segments_on_whole_rows_before_the_cp_split():
+    whole = document_batch(0)
+    documents, _ = document_units(whole["tokens"], EOD, SEQ)
+    half = GLOBAL_MICRO_BATCH // 2
+    for positions, batches in run_distributed(_micro_batches_worker, 2):
+        for i, batch in enumerate(batches):
+            rows = slice(i * half, (i + 1) * half)
+            assert torch.equal(batch["tokens"], whole["tokens"][rows][:, positions])
+            assert torch.equal(batch["unit_ids"], whole["unit_ids"][rows][:, positions])
+            assert torch.equal(batch["document_ids"], documents[rows][:, positions])
+            assert batch["unit_counts"].tolist() == SEGMENTS[rows]

@@ -42,3 +42,10 @@ def test_a_resume_that_changes_the_unit_is_refused(tmp_path, demo_dir, document_
     result = pretrain(document_run, demo_dir, *CP2_UNIFORM, check=False)
     assert result.returncode != 0
     assert "reweight.unit: 'document' -> 'sequence'" in result.stdout + result.stderr
+
+
+def test_a_stopped_document_run_resumes_exactly(tmp_path, demo_dir, document_run):
+    pretrain(tmp_path, demo_dir, *CP2_UNIFORM, *DOCUMENTS, "train.exit_after=3")  # mid log interval
+    pretrain(tmp_path, demo_dir, *CP2_UNIFORM, *DOCUMENTS)
+    keys = ("step", "loss", "weighted_loss", "weight_ess", "segments_per_sample", "segments_over_bound")
+    assert [[r[k] for k in keys] for r in rows(tmp_path)] == [[r[k] for k in keys] for r in rows(document_run)]

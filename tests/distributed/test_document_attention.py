@@ -29,7 +29,7 @@ def two_samples() -> dict[str, torch.Tensor]:
     return dict(tokens=stream[:, :-1], labels=stream[:, 1:])
 
 
-def _worker(cp: int, documents_apart: bool):
+def _worker(cp: int):
     from helpers.host_reads import HostReadRecorder, SyncingOpRecorder
     from helpers.megatron_harness import tiny_gpt
     from megatron.core import parallel_state as ps
@@ -43,35 +43,36 @@ def _worker(cp: int, documents_apart: bool):
     initialize_parallel(cp=cp, seed=7)  # the initial weights do not depend on the layout
     model = tiny_gpt()
     batch = two_samples()
-    if documents_apart:  # as the dataset and launch.data build them
-        batch["position_ids"] = torch.stack(
-            [_get_ltor_masks_and_position_ids(t, EOD, True, True, False, False)[2] for t in batch["tokens"]]
-        )
-        batch["document_ids"], _ = document_units(batch["tokens"], EOD, SEQ)
-    else:
-        batch["position_ids"] = torch.arange(SEQ).expand(2, SEQ)
+    # Documents kept apart as the dataset and launch.data build them; plain: neither.
+    batch["reset_position_ids"] = torch.stack(
+        [_get_ltor_masks_and_position_ids(t, EOD, True, True, False, False)[2] for t in batch["tokens"]]
+    )
+    batch["document_ids"], _ = document_units(batch["tokens"], EOD, SEQ)
+    batch["position_ids"] = torch.arange(SEQ).expand(2, SEQ)
     local = get_batch_on_this_cp_rank(batch)
 
-    def forward(documents):
+    def forward(positions, documents):
         """The token losses, and the host reads and CUDA-syncing operators of the forward."""
         with torch.no_grad(), HostReadRecorder() as reads, SyncingOpRecorder() as ops:
-            losses = model(local["tokens"], local["position_ids"], documents, labels=local["labels"])
+            losses = model(local["tokens"], positions, documents, labels=local["labels"])
         return losses, reads.calls + ops.calls
 
-    losses, host_reads = forward(local.get("document_ids"))
+    apart, host_reads = forward(local["reset_position_ids"], local["document_ids"])
+    plain, plain_host_reads = forward(local["position_ids"], None)
     # The mask adds no host read or syncing operator to those of the model itself.
-    assert host_reads == forward(None)[1]
-    positions = cp_token_positions(losses.shape[1], ps.get_context_parallel_rank(), cp, losses.device)
+    assert host_reads == plain_host_reads
+    positions = cp_token_positions(apart.shape[1], ps.get_context_parallel_rank(), cp, apart.device)
     destroy_parallel()
-    return positions, losses
+    return positions, apart, plain
 
 
-def token_losses(cp: int, documents_apart: bool) -> torch.Tensor:
-    """The [2, SEQ] token losses, the CP ranks' chunks put back in order."""
-    full = torch.empty(2, SEQ)
-    for positions, losses in run_distributed(_worker, cp, cp, documents_apart):
-        full[:, positions] = losses
-    return full
+def token_losses(cp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [2, SEQ] token losses with the documents kept apart and plain, the CP ranks' chunks
+    put back in order."""
+    apart, plain = torch.empty(2, SEQ), torch.empty(2, SEQ)
+    for positions, *losses in run_distributed(_worker, cp, cp):
+        apart[:, positions], plain[:, positions] = losses
+    return apart, plain
 
 
 def second_document(losses: torch.Tensor) -> list[torch.Tensor]:
@@ -79,17 +80,18 @@ def second_document(losses: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def apart():
-    return token_losses(1, True)
+def single_process():
+    return token_losses(1)
 
 
-def test_a_documents_loss_does_not_depend_on_the_document_before_it(apart):
+def test_a_documents_loss_does_not_depend_on_the_document_before_it(single_process):
+    apart, plain = single_process
     a, b = second_document(apart)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # Without the mask and the position reset it does: the check can fail.
-    a, b = second_document(token_losses(1, False))
+    a, b = second_document(plain)
     assert not torch.allclose(a, b, rtol=1e-3)
 
 
-def test_documents_are_kept_apart_alike_under_context_parallelism(apart):
-    torch.testing.assert_close(token_losses(2, True), apart, rtol=1e-5, atol=1e-6)
+def test_documents_are_kept_apart_alike_under_context_parallelism(single_process):
+    torch.testing.assert_close(token_losses(2)[0], single_process[0], rtol=1e-5, atol=1e-6)

@@ -25,20 +25,17 @@ def document_run(tmp_path_factory, demo_dir):
     return run_dir
 
 
-def test_uniform_over_documents_trains_as_uniform_over_sequences(tmp_path, demo_dir, document_run):
-    pretrain(tmp_path, demo_dir, *CP2_UNIFORM)
-    documents, sequences = rows(document_run), rows(tmp_path)
-    assert [r["step"] for r in documents] == [r["step"] for r in sequences]
-    for document, sequence in zip(documents, sequences):
-        assert document["loss"] == pytest.approx(sequence["loss"], rel=1e-5)
-        assert document["weighted_loss"] == pytest.approx(document["loss"], rel=1e-6)
-        assert 1 <= document["segments_per_sample"] <= 2  # the bound caps what a sample can hold
-        assert 0 <= document["segments_over_bound"] <= 1
-        assert "segments_per_sample" not in sequence
+def test_a_document_run_logs_its_segments_and_uniform_weights_give_the_token_mean(document_run):
+    documents = rows(document_run)
+    assert [r["step"] for r in documents] == [2, 4, 6, 8]
+    for row in documents:
+        assert row["weighted_loss"] == pytest.approx(row["loss"], rel=1e-6)
+        assert 1 <= row["segments_per_sample"] <= 2  # the bound caps what a sample can hold
+        assert 0 <= row["segments_over_bound"] <= 1
     assert any(r["segments_per_sample"] > 1 for r in documents)
 
 
-def test_a_resume_that_changes_the_unit_is_refused(tmp_path, demo_dir, document_run):
+def test_a_resume_that_changes_the_unit_is_refused(demo_dir, document_run):
     result = pretrain(document_run, demo_dir, *CP2_UNIFORM, check=False)
     assert result.returncode != 0
     assert "reweight.unit: 'document' -> 'sequence'" in result.stdout + result.stderr

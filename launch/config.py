@@ -153,6 +153,13 @@ class DataConfig:
     # training and validation; no test set is built from them.
     split: str = "99,1,0"
     cache_dir: str | None = None  # null = <run_dir>/data_cache
+    # Documents kept apart inside a sample (Megatron's flags of the same names; a document ends
+    # with the tokenizer's EOS): positions restart at 0 after each end-of-document token; a
+    # position attends to its own document only (the SDPA attention of model.transformer_impl=local);
+    # no loss on predicting the token after an end-of-document token.
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -489,6 +496,7 @@ def validate(cfg: Config, world_size: int) -> None:
     problems += _value_problems(cfg)
     problems += _fault_problems(cfg.faults)
     problems += _data_problems(cfg.data)
+    problems += _document_problems(cfg)
     problems += _path_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -718,6 +726,22 @@ def _data_problems(data: DataConfig) -> list[str]:
             )
     if data.tokenizer_model is None:
         problems.append("data.tokenizer_model is null: give the SentencePiece model the data was tokenized with")
+    return problems
+
+
+def _document_problems(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.data.reset_attention_mask and cfg.model.transformer_impl == "transformer_engine":
+        problems.append(
+            "data.reset_attention_mask=true needs the local layer's SDPA attention, which builds each"
+            " sample's document mask: set model.transformer_impl=local"
+        )
+    if cfg.data.reset_position_ids and cfg.model.position_embedding == "rope":
+        problems.append(
+            "data.reset_position_ids=true has no effect with model.position_embedding=rope (Megatron-Core's"
+            " rotary embedding does not read position ids; RoPE is relative, so data.reset_attention_mask"
+            " alone keeps documents apart): set data.reset_position_ids=false"
+        )
     return problems
 
 

@@ -21,6 +21,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from launch.config import Config
 from launch.sources import Blend, DataSources, Tokenizer
+from megatron_patches.loss import document_units
 
 
 def _dataset_config(cfg: Config, tokenizer: Tokenizer, cache_dir: Path, **blend) -> GPTDatasetConfig:
@@ -29,10 +30,10 @@ def _dataset_config(cfg: Config, tokenizer: Tokenizer, cache_dir: Path, **blend)
         sequence_length=cfg.model.seq_length,
         path_to_cache=str(cache_dir),
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
+        reset_position_ids=cfg.data.reset_position_ids,
+        reset_attention_mask=cfg.data.reset_attention_mask,
+        eod_mask_loss=cfg.data.eod_mask_loss,
+        create_attention_mask=False,  # the attention builds it from `document_ids`
         **blend,
     )
 
@@ -78,7 +79,10 @@ def micro_batches(dataset, cfg: Config, step: int, num_steps: int = 1) -> Iterat
     """This rank's micro-batches for `num_steps` global batches starting at `step`.
 
     A sample's domain is its `dataset_id` in the blend, i.e. its index in `Blend.domains`
-    (0 for a single dataset).
+    (0 for a single dataset).  With `reweight.unit: document` each position's document slot
+    (`unit_ids`) is found on the whole row, before the context-parallel split cuts it, and
+    `unit_counts` holds each row's number of documents.  With `data.reset_attention_mask` each
+    position's document (`document_ids`, unbounded) goes to the attention, found likewise.
     """
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
@@ -89,6 +93,11 @@ def micro_batches(dataset, cfg: Config, step: int, num_steps: int = 1) -> Iterat
             key: torch.stack([torch.as_tensor(s[key]) for s in samples])
             for key in ("tokens", "labels", "loss_mask", "position_ids")
         }
-        batch = get_batch_on_this_cp_rank(batch)
-        batch["domains"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples])
-        yield batch
+        per_sample = {"domains": torch.tensor([int(s.get("dataset_id", 0)) for s in samples])}
+        eod = dataset.config.tokenizer.eod
+        if cfg.data.reset_attention_mask:
+            batch["document_ids"], _ = document_units(batch["tokens"], eod, cfg.model.seq_length)
+        if cfg.reweight.unit == "document":
+            ids, counts = document_units(batch["tokens"], eod, cfg.reweight.units_per_row)
+            batch["unit_ids"], per_sample["unit_counts"] = ids, counts
+        yield get_batch_on_this_cp_rank(batch) | per_sample

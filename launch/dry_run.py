@@ -174,6 +174,8 @@ def _describe_reweighting(cfg: Config) -> str:
     if rw.strategy == "uniform":
         return "uniform (the ordinary Megatron loss)"
     target = f"{rw.strategy}, temperature {rw.temperature}, delta {rw.delta}"
+    if rw.unit == "document":
+        target += f", per document (at most {rw.max_segments_per_sample} a sample)"
     if rw.warmup_steps == 0 and rw.anneal_steps == 0:
         return target
     start = "uniform weights" if rw.warmup_temperature is None else f"temperature {rw.warmup_temperature}"
@@ -199,5 +201,9 @@ def _describe_data(cfg: Config) -> list[str]:
         lines.append(f"data train: {len(data.prefixes)} prefixes, weights {weights}")
     if data.valid_blend is None:
         lines.append(f"data valid: split {data.split} of the training data")
+    flags = ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
+    kept_apart = [f"data.{key}" for key in flags if getattr(data, key)]
+    if kept_apart:
+        lines.append("documents kept apart: " + ", ".join(kept_apart))
     lines.append(f"tokenizer: {data.tokenizer_model}")
     return lines

@@ -33,6 +33,13 @@ STEP_STATISTICS = (
     ("loss_top_weighted_quarter", "loss_top_quarter"),
     ("loss_bottom_weighted_quarter", "loss_bottom_quarter"),
 )
+# With `reweight.unit: document` the weights, ESS, entropy and shares above are per document
+# segment; these rows add how many segments a sample holds and the share of samples whose
+# segments passed `reweight.max_segments_per_sample` (their tail merged into one slot).
+DOCUMENT_STATISTICS = (
+    ("segments_per_sample", "units_per_sample"),
+    ("segments_over_bound", "units_over_bound"),
+)
 # Per-domain figures: the loss reports one value per domain id; rows and checkpoints carry
 # them by domain name (row name = report key).
 DOMAIN_STATISTICS = ("domain_weight_share", "domain_sample_share")
@@ -65,34 +72,37 @@ class StepStatistics:
     collective a log); `_by_name` and `_flat` are the only places that know its order.
     """
 
-    def __init__(self, domains: list[str]):
+    def __init__(self, domains: list[str], documents: bool = False):
         self.domains = list(domains)
+        self.rows = STEP_STATISTICS + (DOCUMENT_STATISTICS if documents else ())
         self._sums = torch.zeros(
-            len(STEP_STATISTICS) + len(DOMAIN_STATISTICS) * len(self.domains), dtype=torch.float64, device=device()
+            len(self.rows) + len(DOMAIN_STATISTICS) * len(self.domains), dtype=torch.float64, device=device()
         )
         self._steps, self._seconds, self._grad_norm = 0, 0.0, 0.0
 
-    @staticmethod
-    def _report_vector(report: dict) -> torch.Tensor:
-        scalars = torch.stack([report[key].to(torch.float64) for _, key in STEP_STATISTICS])
+    def _report_vector(self, report: dict) -> torch.Tensor:
+        scalars = torch.stack([report[key].to(torch.float64) for _, key in self.rows])
         return torch.cat([scalars, *(report[key].to(torch.float64) for key in DOMAIN_STATISTICS)])
 
     def _by_name(self, values: list[float]) -> dict:
         """{row name: value}, and {row name: {domain: value}} for the per-domain figures."""
-        figures = {name: value for (name, _), value in zip(STEP_STATISTICS, values)}
-        per_domain = values[len(STEP_STATISTICS) :]
+        figures = {name: value for (name, _), value in zip(self.rows, values)}
+        per_domain = values[len(self.rows) :]
         for i, name in enumerate(DOMAIN_STATISTICS):
             figures[name] = dict(zip(self.domains, per_domain[i * len(self.domains) : (i + 1) * len(self.domains)]))
         return figures
 
     def _flat(self, figures: dict) -> list[float]:
-        """The inverse of `_by_name`; a domain the figures lack is an error that names it."""
+        """The inverse of `_by_name`; a row or domain the figures lack is an error that names it."""
+        rows = [name for name, _ in self.rows if name not in figures]
+        if rows:
+            raise ValueError(f"saved step statistics have no row {rows[0]!r} (another reweight.unit?)")
         missing = [d for d in self.domains for name in DOMAIN_STATISTICS if d not in figures[name]]
         if missing:
             raise ValueError(
                 f"saved step statistics have no figures of domain {missing[0]!r} (domains now: {self.domains})"
             )
-        scalars = [figures[name] for name, _ in STEP_STATISTICS]
+        scalars = [figures[name] for name, _ in self.rows]
         return scalars + [figures[name][d] for name in DOMAIN_STATISTICS for d in self.domains]
 
     def add(self, reports: list[dict], grad_norm: float, seconds: float) -> None:
@@ -132,7 +142,7 @@ class StepStatistics:
             return None
         figures = self._by_name(values)
         return IntervalMeans(
-            statistics={name: figures[name] for name, _ in STEP_STATISTICS},
+            statistics={name: figures[name] for name, _ in self.rows},
             grad_norm=grad_norm / steps,
             step_time_s=seconds / steps,
             domain_weight_share=figures["domain_weight_share"],

@@ -40,6 +40,11 @@ def transformer_config(cfg: Config, *, gpu: bool, te: bool) -> TransformerConfig
             "parallel.sequence_parallel=true needs Transformer Engine's layers (the local layer's torch"
             " norms refuse it): run where transformer_engine is installed or set parallel.sequence_parallel=false"
         )
+    if cfg.data.reset_attention_mask and te_spec:
+        raise ConfigError(
+            "data.reset_attention_mask=true needs the local layer's SDPA attention (Transformer Engine's is"
+            " not given the document mask): set model.transformer_impl=local"
+        )
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,

@@ -65,8 +65,9 @@ def reweight_schedule(cfg: Config) -> ReweightSchedule:
     )
 
 
-def _token_sum_loss(loss_mask, domains, token_losses):
-    """Validation: plain token sums, so per-domain means can be reduced exactly over ranks."""
+def _token_sum_loss(loss_mask, domains, token_losses, **units):
+    """Validation: plain token sums, so per-domain means can be reduced exactly over ranks
+    (whatever the weighting unit: `units` are not needed)."""
     mask = loss_mask.to(token_losses.dtype)
     total, count = (token_losses * mask).sum(), mask.sum()
     return total, count.to(torch.int), {"sum_count": torch.stack([total.detach(), count])}
@@ -75,8 +76,10 @@ def _token_sum_loss(loss_mask, domains, token_losses):
 def _forward_step(loss_fn, batches, model):
     """Megatron's `forward_step_func`: one micro-batch through the model, and its loss."""
     batch = {k: v.to(device(), non_blocking=True) for k, v in next(batches).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(loss_fn, batch["loss_mask"], batch["domains"])
+    # data.reset_attention_mask: the SDPA attention masks by each position's document.
+    output = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"])
+    units = {key: batch[key] for key in ("unit_ids", "unit_counts") if key in batch}  # reweight.unit=document
+    return output, partial(loss_fn, batch["loss_mask"], batch["domains"], **units)
 
 
 class Trainer:
@@ -96,14 +99,19 @@ class Trainer:
         )
 
         domains = self.sources.train.domains
-        self.loss = ReweightedLoss(reweight_schedule(cfg), delta=cfg.reweight.delta, num_domains=len(domains))
+        self.loss = ReweightedLoss(
+            reweight_schedule(cfg),
+            delta=cfg.reweight.delta,
+            num_domains=len(domains),
+            units_per_row=cfg.reweight.units_per_row,
+        )
 
         cache = Path(cfg.data.cache_dir or self.run_dir / "data_cache")
         self.train_data = build_train_dataset(cfg, self.sources, cache)
         valid_blend = self.sources.valid or self.sources.train
         self.valid_data = build_validation_datasets(cfg, self.sources, valid_blend, cache)
 
-        self.statistics = StepStatistics(domains)
+        self.statistics = StepStatistics(domains, documents=cfg.reweight.unit == "document")
         self.throughput = Throughput(cfg, self.sources.padded_vocab_size, dist.get_world_size())
 
         # What a checkpoint saves beside the engine's shards: a new stateful part is one line.

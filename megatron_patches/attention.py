@@ -7,6 +7,11 @@ parallelism (that normally comes from Transformer Engine); this one does it itse
 rank holds two chunks of the sequence in the load-balanced order of
 `megatron.core.utils.get_batch_on_this_cp_rank` (chunks r and 2·CP−1−r of 2·CP), gathers
 keys and values from the whole CP group, and masks causally by true token positions.
+
+Megatron's `reset_attention_mask` (documents kept apart inside a sample) comes in as the
+`attention_mask` argument holding each position's document id ([b, s], in the CP split like
+the tokens): a position then attends to earlier positions of its own document only.  The
+mask is built per sample on the device from those ids, so nothing reads them on the host.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
         cp_size = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
+        documents = attention_mask  # each position's document id, or None
         mask, causal = None, True
         if cp_size > 1:
             cp_rank = dist.get_rank(self.cp_group)
@@ -102,6 +108,16 @@ class SDPAttention(MegatronModule):
             q_pos = cp_token_positions(local_length, cp_rank, cp_size, query.device)
             k_pos = torch.cat([cp_token_positions(local_length, r, cp_size, query.device) for r in range(cp_size)])
             mask, causal = k_pos[None, :] <= q_pos[:, None], False
+        if documents is not None:
+            key_documents = documents
+            if cp_size > 1:  # in the keys' order: every rank's chunks, rank by rank
+                parts = [torch.empty_like(documents) for _ in range(cp_size)]
+                dist.all_gather(parts, documents.contiguous(), group=self.cp_group)
+                key_documents = torch.cat(parts, dim=1)
+            if mask is None:  # the causal mask SDPA would have applied
+                mask = torch.ones(query.shape[0], key.shape[0], dtype=torch.bool, device=query.device).tril()
+            # [b, 1, s_q, s_k]: causal and within one document; a position always sees itself.
+            mask, causal = mask & (documents[:, None, :, None] == key_documents[:, None, None, :]), False
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         context = F.scaled_dot_product_attention(

@@ -18,7 +18,8 @@ A sample is a *unit* of a row: by default the whole row (sequence).  With `units
 > 1 and a unit-id tensor, a row holds several units (e.g. the documents of a packed
 sequence), each with its own loss and weight.  A unit slot that no token belongs to is
 padding: it is no sample, so it is neither weighted nor counted as invalid (a unit whose
-tokens are all masked out, or whose loss is NaN, is invalid).
+tokens are all masked out, or whose loss is NaN, is invalid).  `document_units` gives the
+unit ids of documents; they are computed on whole rows, before the CP split.
 
 Weights come from `reweighting.gather_and_weigh` with the token prior, so `uniform` is the
 token-mean loss of the global micro-batch: Megatron's ordinary loss.
@@ -31,6 +32,19 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_patches.reweighting import ReweightSchedule, gather_and_weigh, weight_statistics
+
+
+def document_units(tokens: torch.Tensor, eod: int, max_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's document segment in its row ([rows, tokens]) and each row's number of
+    segments ([rows]), from the input tokens of whole rows.
+
+    A position belongs to the document its input token is part of, so an end-of-document
+    token is its document's last position (as Megatron's `reset_attention_mask` has it).
+    Segments past `max_units` share the last slot; the counts are taken before that bound.
+    """
+    ends = (tokens == eod).to(torch.int64)
+    segments = torch.cumsum(ends, dim=1) - ends  # end-of-document tokens before each position
+    return torch.clamp(segments, max=max_units - 1), segments[:, -1] + 1
 
 
 class ReweightedLoss:
@@ -86,10 +100,12 @@ class ReweightedLoss:
         token_losses: torch.Tensor,
         *,
         unit_ids: torch.Tensor | None = None,
+        unit_counts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """`unit_ids` [rows, tokens]: each token's unit in its row, 0 … units_per_row − 1, or
-        −1 for none; default one unit per row.  `domains`: one id per row, or per unit slot
-        ([rows, units_per_row])."""
+        −1 for none; default one unit per row.  `unit_counts` [rows]: each row's units before
+        the bound of units_per_row, for the report (`units_per_sample`, `units_over_bound`).
+        `domains`: one id per row, or per unit slot ([rows, units_per_row])."""
         if unit_ids is None and self.units_per_row > 1:
             raise ValueError(f"units_per_row={self.units_per_row} needs unit_ids: which unit each token belongs to")
         mask = loss_mask.to(token_losses.dtype)
@@ -113,6 +129,11 @@ class ReweightedLoss:
             domains = torch.zeros_like(losses)
         else:  # a row's domain is that of each of its units
             domains = domains.reshape(rows, -1).expand(rows, self.units_per_row).reshape(-1)
+        extra = [domains]
+        if padding is not None:
+            extra.append(padding)
+        if unit_counts is not None:  # a row's count on each of its unit slots
+            extra.append(unit_counts.reshape(rows, 1).expand(rows, self.units_per_row).reshape(-1))
         strategy, temperature = self.schedule.current()
         batch = gather_and_weigh(
             losses,
@@ -121,9 +142,7 @@ class ReweightedLoss:
             delta=self.delta,
             valid=valid,
             token_counts=counts,
-            extra=domains
-            if padding is None
-            else torch.stack([domains.to(torch.float64), padding.to(torch.float64)], dim=1),
+            extra=torch.stack([column.to(torch.float64) for column in extra], dim=1),
             group=self.dp_group,
         )
         batch_padding = None if padding is None else batch.extra[:, 1] > 0
@@ -138,6 +157,12 @@ class ReweightedLoss:
             weights=batch.weights,
             sample_losses=batch.losses,
         )
+        if unit_counts is not None:
+            row_counts = batch.extra[:, -1].reshape(-1, self.units_per_row)[:, 0]
+            report.update(
+                units_per_sample=row_counts.mean(),
+                units_over_bound=(row_counts > self.units_per_row).to(torch.float64).mean(),
+            )
 
         # Each CP rank holds part of every unit's tokens: its share is local_sum / total count.
         shares = torch.where(valid, local_sums / torch.clamp(counts, min=1), 0.0)

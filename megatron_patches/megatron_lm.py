@@ -50,6 +50,8 @@ _HELP = {
     "warmup_steps": "iterations of uniform weights (or of --reweight-warmup-temperature) first",
     "warmup_temperature": "temperature during warm-up; unset = uniform weights",
     "anneal_steps": "after warm-up, 1/temperature moves linearly to the target's over this many iterations",
+    "unit": "what one weight applies to: sequence (document needs launch.pretrain: the loss_func gets no tokens)",
+    "max_segments_per_sample": "document slots per sample with --reweight-unit document",
 }
 
 # Statistics of ReweightedLoss's report that Megatron-LM logs, under the names it shows.
@@ -79,6 +81,10 @@ def add_reweight_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                 default=setting.default,
                 choices=[*STRATEGIES, *STRATEGY_ALIASES],
                 help=_HELP[setting.name],
+            )
+        elif typing.get_origin(kind) is typing.Literal:
+            group.add_argument(
+                flag(setting.name), default=setting.default, choices=typing.get_args(kind), help=_HELP[setting.name]
             )
         else:
             number = float if float in typing.get_args(kind) else kind  # Optional[float] → float
@@ -113,7 +119,13 @@ def refusals(args: argparse.Namespace) -> list[str]:
         if getattr(args, name, False)
     ]
     train_steps = args.train_iters if args.train_iters is not None else sys.maxsize  # None: sample-based, unknown here
-    problems += settings_from_args(args).problems(train_steps, name=flag, train_steps_name="--train-iters")
+    settings = settings_from_args(args)
+    problems += settings.problems(train_steps, name=flag, train_steps_name="--train-iters")
+    if settings.unit == "document":
+        problems.append(
+            f"{flag('unit')} document needs each token's document, which pretrain_gpt.py's loss_func is"
+            f" not given: leave it at sequence, or train with launch.pretrain (reweight.unit)"
+        )
     return problems
 
 

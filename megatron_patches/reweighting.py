@@ -350,6 +350,13 @@ class ReweightSettings:
     # After warm-up, 1/temperature moves linearly from the warm-up's (0 when uniform) to the
     # target's over anneal_steps steps; 0 = switch at once.
     anneal_steps: int = 0
+    # What one weight applies to: `sequence` = each sample (row) of the window; `document` = each
+    # document segment of a sample: the tokens up to and including an end-of-document token, a
+    # document cut by the window counting as one segment.
+    unit: Literal["sequence", "document"] = "sequence"
+    # document: the segment slots of each sample (the all-gather has a fixed shape); a sample's
+    # segments past the bound are merged into its last slot, and counted (`segments_over_bound`).
+    max_segments_per_sample: int = 16
 
     def problems(self, train_steps: int, name: Callable[[str], str], train_steps_name: str) -> list[str]:
         """What cannot run, each naming its setting as `name(field)` (a config key or a flag)."""
@@ -373,7 +380,17 @@ class ReweightSettings:
             )
         if self.delta <= 0:
             problems.append(f"{name('delta')}={self.delta} must be > 0 (1.0 is the paper's value)")
+        if self.max_segments_per_sample < 1:
+            problems.append(
+                f"{name('max_segments_per_sample')}={self.max_segments_per_sample} must be >= 1 (the"
+                f" document slots of each sample with {name('unit')}=document; 16 is the default)"
+            )
         return problems
+
+    @property
+    def units_per_row(self) -> int:
+        """The weighting unit slots of each sample: one, or a slot per document segment."""
+        return self.max_segments_per_sample if self.unit == "document" else 1
 
     def schedule(self) -> ReweightSchedule:
         return ReweightSchedule(

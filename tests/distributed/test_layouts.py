@@ -9,12 +9,10 @@ of the paper's formula.
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
-from helpers.megatron_harness import GLOBAL_MICRO_BATCH, SEQ, global_batch
+from helpers.megatron_harness import global_batch, numpy_weights
 from helpers.multiprocess import run_distributed
 
 LAYOUTS = {  # id: (tp, pp, dp, cp)
@@ -30,19 +28,6 @@ TEMPERATURE = 0.5
 # TP and CP change the order of floating-point sums; linupper's weights, exp(f(x)/r) of losses
 # normalised by the batch's spread, amplify that (measured: 1.5e-5 under TP=2 and CP=2).
 RTOL = 5e-5
-
-
-def numpy_weights(losses, counts, strategy, temperature, delta=1.0):
-    """The README's weights ("The method, exactly") with the token prior π_i ∝ n_i, written
-    independently in NumPy."""
-    valid = (counts > 0) & np.isfinite(losses)
-    lv = losses[valid]
-    x = (2 * delta * lv - delta * (lv.max() + lv.min())) / max(lv.max() - lv.min(), 1e-6)
-    f = {"uniform": np.zeros_like(x), "linupper": np.minimum(x + delta, delta)}[strategy]
-    p = counts[valid] * np.exp((f - f.max()) / temperature)
-    weights = np.zeros_like(losses)
-    weights[valid] = p / p.sum()
-    return weights
 
 
 # ---- the single-process reference -------------------------------------------------------
@@ -89,33 +74,15 @@ def _megatron_ordinary_loss(loss_mask, domains, token_losses):
 
 
 def _layout_worker(tp, pp, cp, full_state, batch_seeds):
-    from helpers.megatron_harness import forward_step, full_gradients, load_full_state, local_batch, tiny_gpt
+    from helpers.megatron_harness import layout_stepper
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_patches.loss import ReweightedLoss
     from megatron_patches.parallel import destroy_parallel, initialize_parallel
     from megatron_patches.reweighting import ReweightSchedule
 
     initialize_parallel(tp, pp, cp, seed=123)  # a different seed: weights come from full_state
-    model = tiny_gpt()
-    load_full_state(model, full_state)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    micro_batch_size = GLOBAL_MICRO_BATCH // ps.get_data_parallel_world_size()
-
-    def step(loss_fn, batches):
-        ddp.zero_grad_buffer()
-        reports = get_forward_backward_func()(
-            forward_step_func=partial(forward_step, loss_fn),
-            data_iterator=iter([local_batch(b) for b in batches]),
-            model=[ddp],
-            num_microbatches=len(batches),
-            seq_length=SEQ,
-            micro_batch_size=micro_batch_size,
-        )
-        return reports, full_gradients(model)
+    step = layout_stepper(full_state)
 
     out = {"last_stage": ps.is_pipeline_last_stage()}
     for strategy in STRATEGIES:

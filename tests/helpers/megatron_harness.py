@@ -9,10 +9,13 @@ from __future__ import annotations
 import re
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.models.gpt import GPTModel
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from launch.config import Config, ModelConfig, ParallelConfig
@@ -59,15 +62,30 @@ def global_batch(seed: int = 0, ragged: bool = True) -> dict[str, torch.Tensor]:
     )
 
 
+def numpy_weights(losses, counts, strategy, temperature, delta=1.0):
+    """The README's weights ("The method, exactly") with the token prior π_i ∝ n_i, written
+    independently in NumPy."""
+    valid = (counts > 0) & np.isfinite(losses)
+    lv = losses[valid]
+    x = (2 * delta * lv - delta * (lv.max() + lv.min())) / max(lv.max() - lv.min(), 1e-6)
+    f = {"uniform": np.zeros_like(x), "linupper": np.minimum(x + delta, delta)}[strategy]
+    p = counts[valid] * np.exp((f - f.max()) / temperature)
+    weights = np.zeros_like(losses)
+    weights[valid] = p / p.sum()
+    return weights
+
+
+# One value per sample: not cut by the CP split.
+PER_SAMPLE = ("domains", "unit_counts")
+
+
 def local_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This DP rank's samples, then this CP rank's sequence chunks (Megatron's load-balanced split)."""
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     size = GLOBAL_MICRO_BATCH // dp
     local = {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
-    domains = local.pop("domains")
-    local = get_batch_on_this_cp_rank(local)
-    local["domains"] = domains
-    return local
+    per_sample = {k: local.pop(k) for k in PER_SAMPLE if k in local}
+    return get_batch_on_this_cp_rank(local) | per_sample
 
 
 def _global_name(name: str, layer_offset: int) -> str:
@@ -116,7 +134,32 @@ def full_gradients(model: GPTModel, grad_of=lambda p: p.main_grad) -> dict[str, 
 
 
 def forward_step(loss_fn, batches, model):
-    """Megatron `forward_step_func`: per-token losses and the loss closure."""
+    """Megatron `forward_step_func`: per-token losses and the loss closure (with the batch's units, if any)."""
     batch = next(batches)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(loss_fn, batch["loss_mask"], batch["domains"])
+    units = {key: batch[key] for key in ("unit_ids", "unit_counts") if key in batch}
+    return output, partial(loss_fn, batch["loss_mask"], batch["domains"], **units)
+
+
+def layout_stepper(full_state: dict[str, torch.Tensor]):
+    """This rank's part of the tiny GPT, loaded from `full_state`, under Megatron's DDP;
+    `step(loss_fn, batches)` takes global micro-batches through Megatron's schedule and
+    returns (loss reports, full gradients)."""
+    model = tiny_gpt()
+    load_full_state(model, full_state)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+
+    def step(loss_fn, batches):
+        ddp.zero_grad_buffer()
+        reports = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, loss_fn),
+            data_iterator=iter([local_batch(b) for b in batches]),
+            model=[ddp],
+            num_microbatches=len(batches),
+            seq_length=SEQ,
+            micro_batch_size=GLOBAL_MICRO_BATCH // ps.get_data_parallel_world_size(),
+        )
+        return reports, full_gradients(model)
+
+    return step

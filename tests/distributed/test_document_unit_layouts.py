@@ -29,7 +29,7 @@ LAYOUTS = {  # id: (tp, pp, dp, cp)
 }
 STRATEGIES = ("uniform", "linupper")
 TEMPERATURE = 0.5
-RTOL = 5e-5  # as tests/test_layouts.py
+RTOL = 5e-5  # as tests/distributed/test_layouts.py
 EOD = VOCAB - 1
 SLOTS = 3  # reweight.max_segments_per_sample
 # Input positions of the end-of-document tokens per sample.  Under CP=2 the chunks end at 8, 16

@@ -41,6 +41,7 @@ def test_a_resume_that_changes_the_unit_is_refused(demo_dir, document_run):
     assert "reweight.unit: 'document' -> 'sequence'" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_a_stopped_document_run_resumes_exactly(tmp_path, demo_dir, document_run):
     pretrain(tmp_path, demo_dir, *CP2_UNIFORM, *DOCUMENTS, "train.exit_after=3")  # mid log interval
     pretrain(tmp_path, demo_dir, *CP2_UNIFORM, *DOCUMENTS)

@@ -41,16 +41,25 @@ class MemoryEstimate(NamedTuple):
         return sum(self)
 
 
-def memory_assumptions(cfg: Config) -> str:
+def memory_assumptions(cfg: Config, world_size: int) -> str:
+    """What the memory estimate assumes for this config: its precision, the engine's sharding."""
     family = family_of(cfg.model)
     activations = family.activation_bytes(cfg.model)
+    engine = engine_class(cfg.engine)
+    dp = cfg.parallel.data_parallel_size(world_size)
+    state, whole = engine.state_bytes(cfg, dp), engine.state_bytes(cfg, 1)
+    sharded = [name for name, share, full in zip(state._fields, state, whole) if share < full]
+    fp32 = cfg.model.precision == "fp32"
+    precision = {"auto": "bf16 (precision auto: bf16 on a GPU, fp32 on a CPU)"}.get(cfg.model.precision, "")
     return (
-        "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 12 for the optimizer"
-        " (fp32 master, Adam m, v), gradients 4 (accumulated in fp32 by both engines);"
-        f" fp32 4+4+8; activations per layer and token {activations.replicated:g} + {activations.sharded:g}/TP"
-        f" bytes in bf16, all /TP with sequence parallelism ({family.name} layer,"
-        " Korthikanti et al. 2022; SDPA/flash attention, no recomputation), for"
-        " min(PP, micro-batches) micro-batches, plus fp32 logits"
+        f"{precision or cfg.model.precision}; bytes per parameter: weights {state.weights:g},"
+        f" gradients {state.grads:g} (accumulated in fp32), optimizer {state.optimizer:g}"
+        f" ({'Adam m, v' if fp32 else 'fp32 master, Adam m, v'})"
+        + (f", {' and '.join(sharded)} sharded over DP {dp}" if sharded else "")
+        + f"; activations per layer and token {activations.replicated:g} + {activations.sharded:g}/TP"
+        f" bytes in {'fp32' if fp32 else 'bf16'}, all /TP with sequence parallelism ({family.name} layer,"
+        " Korthikanti et al. 2022; SDPA/flash attention, no recomputation), for min(PP, micro-batches)"
+        " micro-batches, plus fp32 logits"
     )
 
 
@@ -87,17 +96,25 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
     )
 
 
-def dry_run_report(cfg: Config, world_size: int) -> str:
-    """A readable account of the run; raises ConfigError for a layout that cannot run,
-    and lists missing data files under 'problems' (an empty list means ready to run)."""
+def dry_run_report(cfg: Config, world_size: int, check_data: bool = True) -> str:
+    """A readable account of the run and a verdict; raises ConfigError for a layout that cannot
+    run. The layout verdict stands apart from the data files, which `check_data=False` skips
+    (a layout checked before the data exists)."""
     validate(cfg, world_size)
     lines = describe_run(cfg, world_size)
+    lines.append(
+        f"layout: OK for {world_size} process{'es' if world_size > 1 else ''}"
+        " (parallel sizes, heads, layers, batch sizes and settings; the memory estimate is above)"
+    )
+    if not check_data:
+        lines.append("data: not checked (--no-data)")
+        return "\n".join(lines)
     problems = sources.file_problems(cfg)
     if problems:
-        lines.append(f"problems: {len(problems)}")
+        lines.append(f"data problems: {len(problems)} (--no-data checks the layout alone)")
         lines += [f"  - {problem}" for problem in problems]
     else:
-        lines.append("problems: none, ready to run")
+        lines.append("data problems: none, ready to run")
     return "\n".join(lines)
 
 
@@ -141,7 +158,7 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
             f"memory per GPU: ~{_size(memory.total)} = weights {_size(memory.weights)}"
             f" + grads {_size(memory.grads)} + optimizer {_size(memory.optimizer)}"
             f" + activations {_size(memory.activations)}",
-            f"  assumptions: {memory_assumptions(cfg)}",
+            f"  assumptions: {memory_assumptions(cfg, world_size)}",
         ]
     lines.append(
         f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
@@ -190,7 +207,7 @@ def _describe_data(cfg: Config) -> list[str]:
         try:
             blend = sources.read_blend(path, data.weights if name == "train" else None)
         except ConfigError:
-            lines.append(f"data {name}: {path} (not readable, see problems)")
+            lines.append(f"data {name}: {path} (not readable)")
             continue
         mix = ", ".join(f"{d} {w:.3f}" for d, w in zip(blend.domains, blend.weights))
         lines.append(f"data {name}: {path}: {mix}")

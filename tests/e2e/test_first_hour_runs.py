@@ -1,0 +1,47 @@
+"""The entry points as a new user runs them: what they print, and nothing else."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# Every warning shows (no PYTHONWARNINGS); OMP_NUM_THREADS set, as torchrun would, spares its notice.
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.e2e
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def on_demo(demo_dir: Path) -> list[str]:
+    return [
+        "--set",
+        f"data.blend={demo_dir / 'train.blend.json'}",
+        f"data.valid_blend={demo_dir / 'valid.blend.json'}",
+        f"data.tokenizer_model={demo_dir / 'tokenizer.model'}",
+    ]
+
+
+def test_a_refusal_under_launch_torchrun_is_one_block_from_rank_0(tmp_path, demo_dir):
+    torchrun = ["-m", "launch.torchrun", "--standalone", "--nproc-per-node", "3", "-m", "launch.pretrain"]
+    result = run(*torchrun, "--config", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path / "run"), *on_demo(demo_dir))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "config error: invalid config:\n  - train.global_batch_size=16 is not divisible by"
+        " micro_batch_size*DP = 4*3 = 12: set train.global_batch_size to a multiple of 12 (e.g. 24)\n"
+    )
+    assert not result.stdout
+
+
+def test_a_dry_run_under_launch_torchrun_prints_once():
+    torchrun = ["-m", "launch.torchrun", "--standalone", "--nproc-per-node", "2", "-m", "launch.pretrain"]
+    result = run(*torchrun, "--config", "configs/gpt2-124m.yaml", "--dry-run", "--no-data")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("layout: OK for 2 processes") == 1 and not result.stderr

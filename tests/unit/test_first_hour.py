@@ -1,0 +1,91 @@
+"""What a new user meets first: dry-run verdicts, refusals that name the way out, the help texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch import pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def dry_run(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
+    monkeypatch.chdir(REPO)
+    code = pretrain.main(["--dry-run", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_dry_run_without_data_gives_the_layout_verdict_and_exits_0(capsys, monkeypatch):
+    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data")
+    assert code == 0
+    assert "layout: OK for 4 processes" in out
+    assert out.rstrip().endswith("data: not checked (--no-data)")
+
+
+def test_missing_data_is_reported_apart_from_a_layout_that_holds(capsys, monkeypatch):
+    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4")
+    assert code == 1
+    verdict = out.split("layout: OK for 4 processes", 1)[1]
+    assert "data problems: 3 (--no-data checks the layout alone)" in verdict
+
+
+def test_a_layout_that_cannot_run_is_refused_by_a_dry_run_without_data(capsys, monkeypatch):
+    code, out, err = dry_run(capsys, monkeypatch, "--config", "configs/demo_cpu.yaml", "--world-size", "3", "--no-data")
+    assert code == 2 and not out
+    assert "train.global_batch_size=16 is not divisible by micro_batch_size*DP = 4*3 = 12" in err
+
+
+@pytest.mark.parametrize(
+    "config, assumed",
+    [
+        ("configs/paper/gpt2-124m-uniform.yaml", "fp32; bytes per parameter: weights 4, gradients 4"),
+        (
+            "configs/gpt2-124m.yaml",
+            "bf16 (precision auto: bf16 on a GPU, fp32 on a CPU); bytes per parameter: weights 2",
+        ),
+    ],
+)
+def test_the_memory_assumptions_are_this_configs(capsys, monkeypatch, config, assumed):
+    _, out, _ = dry_run(capsys, monkeypatch, "--config", config, "--world-size", "4", "--no-data")
+    assert f"assumptions: {assumed}" in out
+    fp32 = "fp32;" in assumed
+    assert ("bytes in fp32" in out) == fp32 and ("bytes in bf16" in out) != fp32
+
+
+def test_a_sharded_optimizer_is_named_in_the_assumptions(capsys, monkeypatch):
+    argv = ["--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data"]
+    _, out, _ = dry_run(capsys, monkeypatch, *argv, "--set", "parallel.distributed_optimizer=true")
+    assert "optimizer 3 (fp32 master, Adam m, v), optimizer sharded over DP 4;" in out
+
+
+def test_under_torchrun_only_rank_0_prints_the_dry_run(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml")
+    assert (code, out) == (2, "")  # 2: launch.torchrun neither restarts it nor explains it again
+    monkeypatch.setenv("RANK", "0")
+    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--no-data")
+    assert code == 0 and out.count("layout: OK for 2 processes") == 1
+
+
+def test_a_missing_config_names_the_configs_there_are(capsys, monkeypatch):
+    code, _, err = dry_run(capsys, monkeypatch, "--config", "configs/gpt2.yaml")
+    assert code == 2
+    assert "config file not found:" in err and "configs/gpt2-124m.yaml, configs/gpt2-24x768.yaml" in err
+    presets = len(list((REPO / "configs/paper").glob("*.yaml")))
+    assert f"and {presets} reference presets in configs/paper/" in err
+
+
+def test_no_data_belongs_to_a_dry_run(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--config", "c.yaml", "--run-dir", "r", "--no-data"])
+    assert "--no-data goes with --dry-run" in capsys.readouterr().err

@@ -10,7 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from data_prep.files import write_text_atomically
+from launch import quiet
+
+quiet.install()  # the same filter as every entry point, before lm-eval and transformers load
+
+from data_prep.files import write_text_atomically  # noqa: E402
 
 EXAMPLES = """\
 examples:

@@ -10,8 +10,12 @@ import os
 import sys
 from pathlib import Path
 
-from data_prep.files import replaced_atomically
-from launch.metrics import METRICS_FILE, MetricsFileError, read_metrics
+from launch import quiet
+
+quiet.install()  # before launch.metrics imports Megatron-Core
+
+from data_prep.files import replaced_atomically  # noqa: E402
+from launch.metrics import METRICS_FILE, MetricsFileError, read_metrics  # noqa: E402
 
 
 def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.e2e import pretrain_command
 
 REPO = Path(__file__).resolve().parents[2]
 # Every warning shows (no PYTHONWARNINGS); OMP_NUM_THREADS set, as torchrun would, spares its notice.
@@ -45,3 +46,17 @@ def test_a_dry_run_under_launch_torchrun_prints_once():
     result = run(*torchrun, "--config", "configs/gpt2-124m.yaml", "--dry-run", "--no-data")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("layout: OK for 2 processes") == 1 and not result.stderr
+
+
+def test_no_library_noise_on_a_resume_nor_in_the_report_and_the_export(tmp_path, demo_dir):
+    """stderr is for what matters: Megatron-Core, DeepSpeed, TE/Apex and torch notices are filtered."""
+    run_dir = tmp_path / "run"
+    for stop in ("train.exit_after=2", "train.exit_after=null"):  # the second start resumes at step 2
+        command = pretrain_command(run_dir, demo_dir, "train.steps=4", stop)
+        result = run(*command[command.index("launch.pretrain") - 1 :])  # one process, no torchrun: faster
+        assert result.returncode == 0 and result.stderr.splitlines() == [], result.stderr
+    assert "resuming from" in result.stdout
+    report = run("-m", "launch.tools.report", str(run_dir), "--out", str(tmp_path / "report.png"))
+    assert report.returncode == 0 and report.stderr.splitlines() == []
+    export = run("-m", "launch.tools.export", "--run-dir", str(run_dir), "--out", str(tmp_path / "export"))
+    assert export.returncode == 0 and export.stderr.splitlines() == []

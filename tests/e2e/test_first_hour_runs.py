@@ -60,3 +60,6 @@ def test_no_library_noise_on_a_resume_nor_in_the_report_and_the_export(tmp_path,
     assert report.returncode == 0 and report.stderr.splitlines() == []
     export = run("-m", "launch.tools.export", "--run-dir", str(run_dir), "--out", str(tmp_path / "export"))
     assert export.returncode == 0 and export.stderr.splitlines() == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.stat().st_mode & 0o777 for path in (tmp_path / "export").iterdir()} == {0o666 & ~umask}

@@ -89,3 +89,67 @@ def test_no_data_belongs_to_a_dry_run(capsys):
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--config", "c.yaml", "--run-dir", "r", "--no-data"])
     assert "--no-data goes with --dry-run" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def test_a_set_typo_in_a_study_is_named_as_set(capsys, monkeypatch, tmp_path):
+    from launch.tools.study.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["--set", "train.step=3", "--out", str(tmp_path / "study")]) == 2
+    assert capsys.readouterr().err.startswith("config error: --set: unknown key 'train.step'")
+
+
+def test_the_studys_mixture_arms_in_its_help_and_the_readme_train_uniform_weights():
+    import re
+
+    from launch.tools.study.arms import parse_arm
+    from launch.tools.study.cli import EXAMPLES
+
+    texts = EXAMPLES + (REPO / "README.md").read_text()
+    arms = [parse_arm(text) for text in re.findall(r"'([\w.+-]+=[^']*data\.weights=[^']*)'", texts)]
+    assert len(arms) >= 4
+    assert all("reweight.strategy=uniform" in arm.settings for arm in arms), arms
+
+
+def summary_of(seeds: list[int]) -> dict:
+    """The least summary `markdown` reads: one domain, a baseline and one arm."""
+    entry = {"mean": 3.0, "diff_mean": 0.1, "diff_ci95": [0.05, 0.15] if len(seeds) > 1 else None}
+    weights = {"ess": {"mean": 1.0}, "domain_weight_share": {}, "domain_sample_share": {}}
+    arm = {
+        "name": "linupper",
+        "settings": [],
+        "held_out": {"code": entry},
+        "natural_mixture": entry,
+        "weights": weights,
+    }
+    base = {**arm, "name": "uniform"}
+    return {
+        "arms": [base, arm],
+        "baseline": "uniform",
+        "seeds": seeds,
+        "confidence": 0.95,
+        "config": "configs/demo_cpu.yaml",
+        "natural_weights": {"weights": {"code": 1.0}},
+    }
+
+
+@pytest.mark.parametrize(
+    "seeds, stated, caution",
+    [
+        ([1, 2, 3], "n = 3 paired seeds [1, 2, 3]", None),
+        ([1, 2], "n = 2 paired seeds [1, 2]", "Caution: 2 seeds give 1 degree of freedom"),
+        ([1], "n = 1 paired seeds [1]", "Caution: one seed gives no interval"),
+    ],
+)
+def test_the_study_summary_states_n_and_degrees_of_freedom_and_warns_below_3_seeds(seeds, stated, caution):
+    from launch.tools.study.markdown import markdown
+
+    table = markdown(summary_of(seeds))
+    assert stated in table
+    n = len(seeds)
+    freedom = {3: "n − 1 = 2 degrees of freedom", 2: "n − 1 = 1 degree of freedom", 1: "none with one seed"}[n]
+    assert f"95% Student t-interval, {freedom}]" in table
+    assert ("Caution" in table) == (caution is not None) and (caution is None or caution in table)

@@ -153,3 +153,105 @@ def test_the_study_summary_states_n_and_degrees_of_freedom_and_warns_below_3_see
     freedom = {3: "n − 1 = 2 degrees of freedom", 2: "n − 1 = 1 degree of freedom", 1: "none with one seed"}[n]
     assert f"95% Student t-interval, {freedom}]" in table
     assert ("Caution" in table) == (caution is not None) and (caution is None or caution in table)
+
+
+# --------------------------------------------------------------------------- examples that cannot drift
+
+
+def example_commands(text: str) -> list[list[str]]:
+    """Every command line of a text that runs `python -m MODULE ...`, continuation lines joined."""
+    import re
+    import shlex
+
+    joined = re.sub(r"\\\n\s*", " ", text)
+    commands = [re.match(r"\s*(\w+=\S+\s+)*python -m (.*)", line) for line in joined.splitlines()]
+    return [shlex.split(command[2], comments=True) for command in commands if command]
+
+
+def readme_and_help_commands() -> list[list[str]]:
+    import re
+
+    from data_prep import cli as data_prep_cli
+    from launch.tools import evaluate, export
+    from launch.tools.study import cli as study_cli
+
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    checks = re.findall(r"`(python -m launch\.pretrain --config [^`]*)`", (REPO / "README.md").read_text())
+    helps = [pretrain._EXAMPLES, study_cli.EXAMPLES, export.EXAMPLES, evaluate.EXAMPLES]
+    helps += [data_prep_cli.EPILOG, data_prep_cli.TRAIN_EPILOG, data_prep_cli.TOKENIZE_EPILOG]
+    return [command for text in [*blocks, *checks, *helps] for command in example_commands(text)]
+
+
+def check_example(module: str, argv: list[str], world_size: int = 1) -> None:
+    """Run the example as far as it goes without data or training: its dry-run form."""
+    from data_prep.cli import build_parser
+    from launch.config import load_config, validate
+    from launch.tools.study.cli import parse_args as study_args
+
+    if module == "launch.torchrun":
+        nproc = next(a.split("=")[-1] for a in argv if a.startswith("--nproc-per-node"))
+        nproc = argv[argv.index("--nproc-per-node") + 1] if nproc == "--nproc-per-node" else nproc
+        inner = argv.index("-m")
+        return check_example(argv[inner + 1], argv[inner + 2 :], int(nproc))
+    if module == "launch.pretrain":
+        args = pretrain.parse_args(argv)
+        dry = ["--config", args.config, "--dry-run", "--no-data", "--world-size", str(args.world_size or world_size)]
+        assert pretrain.main([*dry, "--set", *args.overrides] if args.overrides else dry) == 0, argv
+    elif module == "launch.tools.study":
+        args = study_args(argv)
+        for arm in args.arms:
+            validate(load_config(args.config, [*args.common, *arm.settings]), args.nproc)
+    elif module == "data_prep":
+        build_parser().parse_args(argv)
+
+
+def test_every_example_of_the_readme_and_of_help_runs_in_its_dry_run_form(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    commands = readme_and_help_commands()
+    modules = {argv[0] for argv in commands}
+    assert {"launch.torchrun", "launch.pretrain", "launch.tools.study", "data_prep"} <= modules
+    for module, *argv in commands:
+        check_example(module, argv)
+    assert "config error" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the report's figure
+
+
+def uniform_run(run_dir: Path, warmup_steps: int = 20) -> Path:
+    """Train rows every 10 steps up to 40 with uniform weights, one evaluation, the saved config."""
+    import json
+
+    import yaml
+
+    run_dir.mkdir(parents=True)
+    shares = {"code": 0.75, "prose": 0.25}
+    train = [
+        {"kind": "train", "step": step, "loss": 5.0 - step / 100, "weighted_loss": 5.0 - step / 100,
+         "weight_ess": 1.0, "weight_entropy": 1.0, "domain_weight_share": shares, "domain_sample_share": shares}
+        for step in (10, 20, 30, 40)
+    ]  # fmt: skip
+    valid = {"kind": "valid", "step": 40, "valid_loss": 4.5, "valid_loss_per_domain": {"code": 4.0, "prose": 5.0}}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [*train, valid]))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"reweight": {"warmup_steps": warmup_steps}}))
+    return run_dir
+
+
+def test_the_report_figure_labels_its_axes_names_its_window_and_draws_coinciding_series_once(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from launch.tools import report
+
+    saved, savefig = [], Figure.savefig
+
+    def keep(figure, *args, **kwargs):  # the figure, to read back what it shows
+        saved.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    report.plot({"uniform": uniform_run(tmp_path / "uniform")}, tmp_path / "report.png")
+    loss, valid, ess, share = saved[0].axes
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in saved[0].axes)
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["uniform: LM loss = weighted loss"]
+    assert [t.get_text() for t in ess.get_legend().get_texts()] == ["uniform: ESS = normalised entropy"]
+    assert "mean over steps 21-40, after the warm-up" in share.get_title()

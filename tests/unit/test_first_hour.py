@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
+import yaml
+from matplotlib.figure import Figure
 
+from data_prep import cli as data_prep_cli
 from launch import pretrain
+from launch.config import load_config, validate
+from launch.tools import bench, evaluate, export, report
+from launch.tools.study import cli as study_cli
+from launch.tools.study.arms import parse_arm
+from launch.tools.study.markdown import markdown
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,20 +106,13 @@ def test_no_data_belongs_to_a_dry_run(capsys):
 
 
 def test_a_set_typo_in_a_study_is_named_as_set(capsys, monkeypatch, tmp_path):
-    from launch.tools.study.cli import main
-
     monkeypatch.chdir(REPO)
-    assert main(["--set", "train.step=3", "--out", str(tmp_path / "study")]) == 2
+    assert study_cli.main(["--set", "train.step=3", "--out", str(tmp_path / "study")]) == 2
     assert capsys.readouterr().err.startswith("config error: --set: unknown key 'train.step'")
 
 
 def test_the_studys_mixture_arms_in_its_help_and_the_readme_train_uniform_weights():
-    import re
-
-    from launch.tools.study.arms import parse_arm
-    from launch.tools.study.cli import EXAMPLES
-
-    texts = EXAMPLES + (REPO / "README.md").read_text()
+    texts = study_cli.EXAMPLES + (REPO / "README.md").read_text()
     arms = [parse_arm(text) for text in re.findall(r"'([\w.+-]+=[^']*data\.weights=[^']*)'", texts)]
     assert len(arms) >= 4
     assert all("reweight.strategy=uniform" in arm.settings for arm in arms), arms
@@ -145,13 +149,15 @@ def summary_of(seeds: list[int]) -> dict:
     ],
 )
 def test_the_study_summary_states_n_and_degrees_of_freedom_and_warns_below_3_seeds(seeds, stated, caution):
-    from launch.tools.study.markdown import markdown
-
     table = markdown(summary_of(seeds))
     assert stated in table
     n = len(seeds)
-    freedom = {3: "n − 1 = 2 degrees of freedom", 2: "n − 1 = 1 degree of freedom", 1: "none with one seed"}[n]
-    assert f"95% Student t-interval, {freedom}]" in table
+    interval = {
+        3: "[95% Student t-interval, n − 1 = 2 degrees of freedom]",
+        2: "[95% Student t-interval, n − 1 = 1 degree of freedom]",
+        1: "(one seed: no interval)",
+    }[n]
+    assert f"Δ = arm − uniform per seed, mean {interval}; lower is better." in table
     assert ("Caution" in table) == (caution is not None) and (caution is None or caution in table)
 
 
@@ -160,56 +166,52 @@ def test_the_study_summary_states_n_and_degrees_of_freedom_and_warns_below_3_see
 
 def example_commands(text: str) -> list[list[str]]:
     """Every command line of a text that runs `python -m MODULE ...`, continuation lines joined."""
-    import re
-    import shlex
-
     joined = re.sub(r"\\\n\s*", " ", text)
     commands = [re.match(r"\s*(\w+=\S+\s+)*python -m (.*)", line) for line in joined.splitlines()]
     return [shlex.split(command[2], comments=True) for command in commands if command]
 
 
 def readme_and_help_commands() -> list[list[str]]:
-    import re
-
-    from data_prep import cli as data_prep_cli
-    from launch.tools import evaluate, export
-    from launch.tools.study import cli as study_cli
-
     blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
     checks = re.findall(r"`(python -m launch\.pretrain --config [^`]*)`", (REPO / "README.md").read_text())
-    helps = [pretrain._EXAMPLES, study_cli.EXAMPLES, export.EXAMPLES, evaluate.EXAMPLES]
-    helps += [data_prep_cli.EPILOG, data_prep_cli.TRAIN_EPILOG, data_prep_cli.TOKENIZE_EPILOG]
+    helps = [pretrain._EXAMPLES, study_cli.EXAMPLES, export.EXAMPLES, evaluate.EXAMPLES, bench.EXAMPLE]
+    helps += [
+        data_prep_cli.EPILOG,
+        data_prep_cli.TRAIN_EPILOG,
+        data_prep_cli.TOKENIZE_EPILOG,
+        data_prep_cli.INSPECT_EPILOG,
+    ]
     return [command for text in [*blocks, *checks, *helps] for command in example_commands(text)]
 
 
 def check_example(module: str, argv: list[str], world_size: int = 1) -> None:
-    """Run the example as far as it goes without data or training: its dry-run form."""
-    from data_prep.cli import build_parser
-    from launch.config import load_config, validate
-    from launch.tools.study.cli import parse_args as study_args
-
+    """Run the example as far as it goes without data or training: its dry-run form. (Export,
+    evaluate and report need a trained run; tests/e2e runs them.)"""
     if module == "launch.torchrun":
-        nproc = next(a.split("=")[-1] for a in argv if a.startswith("--nproc-per-node"))
-        nproc = argv[argv.index("--nproc-per-node") + 1] if nproc == "--nproc-per-node" else nproc
+        nproc = re.search(r"--nproc-per-node[= ](\d+)", " ".join(argv))[1]
         inner = argv.index("-m")
         return check_example(argv[inner + 1], argv[inner + 2 :], int(nproc))
     if module == "launch.pretrain":
         args = pretrain.parse_args(argv)
-        dry = ["--config", args.config, "--dry-run", "--no-data", "--world-size", str(args.world_size or world_size)]
+        world_size = args.world_size if "--world-size" in argv else world_size
+        dry = ["--config", args.config, "--dry-run", "--no-data", "--world-size", str(world_size)]
         assert pretrain.main([*dry, "--set", *args.overrides] if args.overrides else dry) == 0, argv
     elif module == "launch.tools.study":
-        args = study_args(argv)
+        args = study_cli.parse_args(argv)
         for arm in args.arms:
             validate(load_config(args.config, [*args.common, *arm.settings]), args.nproc)
+    elif module == "launch.tools.bench":
+        args = bench.parse_args(argv)
+        validate(load_config(args.config, args.overrides), world_size)
     elif module == "data_prep":
-        build_parser().parse_args(argv)
+        data_prep_cli.build_parser().parse_args(argv)
 
 
 def test_every_example_of_the_readme_and_of_help_runs_in_its_dry_run_form(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     commands = readme_and_help_commands()
-    modules = {argv[0] for argv in commands}
-    assert {"launch.torchrun", "launch.pretrain", "launch.tools.study", "data_prep"} <= modules
+    modules = {argv[0] for argv in commands} | {argv[argv.index("-m") + 1] for argv in commands if "-m" in argv}
+    assert {"launch.torchrun", "launch.pretrain", "launch.tools.study", "launch.tools.bench", "data_prep"} <= modules
     for module, *argv in commands:
         check_example(module, argv)
     assert "config error" not in capsys.readouterr().err
@@ -220,10 +222,6 @@ def test_every_example_of_the_readme_and_of_help_runs_in_its_dry_run_form(monkey
 
 def uniform_run(run_dir: Path, warmup_steps: int = 20) -> Path:
     """Train rows every 10 steps up to 40 with uniform weights, one evaluation, the saved config."""
-    import json
-
-    import yaml
-
     run_dir.mkdir(parents=True)
     shares = {"code": 0.75, "prose": 0.25}
     train = [
@@ -238,10 +236,6 @@ def uniform_run(run_dir: Path, warmup_steps: int = 20) -> Path:
 
 
 def test_the_report_figure_labels_its_axes_names_its_window_and_draws_coinciding_series_once(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
-    from launch.tools import report
-
     saved, savefig = [], Figure.savefig
 
     def keep(figure, *args, **kwargs):  # the figure, to read back what it shows

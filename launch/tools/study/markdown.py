@@ -12,8 +12,10 @@ def _diff_text(entry: dict) -> str:
     return f"{entry['diff_mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
-def _degrees_of_freedom(n: int) -> str:
-    return f"n − 1 = {n - 1} degree{'' if n == 2 else 's'} of freedom" if n > 1 else "none with one seed"
+def _interval(confidence: float, n: int) -> str:
+    if n == 1:
+        return "(one seed: no interval)"
+    return f"[{confidence:.0%} Student t-interval, n − 1 = {n - 1} degree{'' if n == 2 else 's'} of freedom]"
 
 
 def _few_seeds_caution(n: int) -> list[str]:
@@ -43,7 +45,7 @@ def markdown(summary: dict) -> str:
         f"Arms, as changes to {summary['config']}: {settings}.",
         "",
         f"Held-out loss, mean over n = {n} paired seeds {summary['seeds']}; Δ = arm − {baseline} per seed,"
-        f" mean [{summary['confidence']:.0%} Student t-interval, {_degrees_of_freedom(n)}]; lower is better.",
+        f" mean {_interval(summary['confidence'], n)}; lower is better.",
         "",
         *_few_seeds_caution(n),
         "| " + " | ".join(header) + " |",

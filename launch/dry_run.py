@@ -50,9 +50,11 @@ def memory_assumptions(cfg: Config, world_size: int) -> str:
     state, whole = engine.state_bytes(cfg, dp), engine.state_bytes(cfg, 1)
     sharded = [name for name, share, full in zip(state._fields, state, whole) if share < full]
     fp32 = cfg.model.precision == "fp32"
-    precision = {"auto": "bf16 (precision auto: bf16 on a GPU, fp32 on a CPU)"}.get(cfg.model.precision, "")
+    precision = cfg.model.precision
+    if precision == "auto":  # estimated as on a GPU, where a cluster job runs
+        precision = "bf16 (precision auto: bf16 on a GPU, fp32 on a CPU)"
     return (
-        f"{precision or cfg.model.precision}; bytes per parameter: weights {state.weights:g},"
+        f"{precision}; bytes per parameter: weights {state.weights:g},"
         f" gradients {state.grads:g} (accumulated in fp32), optimizer {state.optimizer:g}"
         f" ({'Adam m, v' if fp32 else 'fp32 master, Adam m, v'})"
         + (f", {' and '.join(sharded)} sharded over DP {dp}" if sharded else "")

@@ -95,8 +95,9 @@ def _forward_stop(number, frame) -> None:
 
 
 class _QuietFinalExits(logging.Filter):
-    """torchrun logs every non-zero exit as an error, and the stop of each remaining worker; after a
-    planned stop or a refusal neither is news (the ranks have said what happened)."""
+    """torchrun logs every non-zero exit as an error: a planned stop or a refusal is not one (the
+    ranks have said what happened). Nor, after a refusal, is its stop of each remaining rank news:
+    they refused too, or had not started training."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg.startswith("failed (exitcode") and record.args and record.args[0] in FINAL_EXITS:

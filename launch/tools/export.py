@@ -261,9 +261,6 @@ def export(
         }
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # a bar for writing one file is noise
     hf_model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.copyfile(model_file, tmp / "sentencepiece.model")
@@ -307,6 +304,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # A CPU job in fp32; hide GPUs before anything initialises CUDA.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # save_pretrained's bar for writing one file is noise
     try:
         out = export(args.run_dir, args.out, args.step, args.tokenizer_model, args.force)
     except ExportError as error:

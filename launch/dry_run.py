@@ -1,4 +1,5 @@
-"""What a config would do, without a GPU: layout, parameter count, memory, data.
+"""What a config would do, without a GPU: layout, parameter count, memory, data; on a GPU node
+also whether the memory estimate fits its GPU.
 
 Run before a cluster job (`python -m launch.pretrain --config C --dry-run --world-size N`)
 so an impossible layout or a missing file costs seconds, not a queue wait.
@@ -9,11 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from launch import sources
 from launch.config import Config, ConfigError, validate
 from launch.engines import engine_class
 from launch.models import family_of
 from launch.models.family import ParameterCount
+from megatron_patches.device import on_gpu
 
 
 def _size(num_bytes: float) -> str:
@@ -98,26 +102,53 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
     )
 
 
-def dry_run_report(cfg: Config, world_size: int, check_data: bool = True) -> str:
-    """A readable account of the run and a verdict; raises ConfigError for a layout that cannot
-    run. The layout verdict stands apart from the data files, which `check_data=False` skips
-    (a layout checked before the data exists)."""
+def dry_run(cfg: Config, world_size: int, check_data: bool = True) -> tuple[str, bool]:
+    """A readable account of the run ending in its verdict, and whether everything checked holds;
+    raises ConfigError for a layout that cannot run. The layout and memory verdicts stand apart
+    from the data files, which `check_data=False` skips (a layout checked before the data exists)."""
     validate(cfg, world_size)
     lines = describe_run(cfg, world_size)
     lines.append(
         f"layout: OK for {world_size} process{'es' if world_size > 1 else ''}"
-        " (parallel sizes, heads, layers, batch sizes and settings; the memory estimate is above)"
+        " (parallel sizes, heads, layers, batch sizes and settings)"
     )
+    memory, fits = _memory_verdict(cfg, world_size)
+    lines.append(memory)
     if not check_data:
         lines.append("data: not checked (--no-data)")
-        return "\n".join(lines)
+        return "\n".join(lines), fits
     problems = sources.file_problems(cfg)
     if problems:
         lines.append(f"data problems: {len(problems)} (--no-data checks the layout alone)")
         lines += [f"  - {problem}" for problem in problems]
     else:
         lines.append("data problems: none, ready to run")
-    return "\n".join(lines)
+    return "\n".join(lines), fits and not problems
+
+
+def dry_run_report(cfg: Config, world_size: int, check_data: bool = True) -> str:
+    """The account of `dry_run` alone."""
+    return dry_run(cfg, world_size, check_data)[0]
+
+
+def _memory_verdict(cfg: Config, world_size: int) -> tuple[str, bool]:
+    """The memory estimate against this machine's GPU, where it has one: the line, and whether it fits."""
+    if not on_gpu():
+        return "memory: not checked, no GPU here (the estimate above is per GPU)", True
+    try:
+        vocab = sources.vocab_size(cfg)
+    except ConfigError:
+        return "memory: not checked, the vocabulary is unknown (see vocab above)", True
+    need = estimate_memory(cfg, count_parameters(cfg, vocab), world_size).total
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+    of_this_gpu = f"the {_size(gpu.total_memory)} of this machine's {gpu.name}"
+    if need > gpu.total_memory:
+        return (
+            f"memory: ~{_size(need)} per GPU is more than {of_this_gpu}: raise parallel.tp or parallel.pp,"
+            " set parallel.distributed_optimizer=true or lower train.micro_batch_size",
+            False,
+        )
+    return f"memory: OK, ~{_size(need)} per GPU of {of_this_gpu}", True
 
 
 def describe_run(cfg: Config, world_size: int) -> list[str]:

@@ -23,8 +23,8 @@ from data_prep.files import write_text_atomically  # noqa: E402
 from data_prep.lock import LockHeld, exclusive_lock  # noqa: E402
 from launch.config import ConfigError, load_config, to_dict, validate  # noqa: E402
 from launch.console import say  # noqa: E402
-from launch.dry_run import dry_run_report  # noqa: E402
-from launch.sources import check_files, file_problems  # noqa: E402
+from launch.dry_run import dry_run  # noqa: E402
+from launch.sources import check_files  # noqa: E402
 from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES  # noqa: E402
 
 
@@ -150,14 +150,14 @@ def main(argv=None) -> int:
 
 
 def _dry_run(cfg, world_size: int, check_data: bool) -> int:
-    """Rank 0 prints the account (under torchrun every rank would); 0 when all holds, 1 for data
-    problems; under torchrun 2, the refusal that launch.torchrun neither restarts nor explains again."""
-    report = dry_run_report(cfg, world_size, check_data)
+    """Rank 0 prints the account (under torchrun every rank would); 0 when all holds, else 1, and
+    under torchrun 2: the refusal that launch.torchrun neither restarts nor explains again."""
+    report, holds = dry_run(cfg, world_size, check_data)
     if int(os.environ.get("RANK", "0")) == 0:
         print(report, flush=True)
-    if check_data and file_problems(cfg):
-        return stopping.EXIT_REFUSED if "RANK" in os.environ else 1
-    return 0
+    if holds:
+        return 0
+    return stopping.EXIT_REFUSED if "RANK" in os.environ else 1
 
 
 def _keep_config(run_dir: Path, cfg) -> None:

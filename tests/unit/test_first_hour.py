@@ -6,8 +6,10 @@ import json
 import re
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from matplotlib.figure import Figure
 
@@ -76,6 +78,30 @@ def test_a_sharded_optimizer_is_named_in_the_assumptions(capsys, monkeypatch):
     argv = ["--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data"]
     _, out, _ = dry_run(capsys, monkeypatch, *argv, "--set", "parallel.distributed_optimizer=true")
     assert "optimizer 3 (fp32 master, Adam m, v), optimizer sharded over DP 4;" in out
+
+
+@pytest.mark.parametrize("gib, verdict", [(140, "memory: OK, ~37.55 GiB per GPU of the 140.00 GiB"), (16, None)])
+def test_on_a_gpu_node_the_dry_run_checks_the_memory_estimate_against_the_gpu(capsys, monkeypatch, gib, verdict):
+    from launch import dry_run as dry
+
+    gpu = SimpleNamespace(name="NVIDIA H200", total_memory=gib * 2**30)
+    monkeypatch.setattr(dry, "on_gpu", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/llama-7b.yaml", "--world-size", "64", "--no-data")
+    if verdict:
+        assert code == 0 and f"{verdict} of this machine's NVIDIA H200" in out
+    else:
+        assert code == 1
+        assert "memory: ~37.55 GiB per GPU is more than the 16.00 GiB of this machine's NVIDIA H200: raise" in out
+
+
+def test_on_a_cpu_the_memory_is_not_checked(capsys, monkeypatch):
+    from launch import dry_run as dry
+
+    monkeypatch.setattr(dry, "on_gpu", lambda: False)
+    _, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data")
+    assert "memory: not checked, no GPU here (the estimate above is per GPU)" in out
 
 
 def test_under_torchrun_only_rank_0_prints_the_dry_run(capsys, monkeypatch):

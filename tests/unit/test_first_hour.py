@@ -137,6 +137,15 @@ def test_a_set_typo_in_a_study_is_named_as_set(capsys, monkeypatch, tmp_path):
     assert capsys.readouterr().err.startswith("config error: --set: unknown key 'train.step'")
 
 
+def test_a_study_of_fewer_than_3_seeds_is_cautioned_before_its_runs(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    for name in ("train.blend.json", "valid.blend.json", "tokenizer.model"):  # checked to exist, not read
+        (tmp_path / name).touch()
+    monkeypatch.setattr(study_cli, "run_all", lambda *args: False)  # stop where training would start
+    study_cli.main(["--seeds", "2", "--out", str(tmp_path / "study"), "--data", str(tmp_path)])
+    assert "caution: 2 seed(s) give intervals that can look tight by chance" in capsys.readouterr().out
+
+
 def test_the_studys_mixture_arms_in_its_help_and_the_readme_train_uniform_weights():
     texts = study_cli.EXAMPLES + (REPO / "README.md").read_text()
     arms = [parse_arm(text) for text in re.findall(r"'([\w.+-]+=[^']*data\.weights=[^']*)'", texts)]

@@ -142,6 +142,8 @@ def study(args: argparse.Namespace) -> int:
     )
     for arm, run in zip(args.arms, runs):  # the first seed's runs, one per arm
         print(f"  {arm.name}: {describe(load_config(args.config, run.settings))}", flush=True)
+    if len(seeds) < 3:  # said before the runs, not only in the summary after them
+        print(f"  caution: {len(seeds)} seed(s) give intervals that can look tight by chance; --seeds 3 or more")
     if args.slurm and unfinished:
         args.out.mkdir(parents=True, exist_ok=True)
         script = args.out / "study.sbatch"

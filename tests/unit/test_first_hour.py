@@ -14,7 +14,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from data_prep import cli as data_prep_cli
-from launch import pretrain
+from launch import dry_run, pretrain
 from launch.config import load_config, validate
 from launch.tools import bench, evaluate, export, report
 from launch.tools.study import cli as study_cli
@@ -24,7 +24,7 @@ from launch.tools.study.markdown import markdown
 REPO = Path(__file__).resolve().parents[2]
 
 
-def dry_run(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
+def dry_run_main(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
     monkeypatch.chdir(REPO)
     code = pretrain.main(["--dry-run", *argv])
     out, err = capsys.readouterr()
@@ -38,21 +38,25 @@ def single_process(monkeypatch):
 
 
 def test_a_dry_run_without_data_gives_the_layout_verdict_and_exits_0(capsys, monkeypatch):
-    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data")
+    code, out, _ = dry_run_main(
+        capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data"
+    )
     assert code == 0
     assert "layout: OK for 4 processes" in out
     assert out.rstrip().endswith("data: not checked (--no-data)")
 
 
 def test_missing_data_is_reported_apart_from_a_layout_that_holds(capsys, monkeypatch):
-    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4")
+    code, out, _ = dry_run_main(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4")
     assert code == 1
     verdict = out.split("layout: OK for 4 processes", 1)[1]
     assert "data problems: 3 (--no-data checks the layout alone)" in verdict
 
 
 def test_a_layout_that_cannot_run_is_refused_by_a_dry_run_without_data(capsys, monkeypatch):
-    code, out, err = dry_run(capsys, monkeypatch, "--config", "configs/demo_cpu.yaml", "--world-size", "3", "--no-data")
+    code, out, err = dry_run_main(
+        capsys, monkeypatch, "--config", "configs/demo_cpu.yaml", "--world-size", "3", "--no-data"
+    )
     assert code == 2 and not out
     assert "train.global_batch_size=16 is not divisible by micro_batch_size*DP = 4*3 = 12" in err
 
@@ -68,7 +72,7 @@ def test_a_layout_that_cannot_run_is_refused_by_a_dry_run_without_data(capsys, m
     ],
 )
 def test_the_memory_assumptions_are_this_configs(capsys, monkeypatch, config, assumed):
-    _, out, _ = dry_run(capsys, monkeypatch, "--config", config, "--world-size", "4", "--no-data")
+    _, out, _ = dry_run_main(capsys, monkeypatch, "--config", config, "--world-size", "4", "--no-data")
     assert f"assumptions: {assumed}" in out
     fp32 = "fp32;" in assumed
     assert ("bytes in fp32" in out) == fp32 and ("bytes in bf16" in out) != fp32
@@ -76,19 +80,19 @@ def test_the_memory_assumptions_are_this_configs(capsys, monkeypatch, config, as
 
 def test_a_sharded_optimizer_is_named_in_the_assumptions(capsys, monkeypatch):
     argv = ["--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data"]
-    _, out, _ = dry_run(capsys, monkeypatch, *argv, "--set", "parallel.distributed_optimizer=true")
+    _, out, _ = dry_run_main(capsys, monkeypatch, *argv, "--set", "parallel.distributed_optimizer=true")
     assert "optimizer 3 (fp32 master, Adam m, v), optimizer sharded over DP 4;" in out
 
 
 @pytest.mark.parametrize("gib, verdict", [(140, "memory: OK, ~37.55 GiB per GPU of the 140.00 GiB"), (16, None)])
 def test_on_a_gpu_node_the_dry_run_checks_the_memory_estimate_against_the_gpu(capsys, monkeypatch, gib, verdict):
-    from launch import dry_run as dry
-
     gpu = SimpleNamespace(name="NVIDIA H200", total_memory=gib * 2**30)
-    monkeypatch.setattr(dry, "on_gpu", lambda: True)
+    monkeypatch.setattr(dry_run, "on_gpu", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
-    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/llama-7b.yaml", "--world-size", "64", "--no-data")
+    code, out, _ = dry_run_main(
+        capsys, monkeypatch, "--config", "configs/llama-7b.yaml", "--world-size", "64", "--no-data"
+    )
     if verdict:
         assert code == 0 and f"{verdict} of this machine's NVIDIA H200" in out
     else:
@@ -97,25 +101,25 @@ def test_on_a_gpu_node_the_dry_run_checks_the_memory_estimate_against_the_gpu(ca
 
 
 def test_on_a_cpu_the_memory_is_not_checked(capsys, monkeypatch):
-    from launch import dry_run as dry
-
-    monkeypatch.setattr(dry, "on_gpu", lambda: False)
-    _, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data")
+    monkeypatch.setattr(dry_run, "on_gpu", lambda: False)
+    _, out, _ = dry_run_main(
+        capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--world-size", "4", "--no-data"
+    )
     assert "memory: not checked, no GPU here (the estimate above is per GPU)" in out
 
 
-def test_under_torchrun_only_rank_0_prints_the_dry_run(capsys, monkeypatch):
+def test_under_torchrun_only_rank_0_prints_the_dry_run_main(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml")
+    code, out, _ = dry_run_main(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml")
     assert (code, out) == (2, "")  # 2: launch.torchrun neither restarts it nor explains it again
     monkeypatch.setenv("RANK", "0")
-    code, out, _ = dry_run(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--no-data")
+    code, out, _ = dry_run_main(capsys, monkeypatch, "--config", "configs/gpt2-124m.yaml", "--no-data")
     assert code == 0 and out.count("layout: OK for 2 processes") == 1
 
 
 def test_a_missing_config_names_the_configs_there_are(capsys, monkeypatch):
-    code, _, err = dry_run(capsys, monkeypatch, "--config", "configs/gpt2.yaml")
+    code, _, err = dry_run_main(capsys, monkeypatch, "--config", "configs/gpt2.yaml")
     assert code == 2
     assert "config file not found:" in err and "configs/gpt2-124m.yaml, configs/gpt2-24x768.yaml" in err
     presets = len(list((REPO / "configs/paper").glob("*.yaml")))

@@ -313,7 +313,7 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path}; {_shipped_configs()}") from None
     except IsADirectoryError:
         raise ConfigError(
             f"{path} is a directory, not a YAML config file: give a file, e.g. configs/demo_cpu.yaml"
@@ -333,6 +333,14 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be one file name, got {base!r}")
     return deep_merge(_read_yaml_with_base(path.parent / base, (*seen, path)), raw)
+
+
+def _shipped_configs() -> str:
+    """The configs that come with the project, for a --config that names none."""
+    folder = Path(__file__).resolve().parent.parent / "configs"
+    names = ", ".join(f"configs/{path.name}" for path in sorted(folder.glob("*.yaml")))
+    presets = len(list(folder.glob("paper/*.yaml")))
+    return f"the configs here: {names}, and {presets} reference presets in configs/paper/"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -1,4 +1,5 @@
-"""What a config would do, without a GPU: layout, parameter count, memory, data.
+"""What a config would do, without a GPU: layout, parameter count, memory, data; on a GPU node
+also whether the memory estimate fits its GPU.
 
 Run before a cluster job (`python -m launch.pretrain --config C --dry-run --world-size N`)
 so an impossible layout or a missing file costs seconds, not a queue wait.
@@ -9,11 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from launch import sources
 from launch.config import Config, ConfigError, validate
 from launch.engines import engine_class
 from launch.models import family_of
 from launch.models.family import ParameterCount
+from megatron_patches.device import on_gpu
 
 
 def _size(num_bytes: float) -> str:
@@ -41,16 +45,27 @@ class MemoryEstimate(NamedTuple):
         return sum(self)
 
 
-def memory_assumptions(cfg: Config) -> str:
+def memory_assumptions(cfg: Config, world_size: int) -> str:
+    """What the memory estimate assumes for this config: its precision, the engine's sharding."""
     family = family_of(cfg.model)
     activations = family.activation_bytes(cfg.model)
+    engine = engine_class(cfg.engine)
+    dp = cfg.parallel.data_parallel_size(world_size)
+    state, whole = engine.state_bytes(cfg, dp), engine.state_bytes(cfg, 1)
+    sharded = [name for name, share, full in zip(state._fields, state, whole) if share < full]
+    fp32 = cfg.model.precision == "fp32"
+    precision = cfg.model.precision
+    if precision == "auto":  # estimated as on a GPU, where a cluster job runs
+        precision = "bf16 (precision auto: bf16 on a GPU, fp32 on a CPU)"
     return (
-        "bf16 (precision auto on GPU) 2 bytes per parameter for weights, 12 for the optimizer"
-        " (fp32 master, Adam m, v), gradients 4 (accumulated in fp32 by both engines);"
-        f" fp32 4+4+8; activations per layer and token {activations.replicated:g} + {activations.sharded:g}/TP"
-        f" bytes in bf16, all /TP with sequence parallelism ({family.name} layer,"
-        " Korthikanti et al. 2022; SDPA/flash attention, no recomputation), for"
-        " min(PP, micro-batches) micro-batches, plus fp32 logits"
+        f"{precision}; bytes per parameter: weights {state.weights:g},"
+        f" gradients {state.grads:g} (accumulated in fp32), optimizer {state.optimizer:g}"
+        f" ({'Adam m, v' if fp32 else 'fp32 master, Adam m, v'})"
+        + (f", {' and '.join(sharded)} sharded over DP {dp}" if sharded else "")
+        + f"; activations per layer and token {activations.replicated:g} + {activations.sharded:g}/TP"
+        f" bytes in {'fp32' if fp32 else 'bf16'}, all /TP with sequence parallelism ({family.name} layer,"
+        " Korthikanti et al. 2022; SDPA/flash attention, no recomputation), for min(PP, micro-batches)"
+        " micro-batches, plus fp32 logits"
     )
 
 
@@ -87,18 +102,53 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
     )
 
 
-def dry_run_report(cfg: Config, world_size: int) -> str:
-    """A readable account of the run; raises ConfigError for a layout that cannot run,
-    and lists missing data files under 'problems' (an empty list means ready to run)."""
+def dry_run(cfg: Config, world_size: int, check_data: bool = True) -> tuple[str, bool]:
+    """A readable account of the run ending in its verdict, and whether everything checked holds;
+    raises ConfigError for a layout that cannot run. The layout and memory verdicts stand apart
+    from the data files, which `check_data=False` skips (a layout checked before the data exists)."""
     validate(cfg, world_size)
     lines = describe_run(cfg, world_size)
+    lines.append(
+        f"layout: OK for {world_size} process{'es' if world_size > 1 else ''}"
+        " (parallel sizes, heads, layers, batch sizes and settings)"
+    )
+    memory, fits = _memory_verdict(cfg, world_size)
+    lines.append(memory)
+    if not check_data:
+        lines.append("data: not checked (--no-data)")
+        return "\n".join(lines), fits
     problems = sources.file_problems(cfg)
     if problems:
-        lines.append(f"problems: {len(problems)}")
+        lines.append(f"data problems: {len(problems)} (--no-data checks the layout alone)")
         lines += [f"  - {problem}" for problem in problems]
     else:
-        lines.append("problems: none, ready to run")
-    return "\n".join(lines)
+        lines.append("data problems: none, ready to run")
+    return "\n".join(lines), fits and not problems
+
+
+def dry_run_report(cfg: Config, world_size: int, check_data: bool = True) -> str:
+    """The account of `dry_run` alone."""
+    return dry_run(cfg, world_size, check_data)[0]
+
+
+def _memory_verdict(cfg: Config, world_size: int) -> tuple[str, bool]:
+    """The memory estimate against this machine's GPU, where it has one: the line, and whether it fits."""
+    if not on_gpu():
+        return "memory: not checked, no GPU here (the estimate above is per GPU)", True
+    try:
+        vocab = sources.vocab_size(cfg)
+    except ConfigError:
+        return "memory: not checked, the vocabulary is unknown (see vocab above)", True
+    need = estimate_memory(cfg, count_parameters(cfg, vocab), world_size).total
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+    of_this_gpu = f"the {_size(gpu.total_memory)} of this machine's {gpu.name}"
+    if need > gpu.total_memory:
+        return (
+            f"memory: ~{_size(need)} per GPU is more than {of_this_gpu}: raise parallel.tp or parallel.pp,"
+            " set parallel.distributed_optimizer=true or lower train.micro_batch_size",
+            False,
+        )
+    return f"memory: OK, ~{_size(need)} per GPU of {of_this_gpu}", True
 
 
 def describe_run(cfg: Config, world_size: int) -> list[str]:
@@ -141,7 +191,7 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
             f"memory per GPU: ~{_size(memory.total)} = weights {_size(memory.weights)}"
             f" + grads {_size(memory.grads)} + optimizer {_size(memory.optimizer)}"
             f" + activations {_size(memory.activations)}",
-            f"  assumptions: {memory_assumptions(cfg)}",
+            f"  assumptions: {memory_assumptions(cfg, world_size)}",
         ]
     lines.append(
         f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
@@ -192,7 +242,7 @@ def _describe_data(cfg: Config) -> list[str]:
         try:
             blend = sources.read_blend(path, data.weights if name == "train" else None)
         except ConfigError:
-            lines.append(f"data {name}: {path} (not readable, see problems)")
+            lines.append(f"data {name}: {path} (not readable)")
             continue
         mix = ", ".join(f"{d} {w:.3f}" for d, w in zip(blend.domains, blend.weights))
         lines.append(f"data {name}: {path}: {mix}")

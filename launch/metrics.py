@@ -192,6 +192,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [row for _, row in parse_metrics(path)[0]] if path.is_file() else []
 
 
+def after_warmup(train: list[dict], warmup_steps: int) -> list[dict]:
+    """Train rows whose logging interval lies wholly after the reweighting warm-up: the row
+    before (step 0 for the first) is at or after warmup_steps. The window the report's and
+    the study's weight statistics average over."""
+    previous = [0] + [r["step"] for r in train[:-1]]
+    return [r for r, before in zip(train, previous) if before >= warmup_steps]
+
+
 def rows_up_to(path: Path, step: int) -> tuple[list[str], int]:
     """The lines of a metrics file whose rows are at or before `step`, and the size in bytes of
     a torn last line, which is left out (see `parse_metrics`)."""

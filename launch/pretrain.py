@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -22,8 +23,8 @@ from data_prep.files import write_text_atomically  # noqa: E402
 from data_prep.lock import LockHeld, exclusive_lock  # noqa: E402
 from launch.config import ConfigError, load_config, to_dict, validate  # noqa: E402
 from launch.console import say  # noqa: E402
-from launch.dry_run import dry_run_report  # noqa: E402
-from launch.sources import check_files, file_problems  # noqa: E402
+from launch.dry_run import dry_run  # noqa: E402
+from launch.sources import check_files  # noqa: E402
 from megatron_patches.reweighting import STRATEGIES, STRATEGY_ALIASES  # noqa: E402
 
 
@@ -42,7 +43,7 @@ examples:
   python -m launch.pretrain --config configs/gpt2-124m.yaml --run-dir runs/gpt2 \\
       --set reweight.strategy=linupper --set reweight.temperature=0.4 \\
       --set data.weights='{code: 2.0, prose: 1.0}' --set checkpoint.keep=null
-  python -m launch.pretrain --config configs/llama-7b.yaml --dry-run --world-size 64
+  python -m launch.pretrain --config configs/llama-7b.yaml --dry-run --world-size 64 --no-data
 
 --set values are YAML: 3, 1e-4, true, null, [a, b], {k: v}. Every field of the config
 (see configs/*.yaml and launch/config.py) can be set; a wrong key or type is refused
@@ -74,7 +75,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the config and print layout, parameter count and memory; no training",
+        help="validate the config and print layout, parameter count, memory and a verdict; no training,"
+        " no torchrun needed (--world-size says how many processes to check)",
+    )
+    parser.add_argument(
+        "--no-data",
+        action="store_true",
+        help="with --dry-run: check the layout alone, without the data files (exit 0 when it holds)",
     )
     parser.add_argument(
         "--world-size",
@@ -85,6 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.run_dir is None and not args.dry_run:
         parser.error("--run-dir is required (or pass --dry-run)")
+    if args.no_data and not args.dry_run:
+        parser.error("--no-data goes with --dry-run: a training run needs its data")
     if args.world_size is None:
         args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return args
@@ -95,8 +104,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            print(dry_run_report(cfg, args.world_size))
-            return 1 if file_problems(cfg) else 0
+            return _dry_run(cfg, args.world_size, check_data=not args.no_data)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
         check_files(cfg)
         if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
@@ -141,6 +149,17 @@ def main(argv=None) -> int:
     return stopping.EXIT_STOPPED_ON_SIGNAL if stopped_on and stopped_on.startswith("SIG") else 0
 
 
+def _dry_run(cfg, world_size: int, check_data: bool) -> int:
+    """Rank 0 prints the account (under torchrun every rank would); 0 when all holds, else 1, and
+    under torchrun 2: the refusal that launch.torchrun neither restarts nor explains again."""
+    report, holds = dry_run(cfg, world_size, check_data)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report, flush=True)
+    if holds:
+        return 0
+    return stopping.EXIT_REFUSED if "RANK" in os.environ else 1
+
+
 def _keep_config(run_dir: Path, cfg) -> None:
     """RUN/config.yaml is this start's config; RUN/configs/start-N.yaml keeps every start's."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -162,11 +181,14 @@ def _one_job_per_run_dir(run_dir: Path, rank: int):
 
 
 def _refuse(error: ConfigError) -> int:
-    """Every rank refuses; rank 0 says why.  The others wait a moment before exiting, since
-    torchrun stops the whole job at the first failed process and would cut rank 0 short."""
+    """Every rank refuses; rank 0 says why.  The others wait a moment before exiting, since plain
+    torchrun stops the whole job at the first failed process and would cut rank 0 short; a stop
+    signal (launch.torchrun's, once rank 0 has spoken) ends that wait at once."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"config error: {error}", file=sys.stderr, flush=True)
     else:
+        for number in stopping.STOP_SIGNALS:
+            signal.signal(number, signal.SIG_DFL)
         time.sleep(5)
     return stopping.EXIT_REFUSED
 

@@ -2,9 +2,11 @@
 
 Every entry names one message (a regular expression matched against the whole message) and why
 it is harmless here; anything else still shows, including other warnings of the same library.
-`install()` is called first thing by `launch.pretrain`, before Megatron-Core or DeepSpeed is
-imported (warnings raised at import time are filtered too). Found by running
-`torchrun --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml` with both engines.
+`install()` is called first thing by every entry point (`launch.pretrain` and each of
+`launch.tools`), before Megatron-Core or DeepSpeed is imported (warnings raised at import time
+are filtered too). Found by running `python -m launch.torchrun --nproc-per-node 2 -m
+launch.pretrain --config configs/demo_cpu.yaml` with both engines, a resume, and the tools on
+its run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ WARNINGS = (
         r"`torch\.distributed\.all_gather_into_tensor` is deprecated\. "
         r"Please use `torch\.distributed\.all_gather_single` instead\.",
         "raised inside DeepSpeed's ZeRO all-gather; nothing for a user to change",
+    ),
+    NoisyWarning(
+        FutureWarning,
+        r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead\.",
+        "Megatron-Core 0.16's dist_checkpointing loads every resume through torch's old name for"
+        " torch.distributed.checkpoint.load; the same function, nothing for a user to change",
+    ),
+    NoisyWarning(
+        FutureWarning,
+        r"Please use DTensor instead and we are deprecating ShardedTensor\.",
+        "the ShardedTensors are Megatron-Core's dist_checkpointing's own (its torch strategy builds them"
+        " at every resume); nothing for a user to change",
     ),
 )
 

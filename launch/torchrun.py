@@ -34,12 +34,14 @@ from launch.console import say
 from launch.stopping import EXIT_REFUSED, EXIT_STOPPED_ON_SIGNAL, FINAL_EXITS, STOP_SIGNALS
 
 FINISH_GRACE_SECONDS = 300
+REFUSAL_GRACE_SECONDS = 60  # rank 0 checks what the others checked: it refuses within seconds
 
 
 class StopAwareAgent(LocalElasticAgent):
     """torchrun's local agent, but workers that ended for good (FINAL_EXITS) are not restarted."""
 
     running: StopAwareAgent | None = None  # the agent of this process, for the signal handler
+    refused = False  # a worker refused to start: stopping the others is no news
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -47,28 +49,35 @@ class StopAwareAgent(LocalElasticAgent):
         StopAwareAgent.running = self
 
     def _monitor_workers(self, worker_group):
-        if self._others_still_finishing():
+        if self._others_still_finishing(worker_group):
             return RunResult(state=WorkerState.HEALTHY)
         result = super()._monitor_workers(worker_group)
         if result.is_failed() and _first(result.failures).exitcode in FINAL_EXITS:
             self._remaining_restarts = 0  # a planned stop or a refusal: a restart would repeat it
         return result
 
-    def _others_still_finishing(self) -> bool:
-        """Some workers ended for good and the rest are still running (e.g. rank 0 closing its
-        logs after a stop-save): wait for them, rather than torchrun's kill of the rest at the
-        first failure, for up to FINISH_GRACE_SECONDS."""
+    def _others_still_finishing(self, worker_group) -> bool:
+        """Some workers ended for good and the rest are still running: wait for them, rather than
+        torchrun's kill of the rest at the first failure. After a stop-save (e.g. rank 0 closing its
+        logs) for up to FINISH_GRACE_SECONDS; after a refusal, which comes before training, only
+        for rank 0, which says why, for up to REFUSAL_GRACE_SECONDS."""
         handlers = getattr(self._pcontext, "subprocess_handlers", {})
-        codes = [handler.proc.poll() for handler in handlers.values()]
-        ended = [code for code in codes if code is not None]
-        # A refusal (EXIT_REFUSED) comes before training: the others have nothing to finish.
-        if None not in codes or not any(code in FINAL_EXITS and code != EXIT_REFUSED for code in ended):
+        codes = {local_rank: handler.proc.poll() for local_rank, handler in handlers.items()}
+        ended = [code for code in codes.values() if code is not None]
+        if None not in codes.values() or not any(code in FINAL_EXITS for code in ended):
             self._finishing_since = None
             return False
         if not all(code == 0 or code in FINAL_EXITS for code in ended):
             return False
+        grace = FINISH_GRACE_SECONDS
+        if EXIT_REFUSED in ended:
+            self.refused = True
+            rank0 = [codes.get(worker.local_rank) for worker in worker_group.workers if worker.global_rank == 0]
+            if rank0 != [None]:  # rank 0 has spoken, or runs on another node
+                return False
+            grace = REFUSAL_GRACE_SECONDS
         self._finishing_since = self._finishing_since or time.monotonic()
-        return time.monotonic() - self._finishing_since < FINISH_GRACE_SECONDS
+        return time.monotonic() - self._finishing_since < grace
 
     def worker_pids(self) -> list[int]:
         context = self._pcontext
@@ -86,10 +95,15 @@ def _forward_stop(number, frame) -> None:
 
 
 class _QuietFinalExits(logging.Filter):
-    """torchrun logs every non-zero exit as an error; a planned stop is not one."""
+    """torchrun logs every non-zero exit as an error: a planned stop or a refusal is not one (the
+    ranks have said what happened). Nor, after a refusal, is its stop of each remaining rank news:
+    they refused too, or had not started training."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg.startswith("failed (exitcode") and record.args and record.args[0] in FINAL_EXITS)
+        if record.msg.startswith("failed (exitcode") and record.args and record.args[0] in FINAL_EXITS:
+            return False
+        agent = StopAwareAgent.running
+        return not (record.msg.startswith("Sending process") and agent is not None and agent.refused)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

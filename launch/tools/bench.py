@@ -37,7 +37,8 @@ from megatron_patches.reweighting import ReweightSchedule, check_strategy  # noq
 
 EXAMPLE = """\
 example (the demo model on 2 CPU processes; make demo-data first):
-  torchrun --standalone --nproc-per-node 2 -m launch.tools.bench --config configs/demo_cpu.yaml --pairs 30
+  python -m launch.torchrun --standalone --nproc-per-node 2 -m launch.tools.bench --config configs/demo_cpu.yaml \\
+      --pairs 30
 on a GPU node, the same with a model config and --nproc-per-node 8.
 """
 

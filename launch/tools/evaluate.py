@@ -10,7 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from data_prep.files import write_text_atomically
+from launch import quiet
+
+quiet.install()  # the same filter as every entry point, before lm-eval and transformers load
+
+from data_prep.files import write_text_atomically  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -63,7 +67,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", required=True, help="comma-separated task names, e.g. hellaswag,arc_easy")
     parser.add_argument("--limit", type=int, help="at most this many examples per task (quick checks)")
     parser.add_argument("--include-path", help="folder of extra task YAMLs")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="examples per forward pass: more is faster, needs more memory (default: %(default)s)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="results JSON to write")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -26,11 +26,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import sentencepiece
-import torch
+from launch import quiet
 
-from launch.models import FAMILIES
-from launch.models.family import ModelFamily
+quiet.install()  # before anything imports Megatron-Core, DeepSpeed or transformers
+
+import sentencepiece  # noqa: E402
+import torch  # noqa: E402
+
+from launch.models import FAMILIES  # noqa: E402
+from launch.models.family import ModelFamily  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -261,10 +265,21 @@ def export(
     tokenizer.save_pretrained(tmp)
     shutil.copyfile(model_file, tmp / "sentencepiece.model")
     (tmp / "export_info.json").write_text(json.dumps(info, indent=2))
+    _modes_as_the_umask_says(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _modes_as_the_umask_says(folder: Path) -> None:
+    """save_pretrained writes the weights through a private temporary file (mode 0600); an export
+    is for others to read, so every file gets the mode a plain write would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _id(token_id: int) -> int | None:
@@ -289,6 +304,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # A CPU job in fp32; hide GPUs before anything initialises CUDA.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # save_pretrained's bar for writing one file is noise
     try:
         out = export(args.run_dir, args.out, args.step, args.tokenizer_model, args.force)
     except ExportError as error:

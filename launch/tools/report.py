@@ -6,12 +6,19 @@ python -m launch.tools.report runs/demo/uniform runs/demo/linupper --out runs/de
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-from data_prep.files import replaced_atomically
-from launch.metrics import METRICS_FILE, MetricsFileError, read_metrics
+import yaml
+
+from launch import quiet
+
+quiet.install()  # before launch.metrics imports Megatron-Core
+
+from data_prep.files import replaced_atomically  # noqa: E402
+from launch.metrics import METRICS_FILE, MetricsFileError, after_warmup, read_metrics  # noqa: E402
 
 
 def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -56,6 +63,29 @@ def validation_table(runs: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def warmup_steps(run_dir: Path) -> int:
+    """The run's reweighting warm-up, from the config it saved (0 for a folder without one)."""
+    saved = run_dir / "config.yaml"
+    return yaml.safe_load(saved.read_text())["reweight"]["warmup_steps"] if saved.is_file() else 0
+
+
+def _same(first: list, second: list) -> bool:
+    """Equal within 1e-6 everywhere (uniform weights make the loss and the weighted loss one)."""
+    return all(
+        a == b or (a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6)) for a, b in zip(first, second)
+    )
+
+
+def _plot_pair(ax, steps: list[int], name: str, solid: tuple[str, list], dashed: tuple[str, list], style: str) -> None:
+    """Two series of one run in its colour; one line, labelled for both, where they coincide."""
+    (solid_label, solid_values), (dashed_label, dashed_values) = solid, dashed
+    if _same(solid_values, dashed_values):
+        ax.plot(steps, solid_values, label=f"{name}: {solid_label} = {dashed_label}")
+        return
+    (line,) = ax.plot(steps, solid_values, label=f"{name}: {solid_label}")
+    ax.plot(steps, dashed_values, style, color=line.get_color(), label=f"{name}: {dashed_label}")
+
+
 def plot(runs: dict[str, Path], out: Path) -> None:
     import matplotlib
 
@@ -67,20 +97,26 @@ def plot(runs: dict[str, Path], out: Path) -> None:
     for name, path in runs.items():
         train, valid = read_rows(path)
         steps = [r["step"] for r in train]
-        loss_ax.plot(steps, [r["loss"] for r in train], label=f"{name}: LM loss")
-        loss_ax.plot(steps, [r["weighted_loss"] for r in train], "--", label=f"{name}: weighted loss")
+        column = {key: [r[key] for r in train] for key in ("loss", "weighted_loss", "weight_ess", "weight_entropy")}
+        _plot_pair(loss_ax, steps, name, ("LM loss", column["loss"]), ("weighted loss", column["weighted_loss"]), "--")
         valid_ax.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], marker="o", label=name)
-        ess_ax.plot(steps, [r["weight_ess"] for r in train], label=f"{name}: ESS")
-        ess_ax.plot(steps, [r["weight_entropy"] for r in train], ":", label=f"{name}: normalised entropy")
-    loss_ax.set(title="training loss", xlabel="step")
-    valid_ax.set(title="held-out loss (mean over domains)", xlabel="step")
-    ess_ax.set(title="weight statistics (1 = uniform)", xlabel="step", ylim=(0, 1.05))
+        _plot_pair(
+            ess_ax, steps, name, ("ESS", column["weight_ess"]), ("normalised entropy", column["weight_entropy"]), ":"
+        )
+    loss_ax.set(title="training loss", xlabel="step", ylabel="loss (nats per token)")
+    valid_ax.set(title="held-out loss (mean over domains)", xlabel="step", ylabel="loss (nats per token)")
+    ess_ax.set(title="weight statistics (1 = uniform)", xlabel="step", ylabel="ESS, entropy", ylim=(0, 1.05))
 
-    # Weight share against sample share per domain, after warm-up, for the last run.
+    # Weight share against sample share per domain for the last run, over the window the
+    # study and the README use: the logged steps after the reweighting warm-up.
     name, path = list(runs.items())[-1]
     train, _ = read_rows(path)
-    late = train[len(train) // 2 :]
+    late = after_warmup(train, warmup_steps(path))
+    window = "no logged step after the warm-up"
     if late:
+        skipped = len(train) - len(late)  # the rows after the warm-up are the last ones
+        first = (train[skipped - 1]["step"] if skipped else 0) + 1
+        window = f"mean over steps {first}-{late[-1]['step']}, after the warm-up"
         domains = sorted(late[0]["domain_weight_share"])
         weight = [sum(r["domain_weight_share"][d] for r in late) / len(late) for d in domains]
         sample = [sum(r["domain_sample_share"][d] for r in late) / len(late) for d in domains]
@@ -88,7 +124,7 @@ def plot(runs: dict[str, Path], out: Path) -> None:
         share_ax.bar([p - 0.2 for p in positions], sample, width=0.4, label="share of samples")
         share_ax.bar([p + 0.2 for p in positions], weight, width=0.4, label="share of weight")
         share_ax.set_xticks(list(positions), domains)
-    share_ax.set(title=f"{name}: where the weight goes (second half of training)")
+    share_ax.set(title=f"{name}: where the weight goes\n({window})", xlabel="domain", ylabel="share")
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:  # a run without train rows has nothing to label
             ax.legend(fontsize=8)

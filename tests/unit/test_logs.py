@@ -17,7 +17,7 @@ from launch import quiet
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 
 
-# What the libraries print on a 2-rank CPU run (Megatron engine) and a DeepSpeed one, verbatim:
+# What the libraries print on a 2-rank CPU run (Megatron engine), its resume and a DeepSpeed run, verbatim:
 # every one must be silenced, and each by its own entry.
 NOISY_WARNINGS = [
     (UserWarning, "Transformer Engine and Apex are not installed. Falling back to local implementations of "
@@ -29,6 +29,9 @@ NOISY_WARNINGS = [
     (UserWarning, "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer."),
     (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. "
                     "Please use `torch.distributed.all_gather_single` instead."),
+    (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. "
+                    "Please use `load` instead."),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor."),
 ]  # fmt: skip
 
 

@@ -5,7 +5,7 @@ so for one seed all arms start from the same initial weights and see the same da
 the arm-minus-baseline differences are paired and their spread over seeds says how much of
 a gain is noise. Runs go one after another (or one Slurm array task each), each as
 
-    torchrun --standalone --nproc-per-node N -m launch.pretrain --config C \\
+    python -m launch.torchrun --standalone --nproc-per-node N -m launch.pretrain --config C \\
         --run-dir OUT/<arm>/seed<k> --set ... train.seed=<k>
 
 and a finished run is reused, an unfinished one resumed (the trainer resumes from the run

@@ -24,8 +24,10 @@ EXAMPLES = """\
 arms (the first is the baseline; each becomes OUT/<name>/seed<k>):
   STRATEGY[:TEMPERATURE]         uniform, linupper:0.5 (named linupper-r0.5), quadratic:1.0
   NAME=KEY=VALUE[,KEY=VALUE]     any config change; commas inside {...} or [...] stay in the value:
-                                 'boilerplate-down=data.weights={boilerplate: 0.25, code: 1, docs: 1, licenses: 1, \
-prose: 1}'
+                                 'boilerplate-down=reweight.strategy=uniform,data.weights={boilerplate: 0.25, \
+code: 1, docs: 1, licenses: 1, prose: 1}'
+                                 an arm changes --config and keeps the rest: configs/demo_cpu.yaml
+                                 reweights with linupper, so a mixture-only arm sets reweight.strategy=uniform
                                  'lin-r0.2-late=reweight.strategy=linupper,reweight.temperature=0.2,reweight.warmup_steps=100'
 
 examples:
@@ -33,7 +35,8 @@ examples:
   # configs/demo_cpu.yaml's 200 steps, 2 processes per run (about 40 s a run on 2 CPU cores)
   python -m launch.tools.study --out runs/study
   python -m launch.tools.study --out runs/study3 --arm uniform --arm linupper:0.5 --arm quadratic:1.0 \\
-      --arm 'boilerplate-down=data.weights={boilerplate: 0.25, code: 1, docs: 1, licenses: 1, prose: 1}'
+      --arm 'boilerplate-down=reweight.strategy=uniform,data.weights={boilerplate: 0.25, code: 1, docs: 1, \
+licenses: 1, prose: 1}'
   # your data: data_prep's DIR/train.blend.json, DIR/valid.blend.json, DIR/tokenizer.model
   python -m launch.tools.study --config configs/gpt2-124m.yaml --data data/mine --nproc 8 --seeds 3 \\
       --set train.steps=5000 --arm uniform --arm linupper:0.4 --out runs/mine
@@ -72,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         " baseline (default: --arm uniform --arm linupper:0.5)",
     )  # fmt: skip
     parser.add_argument(
-        "--seeds", type=int, default=5, help="seeds 1..N, the same for every arm (default: %(default)s)"
-    )
+        "--seeds", type=int, default=5,
+        help="seeds 1..N, the same for every arm; 3 or more for intervals to mean much (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (default: %(default)s)")
     parser.add_argument(
         "--set", dest="common", metavar="KEY=VALUE", action="extend", nargs="+", default=[],
@@ -138,6 +142,8 @@ def study(args: argparse.Namespace) -> int:
     )
     for arm, run in zip(args.arms, runs):  # the first seed's runs, one per arm
         print(f"  {arm.name}: {describe(load_config(args.config, run.settings))}", flush=True)
+    if len(seeds) < 3:  # said before the runs, not only in the summary after them
+        print(f"  caution: {len(seeds)} seed(s) give intervals that can look tight by chance; --seeds 3 or more")
     if args.slurm and unfinished:
         args.out.mkdir(parents=True, exist_ok=True)
         script = args.out / "study.sbatch"

@@ -12,6 +12,29 @@ def _diff_text(entry: dict) -> str:
     return f"{entry['diff_mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
+def _interval(confidence: float, n: int) -> str:
+    if n == 1:
+        return "(one seed: no interval)"
+    return f"[{confidence:.0%} Student t-interval, n − 1 = {n - 1} degree{'' if n == 2 else 's'} of freedom]"
+
+
+def _few_seeds_caution(n: int) -> list[str]:
+    """Below 3 seeds an interval rests on the spread of one or two differences."""
+    if n >= 3:
+        return []
+    if n == 1:
+        return [
+            "Caution: one seed gives no interval and says nothing about seed-to-seed noise; use 3 seeds or more.",
+            "",
+        ]
+    return [
+        "Caution: 2 seeds give 1 degree of freedom: each interval's width comes from the spread of just two"
+        " differences, which can be small by chance, so an interval can look tight (and exclude 0) by chance"
+        " alone; use 3 seeds or more.",
+        "",
+    ]
+
+
 def markdown(summary: dict) -> str:
     """Two tables: held-out loss with paired differences, and where the weight went."""
     arms, baseline, n = summary["arms"], summary["baseline"], len(summary["seeds"])
@@ -21,9 +44,10 @@ def markdown(summary: dict) -> str:
     lines = [
         f"Arms, as changes to {summary['config']}: {settings}.",
         "",
-        f"Held-out loss, mean over {n} paired seeds {summary['seeds']}; Δ = arm − {baseline} per seed,"
-        f" mean [{summary['confidence']:.0%} Student t-interval]; lower is better.",
+        f"Held-out loss, mean over n = {n} paired seeds {summary['seeds']}; Δ = arm − {baseline} per seed,"
+        f" mean {_interval(summary['confidence'], n)}; lower is better.",
         "",
+        *_few_seeds_caution(n),
         "| " + " | ".join(header) + " |",
         "|---|" + "---:|" * (len(header) - 1),
     ]

@@ -27,6 +27,11 @@ def plan(config: str, arms: list[Arm], seeds: list[int], out: Path, common: list
     for arm in arms:
         if any(s.split("=", 1)[0].strip() == "train.seed" for s in arm.settings):
             raise ConfigError(f"arm {arm.name} sets train.seed: the study sets it per seed (--seeds)")
+    load_config(config)  # a config that cannot load is refused as itself
+    try:  # a key or value of --set is wrong in every arm: say so, not "arm <the first>"
+        load_config(config, common)
+    except ConfigError as error:
+        raise ConfigError(f"--set: {error}") from None
     runs = []
     for seed in seeds:
         for arm in arms:

@@ -14,7 +14,7 @@ def plot(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = summary["arms"]
+    arms, n = summary["arms"], len(summary["seeds"])
     fig, (diff_ax, share_ax) = plt.subplots(1, 2, figsize=(13, 5))
     labels = list(arms[0]["held_out"]) + ["natural mixture"]
     offsets = [0.0] if len(arms) < 3 else [0.3 * (i / (len(arms) - 2) - 0.5) for i in range(len(arms) - 1)]
@@ -32,7 +32,8 @@ def plot(summary: dict, out: Path) -> None:
     diff_ax.axhline(0.0, color="grey", linewidth=1)
     diff_ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     diff_ax.set(
-        title=f"held-out loss − {summary['baseline']} (paired, {summary['confidence']:.0%} t-interval)",
+        title=f"held-out loss − {summary['baseline']} (n = {n} paired seeds, "
+        + (f"{summary['confidence']:.0%} t-interval, {n - 1} df)" if n > 1 else "no interval)"),
         ylabel="Δ loss (below 0 = better)",
     )
     domains = sorted({d for a in arms for d in a["weights"]["domain_sample_share"]})
@@ -54,7 +55,7 @@ def plot(summary: dict, out: Path) -> None:
         label=f"{arms[0]['name']}: samples",
     )
     share_ax.set_xticks([p + len(arms) * width / 2 for p in range(len(domains))], domains, rotation=30, ha="right")
-    share_ax.set(title="share of weight per domain after warm-up")
+    share_ax.set(title="share of weight per domain after warm-up", ylabel="share")
     for ax in (diff_ax, share_ax):
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -9,7 +9,7 @@ import yaml
 
 from data_prep.blend import BlendFileError, read_blend_file
 from launch.config import ConfigError
-from launch.metrics import read_metrics
+from launch.metrics import after_warmup, read_metrics
 from launch.tools.stats import CONFIDENCE, mean_and_interval, t_quantile
 from launch.tools.study.arms import Arm
 from launch.tools.study.plan import Run
@@ -39,11 +39,8 @@ def _final_valid(run_dir: Path, steps: int) -> dict[str, float]:
 
 
 def _after_warmup(run_dir: Path, warmup_steps: int) -> list[dict]:
-    """Train rows whose logging interval lies wholly after the warm-up: the row before
-    (step 0 for the first) is at or after warmup_steps."""
-    train = [r for r in read_metrics(run_dir) if r.get("kind") == "train"]
-    previous = [0] + [r["step"] for r in train[:-1]]
-    rows = [r for r, before in zip(train, previous) if before >= warmup_steps]
+    """Train rows after the warm-up (launch.metrics.after_warmup); none is an error."""
+    rows = after_warmup([r for r in read_metrics(run_dir) if r.get("kind") == "train"], warmup_steps)
     if not rows:
         raise ConfigError(
             f"{run_dir} logged no train row after its {warmup_steps} warm-up steps: raise"

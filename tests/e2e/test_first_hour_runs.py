@@ -48,6 +48,7 @@ def test_a_dry_run_under_launch_torchrun_prints_once():
     assert result.stdout.count("layout: OK for 2 processes") == 1 and not result.stderr
 
 
+@pytest.mark.slow
 def test_no_library_noise_on_a_resume_nor_in_the_report_and_the_export(tmp_path, demo_dir):
     """stderr is for what matters: Megatron-Core, DeepSpeed, TE/Apex and torch notices are filtered."""
     run_dir = tmp_path / "run"

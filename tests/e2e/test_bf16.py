@@ -89,7 +89,8 @@ def test_megatron_checkpoint_holds_bf16_weights_and_fp32_optimizer_state(run, un
     assert {dtype for key, dtype in dtypes.items() if key.startswith("optimizer.state.")} == {"torch.float32"}
 
 
-@pytest.mark.parametrize("run", ["megatron-llama", pytest.param("zero1-llama", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["megatron-llama", "zero1-llama"])
 def test_bf16_run_stops_and_resumes_exactly(run, tmp_path, demo_dir, cache_dir, unbroken):
     settings, config = overrides(cache_dir, run)
     pretrain(tmp_path, demo_dir, *settings, BF16, "train.exit_after=4", config=config)

@@ -52,6 +52,7 @@ def test_deepspeed_run_logs_the_megatron_rows_and_trains_alike(deepspeed_run, me
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 
 
+@pytest.mark.slow
 def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, cache_dir, deepspeed_run):
     stage, unbroken = deepspeed_run
     pretrain(

@@ -268,6 +268,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_reported_and_leaves_nothing_half_written(tmp_path, demo_dir, small_disk):
     disk, resize = small_disk  # 2 MiB: less than one checkpoint (about 3 MiB)
     run_dir, cache = disk / "run", f"data.cache_dir={tmp_path / 'cache'}"

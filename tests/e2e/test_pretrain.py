@@ -119,6 +119,7 @@ def test_pipeline_parallel_run_from_scratch_follows_the_single_process_curve(tmp
     assert _curve(tmp_path) == pytest.approx(_curve(single_process), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, unbroken):
     pretrain(tmp_path, demo_dir, "train.exit_after=4")
     assert [r["step"] for r in rows(tmp_path)] == [2, 4]
@@ -129,6 +130,7 @@ def test_stop_and_resume_continues_exactly(tmp_path, demo_dir, unbroken):
     assert [r["valid_loss"] for r in rows(tmp_path, "valid")] == [r["valid_loss"] for r in rows(unbroken, "valid")]
 
 
+@pytest.mark.slow
 def test_asynchronous_checkpoints_commit_and_resume_exactly(tmp_path, demo_dir, unbroken):
     pretrain(tmp_path, demo_dir, "train.exit_after=4", "checkpoint.async_save=true")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
@@ -204,6 +206,7 @@ def test_incomplete_latest_checkpoint_is_skipped_with_a_warning(tmp_path, demo_d
     assert "resuming from" in result.stdout and "step_00000002" in result.stdout
 
 
+@pytest.mark.slow
 def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(tmp_path, demo_dir, single_process, unbroken):
     # One DP rank throughout, with `unbroken`'s global micro-batch (see FIRST_HALF).
     pretrain(tmp_path, demo_dir, "parallel.tp=2", *FIRST_HALF)

@@ -89,6 +89,7 @@ def test_run_without_torchrun_is_a_single_process(tmp_path, demo_dir):
     assert f"resuming from {tmp_path}/checkpoints/step_00000002 at step 2 of 3" in resumed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="pip install -e '.[test]' installs wandb")
 def test_wandb_offline_run_records_the_logged_metrics(tmp_path, demo_dir):
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb_dir"

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataPrepError as exc:
         print(f"data_prep: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. an input deleted or moved while the run reads it (shared filesystems)
+        print(f"data_prep: error: {exc.filename or 'a file'}: {exc.strerror or exc}; nothing written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("data_prep: interrupted; unfinished output removed", file=sys.stderr)
         return 130

@@ -472,6 +472,21 @@ def test_truncated_compressed_input_fails_naming_the_file_and_writes_nothing(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_an_input_that_vanished_is_one_error_line_naming_it_and_nothing_written(tmp_path, tokenizer):
+    """A file listed but gone when read (a dangling link, as a shard moved on a shared filesystem)."""
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in/a.jsonl", [{"text": text} for text in sample_texts(20)])
+    (tmp_path / "in/b.jsonl").symlink_to(tmp_path / "moved.jsonl")
+    result = run_cli(
+        "tokenize", "--input", "in", "--output-prefix", "out", "--tokenizer-model", tokenizer, cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "data_prep: error: in/b.jsonl: No such file or directory; nothing written"
+    ], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 # ---------------------------------------------------------------- domains
 
 

@@ -1,12 +1,15 @@
-"""What reweighting costs: training steps of `uniform` and a reweighted strategy, interleaved.
+"""What reweighting costs: training steps of `uniform`, a reweighted strategy per sequence and the
+same per document segment (`reweight.unit: document`), interleaved.
 
     torchrun --standalone --nproc-per-node 2 -m launch.tools.bench --config configs/demo_cpu.yaml
 
-One process group and one model: pairs of steps alternate the loss's schedule between the
-two strategies (and which of them goes first), so warm-up, caches, clock drift and other
-load fall on both alike. The overhead is the mean of the per-pair ratios of step times, with
-a 95 % Student t-interval over the pairs. The model trains on as usual (the figures are of
-speed, not of the model); checkpoints and metrics go to a temporary directory.
+One process group and one model: rounds of steps alternate the loss between the three (each
+round in another order), so warm-up, caches, clock drift and other load fall on all alike.
+Every batch carries its document segments, found on the host as a document run finds them, so
+the arms differ in the loss alone. An overhead is the mean of the per-round ratios of step
+times to uniform's, with a 95 % Student t-interval over the rounds. The model trains on as
+usual (the figures are of speed, not of the model); checkpoints and metrics go to a
+temporary directory.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from launch.sources import check_files  # noqa: E402
 from launch.throughput import Throughput  # noqa: E402
 from launch.tools.stats import mean_and_interval  # noqa: E402
 from megatron_patches.device import on_gpu  # noqa: E402
+from megatron_patches.loss import ReweightedLoss  # noqa: E402
 from megatron_patches.reweighting import ReweightSchedule, check_strategy  # noqa: E402
 
 EXAMPLE = """\
@@ -53,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the run's YAML config")
     parser.add_argument("--strategy", default="linupper", help="the reweighted strategy (default: linupper)")
     parser.add_argument("--temperature", type=float, default=1.0, help="its temperature (default: 1.0)")
-    parser.add_argument("--pairs", type=int, default=30, help="timed pairs of steps (default: 30)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed pairs first (default: 3)")
+    parser.add_argument("--pairs", type=int, default=30, help="timed rounds, a step of each arm (default: 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: 3)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -67,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.pairs < 2 or args.warmup < 0:
         parser.error("--pairs must be >= 2 and --warmup >= 0")
+    if args.strategy == "uniform":
+        parser.error("--strategy uniform: uniform is the baseline every arm is compared with; name a reweighting")
     return args
 
 
@@ -83,30 +89,49 @@ def _timed_step(trainer) -> float:
     return time.perf_counter() - start
 
 
-def measure(trainer, strategy: str, temperature: float, pairs: int, warmup: int) -> dict[str, list[float]]:
-    """Step times of both strategies, `pairs` each after `warmup` untimed pairs."""
-    schedules = {
-        "uniform": ReweightSchedule(strategy="uniform", temperature=1.0),
-        strategy: ReweightSchedule(strategy=strategy, temperature=temperature),
+class _PerSequence:
+    """A loss of one unit per row, on batches that also carry document segments (it leaves them)."""
+
+    def __init__(self, loss: ReweightedLoss):
+        self.loss, self.schedule = loss, loss.schedule  # the trainer's after-step hook reads .schedule
+
+    def __call__(self, loss_mask, domains, token_losses, **units):
+        return self.loss(loss_mask, domains, token_losses)
+
+
+def arms(trainer, strategy: str, temperature: float) -> dict:
+    """The losses compared, by label: uniform and `strategy` per sequence, `strategy` per document."""
+    rw, domains = trainer.cfg.reweight, trainer.loss.num_domains
+
+    def loss(name: str, units_per_row: int = 1) -> ReweightedLoss:
+        schedule = ReweightSchedule(strategy=name, temperature=1.0 if name == "uniform" else temperature)
+        return ReweightedLoss(schedule, delta=rw.delta, num_domains=domains, units_per_row=units_per_row)
+
+    return {
+        "uniform": _PerSequence(loss("uniform")),
+        strategy: _PerSequence(loss(strategy)),
+        f"{strategy}-document": loss(strategy, rw.max_segments_per_sample),
     }
-    times = {name: [] for name in schedules}
-    for pair in range(warmup + pairs):
-        order = list(schedules) if pair % 2 == 0 else list(reversed(schedules))
-        for name in order:
-            trainer.loss.schedule = schedules[name]
+
+
+def measure(trainer, losses: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Step times of every loss, `rounds` each after `warmup` untimed rounds."""
+    names = list(losses)
+    times = {name: [] for name in names}
+    for round_ in range(warmup + rounds):
+        shift = round_ % len(names)  # each arm goes first, second and last alike
+        for name in names[shift:] + names[:shift]:
+            trainer.loss = losses[name]
             seconds = _timed_step(trainer)
-            if pair >= warmup:
+            if round_ >= warmup:
                 times[name].append(seconds)
     return times
 
 
 def report(times: dict[str, list[float]], throughput: Throughput) -> str:
-    (baseline, base_times), (name, reweighted) = times.items()
-    ratios = [r / u for r, u in zip(reweighted, base_times)]
-    overhead, interval = mean_and_interval(ratios)
+    (baseline, base_times), *reweighted = times.items()
     lines = [
-        f"{'strategy':<12} {'step ms (median, IQR)':>24} {'tokens/s':>11}"
-        f" {'TFLOP/s/dev':>12} {'MFU':>7} {'peak GiB':>9}"
+        f"{'loss':<20} {'step ms (median, IQR)':>24} {'tokens/s':>11} {'TFLOP/s/dev':>12} {'MFU':>7} {'peak GiB':>9}"
     ]
     for label, values in times.items():
         median = statistics.median(values)
@@ -114,26 +139,35 @@ def report(times: dict[str, list[float]], throughput: Throughput) -> str:
         figures = throughput.row(median)
         mfu = "n/a" if figures["mfu"] is None else f"{100 * figures['mfu']:.1f}%"
         lines.append(
-            f"{label:<12} {1e3 * median:>10.1f} [{1e3 * q1:.1f}, {1e3 * q3:.1f}]".ljust(37)
+            f"{label:<20} {1e3 * median:>10.1f} [{1e3 * q1:.1f}, {1e3 * q3:.1f}]".ljust(45)
             + (
                 f" {figures['tokens_per_s']:>11,.0f} {figures['tflops_per_device']:>12.4f}"
                 f" {mfu:>7} {figures['peak_memory_gib']:>9.2f}"
             )
         )
-    lines.append(
-        f"overhead {name}/{baseline}: {overhead:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
-        f" (mean of {len(ratios)} paired step-time ratios, 95% t-interval)"
-    )
+    for name, values in reweighted:
+        ratios = [r / u for r, u in zip(values, base_times)]
+        overhead, interval = mean_and_interval(ratios)
+        lines.append(
+            f"overhead {name}/{baseline}: {overhead:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+            f" (mean of {len(ratios)} paired step-time ratios, 95% t-interval)"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    settings = [*args.overrides, "checkpoint.interval=1000000000", "train.eval_interval=1000000000"]
+    # reweight.unit=document: every batch carries its segments, whichever arm steps on it.
+    settings = [
+        *args.overrides,
+        "checkpoint.interval=1000000000",
+        "train.eval_interval=1000000000",
+        "reweight.unit=document",
+    ]
     try:
         check_strategy(args.strategy, args.temperature)
         cfg = load_config(args.config, settings)
-        steps = 2 * (args.warmup + args.pairs)
+        steps = 3 * (args.warmup + args.pairs)
         if cfg.train.steps < steps:  # the LR schedule must last the whole measurement
             cfg = load_config(args.config, [*settings, f"train.steps={steps}"])
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -147,7 +181,7 @@ def main(argv=None) -> int:
     # that they share Megatron's sample-index cache; on several nodes set data.cache_dir.
     run_dir = Path(tempfile.gettempdir()) / f"launch-bench-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
     trainer = Trainer(cfg, run_dir)
-    times = measure(trainer, args.strategy, args.temperature, args.pairs, args.warmup)
+    times = measure(trainer, arms(trainer, args.strategy, args.temperature), args.pairs, args.warmup)
     throughput = Throughput(cfg, trainer.sources.padded_vocab_size, dist.get_world_size())
     dist.barrier()
     if dist.get_rank() == 0:

@@ -1,4 +1,5 @@
-"""`launch.tools.bench` on the demo: the strategies interleaved step by step, and the overhead reported."""
+"""`launch.tools.bench` on the demo: uniform, linupper per sequence and per document interleaved step by
+step, and each overhead reported."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from launch.config import load_config
 from launch.throughput import flops_per_token
 
 ROW = re.compile(
-    r"(?P<name>\w+) +(?P<median>[\d.]+) \[(?P<q1>[\d.]+), (?P<q3>[\d.]+)\] +(?P<tokens>[\d,]+)"
+    r"(?P<name>[\w-]+) +(?P<median>[\d.]+) \[(?P<q1>[\d.]+), (?P<q3>[\d.]+)\] +(?P<tokens>[\d,]+)"
     r" +(?P<tflops>[\d.]+) +(?P<mfu>[\d.]+)% +(?P<peak>[\d.]+)"
 )
 
 
 OVERHEAD = re.compile(
-    r"overhead linupper/uniform: (?P<mean>[\d.]+) \[(?P<low>-?[\d.]+), (?P<high>[\d.]+)\]"
+    r"overhead (?P<name>[\w-]+)/uniform: (?P<mean>[\d.]+) \[(?P<low>-?[\d.]+), (?P<high>[\d.]+)\]"
     r" \(mean of (?P<pairs>\d+) paired step-time ratios, 95% t-interval\)"
 )
 
@@ -62,11 +63,11 @@ def test_bench_interleaves_the_strategies_and_reports_the_overhead(demo_dir):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split(" ", 2)[-1] for line in result.stdout.splitlines()]  # without the time stamp
-    header = next(i for i, line in enumerate(lines) if line.startswith("strategy "))
-    table = lines[header + 1 : header + 4]
-    rows = [ROW.fullmatch(line) for line in table[:2]]
+    header = next(i for i, line in enumerate(lines) if line.startswith("loss "))
+    table = lines[header + 1 : header + 6]
+    rows = [ROW.fullmatch(line) for line in table[:3]]
     assert all(rows), table
-    assert [row["name"] for row in rows] == ["uniform", "linupper"]
+    assert [row["name"] for row in rows] == ["uniform", "linupper", "linupper-document"]
 
     # Step times vary from machine to machine; what the figures say about each other does not.
     # Every figure is printed rounded, so each check allows half a unit of the last digit.
@@ -84,12 +85,15 @@ def test_bench_interleaves_the_strategies_and_reports_the_overhead(demo_dir):
         assert abs(tflops - expected_tflops) <= per_token * 0.5 / 2 / 1e12 + 0.5e-4
         assert abs(mfu - 100 * tflops / 1.0) <= 0.05 + 100 * 0.5e-4 + 1e-9  # peak 1 TFLOP/s
         assert float(row["peak"]) > 0
-    # One process's peak, read for the uniform row first: it cannot have fallen since.
-    assert float(rows[0]["peak"]) <= float(rows[1]["peak"])
+    # One process's peak, read row by row: it cannot have fallen since.
+    peaks = [float(row["peak"]) for row in rows]
+    assert peaks == sorted(peaks)
 
-    overhead = OVERHEAD.fullmatch(table[2])
-    assert overhead, table[2]
-    assert overhead["pairs"] == "4"
-    mean, low, high = (float(overhead[k]) for k in ("mean", "low", "high"))
-    assert mean > 0 and low <= mean <= high
-    assert (low + high) / 2 == pytest.approx(mean, abs=1e-4)  # a t-interval is centred on the mean
+    overheads = [OVERHEAD.fullmatch(line) for line in table[3:]]
+    assert all(overheads), table[3:]
+    assert [overhead["name"] for overhead in overheads] == ["linupper", "linupper-document"]
+    for overhead in overheads:
+        assert overhead["pairs"] == "4"
+        mean, low, high = (float(overhead[k]) for k in ("mean", "low", "high"))
+        assert mean > 0 and low <= mean <= high
+        assert (low + high) / 2 == pytest.approx(mean, abs=1e-4)  # a t-interval is centred on the mean

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from helpers.e2e import pretrain_command
 
-REPO = Path(__file__).resolve().parents[2]
 # Every warning shows (no PYTHONWARNINGS); OMP_NUM_THREADS set, as torchrun would, spares its notice.
 ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, "OMP_NUM_THREADS": "1"}
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from launch.config import ConfigError, experiment_changes, load_config, to_dict, validate
 from launch.dry_run import describe_run
@@ -14,7 +14,6 @@ from launch.metrics import StepStatistics
 from megatron_patches.loss import document_units
 from megatron_patches.megatron_lm import add_reweight_args, refusals
 
-REPO = Path(__file__).resolve().parents[2]
 EOD = 2
 
 

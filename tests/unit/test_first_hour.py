@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from helpers import REPO
 from matplotlib.figure import Figure
 
 from data_prep import cli as data_prep_cli
@@ -20,8 +21,6 @@ from launch.tools import bench, evaluate, export, report
 from launch.tools.study import cli as study_cli
 from launch.tools.study.arms import parse_arm
 from launch.tools.study.markdown import markdown
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def dry_run_main(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:

@@ -168,8 +168,10 @@ def weights_table(run_dir: Path) -> str:
     for domain in [d for d in blend.domains if any(r["domain"] == d for r in rows)]:
         documents = IndexedDataset(prefixes[domain])
         ranked = sorted((r for r in rows if r["domain"] == domain), key=lambda r: r["weight"], reverse=True)
-        for end, chosen in (("most", ranked[:SAMPLES_SHOWN]), ("least", ranked[::-1][:SAMPLES_SHOWN])):
-            lines.append(f"{domain}: {end} weighted")
+        most = ranked[:SAMPLES_SHOWN]
+        least = ranked[len(most) :][::-1][:SAMPLES_SHOWN]  # a sample is shown once
+        for end, chosen in (("most", most), ("least", least)):
+            lines.append(f"{domain}: {end} weighted" + ("" if chosen else ": all shown above"))
             lines += [
                 f"  weight {r['weight']:.4f}  loss {r['loss']:.3f}  step {r['step']:>6}"
                 f"  document {r['documents'][0]:>6}  {_snippet(documents, tokenizer, r['documents'][0])!r}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers.multiprocess import run_distributed
 
-from launch.config import ConfigError, load_config, validate
+from launch.config import ConfigError, experiment_changes, load_config, to_dict, validate
 from launch.data import build_train_dataset
 from launch.sources import DataSources
 from launch.weights_log import read_weights, sample_documents, weight_rows, write_weights
@@ -80,3 +80,11 @@ def test_the_interval_must_be_positive_and_weights_per_sequence():
     ]:
         with pytest.raises(ConfigError, match=expected):
             validate(load_config("configs/demo_cpu.yaml", overrides), 1)
+
+
+def test_turning_the_log_on_at_a_resume_is_the_same_experiment():
+    saved = to_dict(load_config("configs/demo_cpu.yaml"))
+    assert (
+        experiment_changes(saved, load_config("configs/demo_cpu.yaml", ["logging.weights_every=4"]), saved_dp=1, dp=1)
+        == []
+    )

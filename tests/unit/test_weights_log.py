@@ -88,3 +88,14 @@ def test_turning_the_log_on_at_a_resume_is_the_same_experiment():
         experiment_changes(saved, load_config("configs/demo_cpu.yaml", ["logging.weights_every=4"]), saved_dp=1, dp=1)
         == []
     )
+
+
+def test_the_report_refuses_a_run_without_a_weights_log_and_runs_beside_it(tmp_path, capsys):
+    from launch.tools.report import main
+
+    assert main(["--weights", str(tmp_path)]) == 2
+    assert "train with --set logging.weights_every=N" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["--weights", str(tmp_path), str(tmp_path)])
+    assert refused.value.code == 2
+    assert "or --weights RUN" in capsys.readouterr().err

@@ -24,12 +24,13 @@ from launch.console import say
 from launch.data import build_train_dataset, build_validation_datasets, micro_batches
 from launch.dry_run import describe_run
 from launch.engines import engine_class
-from launch.metrics import MetricsLog, StepStatistics, console_line, reduce_to_rank0
+from launch.metrics import MetricsLog, StepStatistics, console_line, is_reporter, reduce_to_rank0
 from launch.model import build_model
 from launch.sources import DataSources
 from launch.stopping import StopRequests
 from launch.throughput import Throughput
 from launch.watchdog import Watchdog
+from launch.weights_log import weight_rows, write_weights
 from megatron_patches.device import device
 from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import initialize_parallel
@@ -175,6 +176,8 @@ class Trainer:
             seconds = time.perf_counter() - start
             watchdog.step_finished(self.step, seconds)
             self.statistics.add(reports, grad_norm, seconds)
+            if self.cfg.logging.weights_every and self.step % self.cfg.logging.weights_every == 0:
+                self._log_weights(reports)
             last = self.step == t.steps
             if self.step % t.log_interval == 0 or last:
                 self._log_train()
@@ -225,6 +228,14 @@ class Trainer:
         }
         self.log.write(row)
         say(console_line(row, self.cfg.train.steps))
+
+    def _log_weights(self, reports: list[dict]) -> None:
+        """The step's first global micro-batch: its samples start at the global batch's first index."""
+        if not is_reporter():
+            return
+        first_index = (self.step - 1) * self.cfg.train.global_batch_size
+        rows = weight_rows(self.train_data, first_index, self.step, self.sources.train.domains, reports[0])
+        write_weights(self.run_dir, self.step, rows)
 
     def _evaluate(self) -> None:
         """Held-out token-mean loss per domain, on the same samples every time."""

@@ -1,6 +1,9 @@
 """Compare runs: a table of per-domain validation loss and a figure of curves and weight statistics.
 
 python -m launch.tools.report runs/demo/uniform runs/demo/linupper --out runs/demo/report.png
+
+With --weights RUN (a run with logging.weights_every): per domain its most and least weighted
+samples with a snippet of their first document, and RUN/weights/weights.png, weight against loss.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from launch import quiet
 quiet.install()  # before launch.metrics imports Megatron-Core
 
 from data_prep.files import replaced_atomically  # noqa: E402
+from launch.config import from_dict  # noqa: E402
 from launch.metrics import METRICS_FILE, MetricsFileError, after_warmup, read_metrics  # noqa: E402
+from launch.sources import train_blend  # noqa: E402
+from launch.weights_log import WEIGHTS_DIR, read_weights  # noqa: E402
+
+SNIPPET_CHARACTERS = 80
+SAMPLES_SHOWN = 3  # of each end, per domain
 
 
 def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -134,13 +143,83 @@ def plot(runs: dict[str, Path], out: Path) -> None:
         fig.savefig(tmp, dpi=100)
 
 
+def _snippet(documents, tokenizer, document: int) -> str:
+    """The document's first characters on one line (a few more tokens than characters suffice)."""
+    text = tokenizer.decode(documents[document][:SNIPPET_CHARACTERS].tolist())
+    return " ".join(text.split())[:SNIPPET_CHARACTERS]
+
+
+def weights_table(run_dir: Path) -> str:
+    """Per domain the samples of most and least weight in the run's weights log, each with its
+    first document (the one it starts in) read from the domain's dataset and decoded."""
+    import sentencepiece
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    rows = read_weights(run_dir)
+    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    blend = train_blend(cfg)
+    prefixes = dict(zip(blend.domains, blend.prefixes))
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer_model)
+    steps = sorted({r["step"] for r in rows})
+    lines = [
+        f"weights of {len(rows)} samples at {len(steps)} logged steps ({steps[0]}-{steps[-1]});"
+        " a weight is a share of its global micro-batch"
+    ]
+    for domain in [d for d in blend.domains if any(r["domain"] == d for r in rows)]:
+        documents = IndexedDataset(prefixes[domain])
+        ranked = sorted((r for r in rows if r["domain"] == domain), key=lambda r: r["weight"], reverse=True)
+        most = ranked[:SAMPLES_SHOWN]
+        least = ranked[len(most) :][::-1][:SAMPLES_SHOWN]  # a sample is shown once
+        for end, chosen in (("most", most), ("least", least)):
+            lines.append(f"{domain}: {end} weighted" + ("" if chosen else ": all shown above"))
+            lines += [
+                f"  weight {r['weight']:.4f}  loss {r['loss']:.3f}  step {r['step']:>6}"
+                f"  document {r['documents'][0]:>6}  {_snippet(documents, tokenizer, r['documents'][0])!r}"
+                for r in chosen
+            ]
+    return "\n".join(lines)
+
+
+def plot_weights(run_dir: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_weights(run_dir)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for domain in sorted({r["domain"] for r in rows}):
+        chosen = [r for r in rows if r["domain"] == domain]
+        ax.scatter([r["loss"] for r in chosen], [r["weight"] for r in chosen], s=12, alpha=0.7, label=domain)
+    ax.set(title=f"{run_dir.name}: weight against loss", xlabel="sample loss (nats per token)", ylabel="weight")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with replaced_atomically(out) as tmp:
+        fig.savefig(tmp, dpi=100)
+
+
+def _weights_main(run_dir: Path) -> int:
+    if not any((run_dir / WEIGHTS_DIR).glob("step_*.jsonl")):
+        print(
+            f"python -m launch.tools.report: error: {run_dir}: no weights log ({WEIGHTS_DIR}/step_*.jsonl):"
+            " train with --set logging.weights_every=N",
+            file=sys.stderr,
+        )
+        return 2
+    print(weights_table(run_dir))
+    out = run_dir / WEIGHTS_DIR / "weights.png"
+    plot_weights(run_dir, out)
+    print(f"figure: {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m launch.tools.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "runs",
-        nargs="+",
+        nargs="*",
         type=Path,
         help=(
             "run directories (launch.pretrain's --run-dir);"
@@ -148,7 +227,12 @@ def main(argv=None) -> int:
         ),
     )
     parser.add_argument("--out", type=Path, help="write the figure here (PNG)")
+    parser.add_argument("--weights", type=Path, metavar="RUN", help="the weights log of one run, instead")
     args = parser.parse_args(argv)
+    if bool(args.weights) == bool(args.runs):
+        parser.error("give run directories to compare, or --weights RUN")
+    if args.weights:
+        return _weights_main(args.weights)
     for path in args.runs:
         problem = None
         if not path.is_dir():

@@ -4,44 +4,13 @@ and a Weights & Biases offline run that records what was logged."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 from helpers.e2e import REPO, pretrain_command, rows
-
-STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
-
-
-# What the libraries print on a 2-rank CPU run (Megatron engine) and a DeepSpeed one, verbatim:
-# every one must be silenced, and each by its own entry.
-NOISY_WARNINGS = [
-    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to local implementations of "
-                  "multi_tensor_applier and multi_tensor_scale"),
-    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."),
-    (UserWarning, "Transformer Engine and Apex are not installed. Falling back to local implementations of "
-                  "multi_tensor_applier, multi_tensor_l2norm, and multi_tensor_scale"),
-    (UserWarning, "Apex is not installed. Falling back to Torch Norm"),
-    (UserWarning, "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer."),
-    (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. "
-                    "Please use `torch.distributed.all_gather_single` instead."),
-]  # fmt: skip
-
-
-NOISY_LOG_LINES = [
-    ("megatron.core.rerun_state_machine", "Implicit initialization of Rerun State Machine!"),
-    ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode RerunMode.DISABLED"),
-    ("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."),
-]
-
-
-NOISE = [message for _, message in NOISY_WARNINGS + NOISY_LOG_LINES]
-
-
-# The environment of a user's shell: no PYTHONWARNINGS=ignore (unlike helpers.e2e.ENV).
-USER_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+from helpers.logs import NOISE, STAMP, USER_ENV
 
 
 def test_two_rank_run_prints_a_summary_timestamped_lines_and_no_library_noise(tmp_path, demo_dir):

@@ -7,31 +7,18 @@ import json
 
 import pytest
 from helpers import REPO
-from helpers.megatron_harness import GLOBAL_MICRO_BATCH
-
-BATCH_SEEDS = (0, 1)  # two micro-batches per step, so DeepSpeed's accumulation scaling takes part
 
 
-def _config(tp: int, dp: int, *overrides: str):
-    """The DeepSpeed demo config sized to the harness batch (GLOBAL_MICRO_BATCH samples per micro-step);
-    its train, optim and deepspeed sections are what the engines read, the model is the harness's."""
+def _config(*overrides: str):
     from launch.config import load_config
 
-    sizes = [
-        f"parallel.tp={tp}",
-        f"train.micro_batch_size={GLOBAL_MICRO_BATCH // dp}",
-        f"train.global_batch_size={GLOBAL_MICRO_BATCH * len(BATCH_SEEDS)}",
-        "optim.warmup_steps=0",
-    ]
-    return load_config(REPO / "configs/demo_cpu_deepspeed.yaml", [*sizes, *overrides])
+    return load_config(REPO / "configs/demo_cpu_deepspeed.yaml", list(overrides))
 
 
 def _config_with_json(tmp_path, settings: dict):
-    from launch.config import load_config
-
     path = tmp_path / "deepspeed.json"
     path.write_text(json.dumps(settings))
-    return load_config(REPO / "configs/demo_cpu_deepspeed.yaml", [f"deepspeed.config={path}"])
+    return _config(f"deepspeed.config={path}")
 
 
 def test_deepspeed_json_adds_settings(tmp_path):
@@ -48,7 +35,7 @@ def test_deepspeed_json_adds_settings(tmp_path):
 def test_gradients_accumulate_and_reduce_in_fp32_and_overlap_where_deepspeed_can(tmp_path, stage):
     from launch.engines.deepspeed import deepspeed_config
 
-    cfg = _config(1, 2, "model.precision=bf16", f"deepspeed.zero_stage={stage}")
+    cfg = _config("model.precision=bf16", f"deepspeed.zero_stage={stage}")
     settings = deepspeed_config(cfg, micro_batches_per_step=2)
     assert settings["bf16"] == {"enabled": True}
     assert settings["data_types"] == {"grad_accum_dtype": "fp32"} and settings["communication_data_type"] == "fp32"

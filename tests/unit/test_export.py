@@ -4,44 +4,13 @@ tokenizer encodes and decodes as SentencePiece does, and what it cannot export i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers.e2e import REPO
+from helpers.export import LLAMA_STYLE, assert_logits_equal, offline_env, run_module
 from helpers.multiprocess import run_distributed
-
-LLAMA_STYLE = (
-    "model.position_embedding=rope", "model.normalization=RMSNorm", "model.activation=swiglu",
-    "model.add_bias_linear=false", "model.num_query_groups=2", "model.untie_embeddings=true",
-)  # fmt: skip
-
-
-def offline_env(tmp_path) -> dict:
-    """No hub: every model, tokenizer and data set must come from local files."""
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "PYTHONWARNINGS": "ignore",
-    }
-
-
-def run_module(module: str, *args, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True, env=env
-    )
-
-
-def assert_logits_equal(hf: torch.Tensor, megatron: torch.Tensor) -> float:
-    """fp32 on CPU: relative 1e-4 (absolute 1e-4 of the largest logit for those near 0)."""
-    torch.testing.assert_close(hf, megatron, rtol=1e-4, atol=1e-4 * megatron.abs().max().item())
-    return ((hf - megatron).abs().max() / megatron.abs().max()).item()
-
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab=96, seq=16)
 

@@ -197,6 +197,11 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
         f"reweighting: {_describe_reweighting(cfg)}; weights normalised over DP x"
         f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch"
     )
+    if cfg.logging.weights_every:
+        lines.append(
+            f"weights log: every {cfg.logging.weights_every} steps, {dp * train.micro_batch_size} samples"
+            " to RUN/weights/ (python -m launch.tools.report --weights RUN)"
+        )
     lines += _describe_data(cfg)
     return lines
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import REPO
 from helpers.multiprocess import run_distributed
 
 from launch.config import load_config
@@ -24,9 +25,10 @@ def _one_rank(demo_dir, cache_dir, run_dir):
 
     initialize_parallel(1, 1, 1)
     cfg = load_config(
-        "configs/demo_cpu.yaml",
+        REPO / "configs/demo_cpu.yaml",
         [
             f"data.blend={demo_dir / 'train.blend.json'}",
+            f"data.valid_blend={demo_dir / 'valid.blend.json'}",
             f"data.tokenizer_model={demo_dir / 'tokenizer.model'}",
             "model.seq_length=64",
             "train.steps=4",

@@ -19,12 +19,21 @@ import filecmp
 import json
 import multiprocessing
 import os
+import resource
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
+from collections import Counter
 
+import numpy as np
 import sentencepiece as spm
 
+from .assemble import SETTINGS, FileOutput, file_record, write_outputs
+from .indexed import IndexedDatasetWriter
+from .outputs import OutputSet
+from .shards import Shard
 from .tokenize_corpus import TokenizeJob, default_workers, tokenize
 from .tokenizer import train_tokenizer
 
@@ -213,6 +222,41 @@ def megatron_lm_style_preprocess(input_path: str, model_path: str, output_prefix
         pool.close()
         pool.join()
     return tokens
+
+
+# ---------------------------------------------------------------- merge memory
+
+
+def write_synthetic_shards(output_prefix: str, shards: int, documents: int, seed: int = 0) -> None:
+    """`shards` finished shards of `output_prefix` holding `documents` short documents in all,
+    as if tokenized from one input file each, written by the same code as a real shard."""
+    rng = np.random.default_rng(seed)
+    inputs = [[f"/synthetic/{k}.jsonl", documents // shards, 0] for k in range(shards)]
+    run = {"inputs": inputs, "tokenizer_sha256": "0" * 64, "json_key": "text", "domain_key": None, "on_error": "fail"}
+    header = {"tokenizer_model": "synthetic.model", "tokenizer_path": "/synthetic.model", "vocab_size": 400}
+    header |= {"eos_id": 2, "dtype": "uint16"}
+    for index in range(shards):
+        shard = Shard(index, shards)
+        outputs = OutputSet(shard.prefix(output_prefix))
+        outputs.previous_run({**run, "shard": [index, shards]}, True, SETTINGS)
+        raw = os.path.join(outputs.staging, "raw")
+        writer = IndexedDatasetWriter(raw, np.uint16)
+        count = inputs[index][1]
+        for start in range(0, count, 1 << 20):
+            lengths = rng.integers(1, 8, min(1 << 20, count - start), dtype=np.int32)
+            writer.append(rng.integers(0, 400, int(lengths.sum()), dtype=np.uint16), lengths)
+        writer.finish()
+        record = file_record(inputs[index], count, Counter(), {}, {"": [writer.documents, writer.tokens]})
+        file = FileOutput(record, {"": (raw, 0, count)})  # staged: the commit removes it
+        write_outputs(outputs, {**run, "shard": [index, shards]}, header, [file], False, {})
+
+
+def merge_peak_rss_mb(output_prefix: str) -> float:
+    """Peak resident memory of `python -m data_prep merge --output-prefix P` in a child process."""
+    subprocess.run(
+        [sys.executable, "-m", "data_prep", "merge", "--output-prefix", output_prefix], check=True, capture_output=True
+    )
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: `python -m data_prep {train-tokenizer,tokenize,inspect} ...`."""
+"""Command line: `python -m data_prep {train-tokenizer,tokenize,merge,inspect} ...`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections import Counter
 from .errors import DataPrepError
 from .inspect_dataset import inspect_dataset
 from .readers import describe_skipped
+from .shards import merge, shard_from
 from .tokenize_corpus import TokenizeJob, default_workers, tokenize
 from .tokenizer import train_tokenizer
 
@@ -46,10 +47,21 @@ Bad lines (malformed JSON, missing or non-string key, invalid UTF-8, empty docum
   --on-error skip   skip and count them; the counts go to the summary and P.stats.json
 A truncated .gz or .zst file fails the run in either mode.
 
-Outputs are written under P.incomplete/ and moved into place at the end, P.stats.json last,
-so an interrupted run never leaves a dataset that looks finished. Rerunning a finished run
-with the same inputs and settings does nothing; --force rebuilds. A second run on the same P
-while one is running refuses (the lock file P.lock names the running one).
+A truncated, unreadable or vanished file fails (as does a bad line under --on-error fail),
+but the other files are still tokenized; the run then exits 1, naming the failed files.
+
+Each input file, once tokenized, is kept under P.incomplete/; the datasets are assembled from
+them at the end and moved into place, P.stats.json last, so an interrupted run never leaves a
+dataset that looks finished, and its rerun redoes only the files not finished. Rerunning a
+finished run does nothing if the inputs and settings are the same, and tokenizes only the
+files added or changed if only the inputs changed; other settings need --force, which
+rebuilds everything. A second run on the same P while one is running refuses (the lock file
+P.lock names the running one).
+
+Sharding: --num-shards N --shard-index K (K from 0; in a Slurm array task they default to
+the task's place in the array) tokenizes shard K's share of the input files (balanced by
+size) into P.shards/K-of-N/; `merge --output-prefix P` then writes the datasets an unsharded
+run would, byte for byte. data_prep/slurm/submit.sh submits both as Slurm jobs.
 
 examples:
   # one dataset: data/train.bin, data/train.idx, data/train.stats.json
@@ -59,7 +71,21 @@ examples:
   # SlimPajama: data/train_<domain>.bin/.idx per domain plus data/train.blend.json
   python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\
       --tokenizer-model data/tok.model --output-prefix data/train \\
-      --domain-key meta.redpajama_set_name --on-error skip --workers 32"""
+      --domain-key meta.redpajama_set_name --on-error skip --workers 32
+
+  # the same in 4 shards (e.g. on 4 machines), then one dataset per domain from them
+  python -m data_prep tokenize ... --num-shards 4 --shard-index 0   # and 1, 2, 3
+  python -m data_prep merge --output-prefix data/train"""
+
+MERGE_EPILOG = """\
+The shards are P.shards/K-of-N/, each written by `tokenize ... --num-shards N --shard-index K`.
+The merge refuses, naming them, shards that are missing, unfinished or damaged, and shards of
+other inputs, settings or tokenizer. Its output (P.bin/.idx, or P_<domain>.bin/.idx and
+P.blend.json, and P.stats.json) is byte-identical to what one unsharded run writes, and
+written like one: staged, then moved into place, P.stats.json last.
+
+example:
+  python -m data_prep merge --output-prefix data/train"""
 
 INSPECT_EPILOG = """\
 examples:
@@ -78,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data_prep: error: {exc.filename or 'a file'}: {exc.strerror or exc}; nothing written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("data_prep: interrupted; unfinished output removed", file=sys.stderr)
+        print(
+            "data_prep: interrupted; unfinished output removed, finished input files kept for the rerun",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -171,7 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument(
         "--force", action="store_true", help="replace existing outputs, even those of a finished identical run"
     )
+    tok.add_argument(
+        "--num-shards",
+        type=_positive_int,
+        metavar="N",
+        help="split the input files into N shards (default: in a Slurm array task, the array's size)",
+    )
+    tok.add_argument(
+        "--shard-index",
+        type=int,
+        metavar="K",
+        help="tokenize shard K (0 to N-1) into P.shards/K-of-N/ (default: the Slurm array task's place)",
+    )
     tok.set_defaults(run=_tokenize)
+
+    join = commands.add_parser(
+        "merge",
+        help="merge the shards of a sharded tokenize run into one dataset per domain",
+        description="Put the shards P.shards/K-of-N/ together into the datasets of one unsharded run.",
+        epilog=MERGE_EPILOG,
+        formatter_class=formatter,
+    )
+    join.add_argument("--output-prefix", required=True, metavar="P", help="the --output-prefix the shards were given")
+    join.add_argument("--force", action="store_true", help="replace existing outputs of P")
+    join.set_defaults(run=_merge)
 
     show = commands.add_parser(
         "inspect",
@@ -215,6 +267,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    shard = shard_from(args.num_shards, args.shard_index, os.environ)
     job = TokenizeJob(
         inputs=args.input,
         output_prefix=args.output_prefix,
@@ -224,15 +277,40 @@ def _tokenize(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         workers=args.workers,
         force=args.force,
+        shard=shard,
     )
     stats, fresh = tokenize(job)
+    prefix = shard.prefix(args.output_prefix) if shard else args.output_prefix
+    if shard:
+        print(f"shard {shard.index} of {shard.count} (from 0): {stats['input_files']:,} input files into {prefix}")
+    _report(prefix, stats, fresh)
+    if fresh and stats["kept_files"]:
+        print(
+            f"{'kept':<16} {stats['kept_files']:,} input files finished before; tokenized {stats['tokenized_files']:,}"
+        )
+    if shard:
+        print(
+            f"{'next':<16} once all {shard.count} shards are done: "
+            f"python -m data_prep merge --output-prefix {args.output_prefix}"
+        )
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    stats, fresh = merge(args.output_prefix, args.force)
+    print(f"merged {stats.get('merged_shards', 0)} shards of {stats['input_files']:,} input files")
+    _report(args.output_prefix, stats, fresh)
+    return 0
+
+
+def _report(prefix: str, stats: dict, fresh: bool) -> None:
     if not fresh:
         print(
-            f"up to date: {args.output_prefix} was finished by a run with the same inputs and settings "
+            f"up to date: {prefix} was finished by a run with the same inputs and settings "
             f"({stats['documents']:,} documents, {stats['tokens']:,} tokens); pass --force to rebuild"
         )
-        return 0
-    directory = os.path.dirname(args.output_prefix)
+        return
+    directory = os.path.dirname(prefix)
     for dataset in stats["datasets"]:
         name = dataset["domain"] if dataset["domain"] is not None else "wrote"
         print(
@@ -241,17 +319,16 @@ def _tokenize(args: argparse.Namespace) -> int:
         )
     print(
         f"{'total':<16} {stats['documents']:,} documents, {stats['tokens']:,} tokens ({stats['dtype']}) "
-        f"from {stats['input_bytes'] / 1e6:,.1f} MB in {stats['seconds']:.1f} s: "
-        f"{stats['documents'] / stats['seconds']:,.0f} documents/s, {stats['tokens_per_second']:,} tokens/s"
+        f"from {stats['input_bytes'] / 1e6:,.1f} MB in {stats['seconds']:.1f} s"
+        + (f": {stats['tokens_per_second']:,} tokens/s" if "tokens_per_second" in stats else "")
     )
     skipped = Counter({kind: n for kind, n in stats["skipped"].items() if n})
     if skipped:
         print(f"{describe_skipped(skipped)} (first: {next(iter(stats['first_skipped'].values()))})")
-    written = [f"{args.output_prefix}.stats.json"]
-    if args.domain_key:
-        written.insert(0, f"{args.output_prefix}.blend.json")
+    written = [f"{prefix}.stats.json"]
+    if stats["run"]["domain_key"]:
+        written.insert(0, f"{prefix}.blend.json")
     print(f"{'see':<16} {', '.join(written)}")
-    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

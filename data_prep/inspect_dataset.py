@@ -20,6 +20,8 @@ from .indexed import IndexedDatasetView, open_indexed_dataset
 from .readers import BAD_LINE_KINDS, KIND_LABELS
 from .tokenizer import load_tokenizer
 
+FILES_SHOWN = 20
+
 
 def inspect_dataset(
     prefix: str, tokenizer_model: str | None = None, samples: int = 1, max_chars: int = 400, seed: int = 0
@@ -60,6 +62,7 @@ def inspect_dataset(
         for domain, dataset in datasets.items():
             count = int(dataset.lengths.sum(dtype=np.int64))
             lines.append(_row("", f"{domain:<24} {len(dataset):>12,} {count:>15,} {count / max(tokens, 1):>7.1%}"))
+    lines += _files(stats.get("per_file", []), prefix)
     if stats.get("skipped"):
         counts = {kind: stats["skipped"].get(kind, 0) for kind in BAD_LINE_KINDS}
         total = sum(counts.values())
@@ -95,6 +98,20 @@ def _samples(datasets, processor, count: int, max_chars: int, rng: random.Random
         where = f"document {index:,}" + (f" of {domain!r}" if domain else "")
         lines.append(_row("sample", f"{where} ({len(ids):,} tokens):"))
         lines.append(textwrap.indent(shown, "    │ ", lambda _: True))
+    return lines
+
+
+def _files(records: list[dict], prefix: str) -> list[str]:
+    """Each input file's documents and tokens (the first FILES_SHOWN), as P.stats.json records them."""
+    if not records:
+        return []
+    lines = [_row("files", f"{'input file':<24} {'documents':>12} {'tokens':>15} {'skipped':>8}")]
+    for record in records[:FILES_SHOWN]:
+        name = os.path.basename(record["input"][0])
+        skipped = sum(record["skipped"].values())
+        lines.append(_row("", f"{name:<24} {record['documents']:>12,} {record['tokens']:>15,} {skipped:>8,}"))
+    if len(records) > FILES_SHOWN:
+        lines.append(_row("", f"… and {len(records) - FILES_SHOWN:,} more input files (all in {prefix}.stats.json)"))
     return lines
 
 

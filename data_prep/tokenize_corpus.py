@@ -4,48 +4,40 @@ The parent process only reads chunks of whole lines and writes results. Workers 
 check the lines, batch-encode the chunk's documents with SentencePiece (EOS appended) and
 return numpy arrays. Results are consumed in submission order with a bounded number of chunks
 in flight, so the output is the same for any worker count and memory stays flat.
+
+Each input file is written as a part of its own, kept once finished (`outputs.FileParts`);
+the final datasets are assembled from the parts in input order (`assemble`). So a rerun
+redoes only the files not finished, a file that fails does not stop the others, and a shard
+(`--num-shards`, `shards`) is the same run over its share of the files.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import multiprocessing
 import os
-import re
 import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from . import blend
+from .assemble import MAX_DOMAINS, SETTINGS, FileOutput, NoDocumentsError, file_record, finished_files, write_outputs
 from .errors import DataPrepError
 from .files import file_sha256
 from .indexed import IndexedDatasetWriter, token_dtype
 from .lock import output_lock
-from .outputs import OutputSet
+from .outputs import FileParts, OutputSet
 from .progress import progress
-from .readers import (
-    BAD_LINE_KINDS,
-    BadLine,
-    Chunk,
-    describe_inputs,
-    describe_skipped,
-    expand_inputs,
-    is_plain_text,
-    parse_chunk,
-    read_chunks,
-)
+from .readers import BadLine, Chunk, expand_inputs, is_plain_text, parse_chunk, read_chunks
+from .shards import Shard, assign_files
 from .tokenizer import load_tokenizer
 from .workers import OrderedPool
 
-MAX_DOMAINS = 256  # two open files each; more usually means --domain-key names the wrong field
 # fork where there is one: workers start in milliseconds, and callers of main() need no
 # `if __name__ == "__main__"` guard (spawn re-imports the caller's main module).
 _START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -65,6 +57,7 @@ class TokenizeJob:
     on_error: str = "fail"
     workers: int = field(default_factory=default_workers)
     force: bool = False
+    shard: Shard | None = None  # None: all the files, written at output_prefix
 
 
 def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
@@ -77,28 +70,52 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
         )
     processor = load_tokenizer(job.tokenizer_model)
     dtype = token_dtype(processor.vocab_size())
-    with output_lock(job.output_prefix):  # from clearing old outputs to the last rename
-        outputs = OutputSet(job.output_prefix)
-        run = _fingerprint(job, paths)
-        previous = outputs.finished_run(run, job.force)
-        if previous is not None:
+    identities = [file_identity(path) for path in paths]
+    run = _fingerprint(job, identities)
+    mine, prefix = list(range(len(paths))), job.output_prefix
+    if job.shard is not None:
+        mine = assign_files([size for _, size, _ in identities], job.shard.count)[job.shard.index]
+        prefix = job.shard.prefix(job.output_prefix)
+        run["shard"] = [job.shard.index, job.shard.count]
+    with output_lock(prefix):  # from clearing old outputs to the last rename
+        outputs = OutputSet(prefix)
+        previous = outputs.previous_run(run, job.force, SETTINGS)
+        if previous is not None and previous["run"] == run:
             return previous, False
 
         started = time.perf_counter()
-        datasets = _DomainDatasets(outputs, dtype, split=job.domain_key is not None)
         try:
-            lines, skipped, first_skipped = _encode_into(datasets, job, paths, dtype)
-            datasets.finish()
-            stats = _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_skipped)
-            names = datasets.file_names()
-            if job.domain_key:
-                blend_name = os.path.basename(job.output_prefix) + blend.SUFFIX
-                names.append(outputs.stage_json(blend_name, _blend(job, datasets, run["tokenizer_sha256"])))
+            parts = outputs.parts({key: run[key] for key in SETTINGS})
+            kept = finished_files(previous, outputs.directory) if previous is not None else {}
+            done = {i: _part_output(parts, identities[i]) or kept.get(tuple(identities[i])) for i in mine}
+            todo = [i for i in mine if done[i] is None]
+            failures = _encode_files(parts, job, [(paths[i], identities[i]) for i in todo], dtype)
+            if failures:
+                raise DataPrepError(_describe_failures(failures, len(mine), outputs))
+            for i in todo:
+                done[i] = _part_output(parts, identities[i])
+            header = {
+                "tokenizer_model": job.tokenizer_model,
+                "tokenizer_path": os.path.abspath(job.tokenizer_model),
+                "vocab_size": processor.vocab_size(),
+                "eos_id": processor.eos_id(),
+                "dtype": dtype.name,
+            }
+            seconds = time.perf_counter() - started
+            extra = {
+                "tokenized_files": len(todo),
+                "kept_files": len(mine) - len(todo),
+                "workers": job.workers,
+                "seconds": round(seconds, 3),
+            }
+            stats = write_outputs(outputs, run, header, [done[i] for i in mine], job.domain_key is not None, extra)
             stats["seconds"] = round(time.perf_counter() - started, 3)
             stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"])
-            return outputs.commit(names, stats), True
+            return stats, True
+        except NoDocumentsError:
+            outputs.abort(keep_parts=False)
+            raise
         except BaseException:
-            datasets.close()
             outputs.abort()
             raise
 
@@ -202,146 +219,160 @@ def _continuation_processor() -> spm.SentencePieceProcessor:
 # ---------------------------------------------------------------- parent
 
 
-def _encode_into(
-    datasets: _DomainDatasets, job: TokenizeJob, paths: list[str], dtype: np.dtype
-) -> tuple[int, Counter, dict[str, BadLine]]:
+def _encode_files(parts: FileParts, job: TokenizeJob, files: list[tuple[str, list]], dtype: np.dtype) -> dict:
+    """Tokenize each file into a part of its own; returns {path: error} of the files that failed.
+
+    A file that fails (unreadable, truncated, vanished, or a bad line under --on-error fail)
+    leaves no part, and the next file starts: the others are finished either way."""
     fail = job.on_error == "fail"
-    lines, skipped, first_skipped = 0, Counter(), {}
+    failures: dict[str, str] = {}
     started = time.perf_counter()
     context = multiprocessing.get_context(_START_METHOD)
-    total_bytes = sum(os.path.getsize(path) for path in paths)
+    total_bytes = sum(size for _, (_, size, _) in files)
+    current: _PartWriter | None = None
+    documents = tokens = 0
     with (
         OrderedPool(context, job.workers, _start_worker, (job.tokenizer_model,)) as pool,
         progress(total_bytes, "tokenizing") as bar,
     ):
-        tasks = (((chunk, job.json_key, job.domain_key, fail, dtype), done) for chunk, done in _chunks(paths))
-        for encoded, done in pool.imap(encode_chunk, tasks, window=2 * job.workers + 2):
-            if fail and encoded.first_bad:
-                bad = next(iter(encoded.first_bad.values()))
-                raise DataPrepError(
-                    f"{bad}\nFix or remove that line, or pass --on-error skip to skip bad lines "
-                    f"(they are counted in {job.output_prefix}.stats.json)."
+        tasks = _tasks(files, failures, job, dtype)
+        try:
+            for encoded, (index, done, file_done, ends) in pool.imap(encode_chunk, tasks, window=2 * job.workers + 2):
+                path, identity = files[index]
+                if current is not None and current.index != index:  # cut short by a read error
+                    current.discard()
+                    current = None
+                if path in failures:
+                    continue
+                if fail and encoded.first_bad:
+                    bad = next(iter(encoded.first_bad.values()))
+                    failures[path] = (
+                        f"{bad}\nFix or remove that line, or pass --on-error skip to skip bad lines "
+                        f"(they are counted in {job.output_prefix}.stats.json)."
+                    )
+                    continue
+                current = current or _PartWriter(parts, index, identity, dtype)
+                current.add(encoded)
+                documents += sum(len(lengths) for _, lengths in encoded.documents.values())
+                tokens += sum(len(ids) for ids, _ in encoded.documents.values())
+                if ends:
+                    current.finish()
+                    current = None
+                elapsed = time.perf_counter() - started
+                bar.set_postfix_str(
+                    f"file {index + 1:,} of {len(files):,} ({os.path.basename(path)} "
+                    f"{file_done / max(identity[1], 1):.0%}), "
+                    f"{documents / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s",
+                    refresh=False,
                 )
-            lines += encoded.lines
-            skipped.update(encoded.skipped)
-            for kind, bad in encoded.first_bad.items():
-                first_skipped.setdefault(kind, bad)
-            for domain, (tokens, lengths) in encoded.documents.items():
-                datasets.append(domain, tokens, lengths)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix_str(
-                f"{datasets.documents / elapsed:,.0f} docs/s, {datasets.tokens / elapsed:,.0f} tokens/s",
-                refresh=False,
-            )
-            bar.update(done - bar.n)
-    if not datasets.documents:
-        found = f"; {describe_skipped(skipped)}" if skipped else " (the inputs are empty)"
-        raise DataPrepError(f"no documents in {describe_inputs(paths)}{found}")
-    return lines, skipped, first_skipped
+                bar.update(done - bar.n)
+        finally:
+            if current is not None:
+                current.discard()
+    return failures
 
 
-def _chunks(paths: list[str]) -> Iterator[tuple[Chunk, int]]:
-    """All chunks of all inputs, each with the on-disk (compressed) bytes read up to its end."""
-    done = 0
-    for path in paths:
-        for chunk, position in read_chunks(path):
-            yield chunk, done + position
-        done += os.path.getsize(path)
+def _tasks(files: list[tuple[str, list]], failures: dict, job: TokenizeJob, dtype: np.dtype) -> Iterator:
+    """Each file's chunks, tagged (file index, bytes done in all, in this file, last chunk?);
+    a file that cannot be read is put in `failures` and the next one starts."""
+    fail = job.on_error == "fail"
+    before = 0
+    for index, (path, (_, size, _)) in enumerate(files):
+        try:
+            position = 0
+            for chunk, position in read_chunks(path):
+                if path in failures:  # a bad line under --on-error fail: the rest is not needed
+                    break
+                yield (chunk, job.json_key, job.domain_key, fail, dtype), (index, before + position, position, False)
+        except DataPrepError as exc:
+            failures[path] = str(exc)
+        except OSError as exc:  # e.g. deleted or moved while the run goes (shared filesystems)
+            failures[path] = f"{path}: {exc.strerror or exc}"
+        if path not in failures:  # an empty chunk ends the file, so that even an empty file gets its part
+            yield (Chunk(path, 1, b""), job.json_key, job.domain_key, fail, dtype), (index, before + size, size, True)
+        before += size
 
 
-class _DomainDatasets:
-    """One dataset per domain (or a single one), created when the domain is first seen."""
+class _PartWriter:
+    """One input file's datasets (one per domain) and record, written as a part."""
 
-    def __init__(self, outputs: OutputSet, dtype: np.dtype, split: bool):
-        self.outputs, self.dtype, self.split = outputs, dtype, split
-        self.base = os.path.basename(outputs.prefix)
+    def __init__(self, parts: FileParts, index: int, identity: list, dtype: np.dtype):
+        self.parts, self.index, self.identity, self.dtype = parts, index, identity, dtype
+        self.directory = parts.start(identity)
         self.writers: dict[str, IndexedDatasetWriter] = {}
-        self.prefixes: dict[str, str] = {}  # domain -> dataset prefix relative to the output dir
-        self.documents = 0
-        self.tokens = 0
+        self.lines = 0
+        self.skipped: Counter = Counter()
+        self.first_skipped: dict[str, str] = {}
 
-    def append(self, domain: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        if domain not in self.writers:
-            self._open(domain)
-        self.writers[domain].append(tokens, lengths)
-        self.documents += len(lengths)
-        self.tokens += len(tokens)
+    def add(self, encoded: EncodedChunk) -> None:
+        self.lines += encoded.lines
+        self.skipped.update(encoded.skipped)
+        for kind, bad in encoded.first_bad.items():
+            self.first_skipped.setdefault(kind, str(bad))
+        for domain, (tokens, lengths) in encoded.documents.items():
+            if domain not in self.writers:
+                if len(self.writers) == MAX_DOMAINS:
+                    raise DataPrepError(
+                        f"the domain key has more than {MAX_DOMAINS} distinct values in {self.identity[0]} "
+                        f"(the latest: {domain!r}); --domain-key should name a field with a few domain names"
+                    )
+                name = os.path.join(self.directory, str(len(self.writers)))
+                self.writers[domain] = IndexedDatasetWriter(name, self.dtype)
+            self.writers[domain].append(tokens, lengths)
 
     def finish(self) -> None:
         for writer in self.writers.values():
             writer.finish()
+        domains = {domain: [writer.documents, writer.tokens] for domain, writer in self.writers.items()}
+        record = file_record(self.identity, self.lines, self.skipped, self.first_skipped, domains)
+        names = {domain: os.path.basename(writer.prefix) for domain, writer in self.writers.items()}
+        self.parts.finish(self.identity, {"record": record, "datasets": names})
 
-    def close(self) -> None:
+    def discard(self) -> None:
         for writer in self.writers.values():
             writer.close()
-
-    def file_names(self) -> list[str]:
-        return [prefix + suffix for prefix in self.prefixes.values() for suffix in (".bin", ".idx")]
-
-    def _open(self, domain: str) -> None:
-        if len(self.writers) == MAX_DOMAINS:
-            raise DataPrepError(
-                f"the domain key has more than {MAX_DOMAINS} distinct values (the latest: "
-                f"{domain!r}); --domain-key should name a field with a few domain names"
-            )
-        prefix = self.base
-        if self.split:
-            prefix = f"{self.base}_{re.sub(r'[^A-Za-z0-9_-]', '_', domain)}"
-            if prefix in self.prefixes.values():  # another name sanitised to the same file name
-                prefix += "-" + hashlib.sha1(domain.encode()).hexdigest()[:8]
-        self.prefixes[domain] = prefix
-        self.writers[domain] = IndexedDatasetWriter(self.outputs.staged(prefix), self.dtype)
+        self.parts.discard(self.identity)
 
 
-def _fingerprint(job: TokenizeJob, paths: list[str]) -> dict:
+def _part_output(parts: FileParts, identity: list) -> FileOutput | None:
+    part = parts.record(identity)
+    if part is None:
+        return None
+    directory = parts.path(identity)
+    record = part["record"]
+    ranges = {
+        domain: (os.path.join(directory, name), 0, record["domains"][domain][0])
+        for domain, name in part["datasets"].items()
+    }
+    return FileOutput(record, ranges)
+
+
+def _describe_failures(failures: dict[str, str], files: int, outputs: OutputSet) -> str:
+    finished = files - len(failures)
+    kept = (
+        f"the other {finished:,} input file{'s are' if finished != 1 else ' is'} finished and kept in "
+        f"{outputs.staging}/, so rerunning the same command redoes only the failed ones"
+        if finished
+        else "nothing finished"
+    )
+    if len(failures) == 1:
+        return f"{next(iter(failures.values()))}\n{kept}; no dataset written"
+    listed = "\n".join(f"  {message}" for message in failures.values())
+    return f"{len(failures):,} of {files:,} input files failed:\n{listed}\n{kept}; no dataset written"
+
+
+def file_identity(path: str) -> list:
+    """[absolute path, size, mtime]: a file with the same identity needs no new tokenizing."""
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _fingerprint(job: TokenizeJob, identities: list[list]) -> dict:
     """Everything the output depends on: a rerun with the same fingerprint has nothing to do."""
     return {
-        "inputs": [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths],
+        "inputs": identities,
         "tokenizer_sha256": file_sha256(job.tokenizer_model),
         "json_key": job.json_key,
         "domain_key": job.domain_key,
         "on_error": job.on_error,
     }
-
-
-def _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_skipped) -> dict:
-    return {
-        "run": run,
-        "tokenizer_model": job.tokenizer_model,
-        "tokenizer_path": os.path.abspath(job.tokenizer_model),
-        "vocab_size": processor.vocab_size(),
-        "eos_id": processor.eos_id(),
-        "dtype": dtype.name,
-        "input_files": len(paths),
-        "input_bytes": sum(os.path.getsize(path) for path in paths),
-        "lines": lines,
-        "documents": datasets.documents,
-        "tokens": datasets.tokens,
-        "skipped": {kind: skipped[kind] for kind in BAD_LINE_KINDS},
-        "first_skipped": {kind: str(bad) for kind, bad in first_skipped.items()},
-        "datasets": [
-            {
-                "prefix": datasets.prefixes[domain],
-                "domain": domain if datasets.split else None,
-                "documents": writer.documents,
-                "tokens": writer.tokens,
-            }
-            for domain, writer in sorted(datasets.writers.items())
-        ],
-        "workers": job.workers,
-    }
-
-
-def _blend(job: TokenizeJob, datasets: _DomainDatasets, tokenizer_sha256: str) -> dict:
-    """Domain -> dataset prefix (relative to the blend file) and natural (token-share) weight."""
-    domains = {
-        domain: blend.Domain(
-            prefix=datasets.prefixes[domain],
-            documents=writer.documents,
-            tokens=writer.tokens,
-            weight=writer.tokens / datasets.tokens,
-        )
-        for domain, writer in sorted(datasets.writers.items())
-    }
-    path = job.output_prefix + blend.SUFFIX
-    return blend.BlendFile(Path(path), domains, job.tokenizer_model, tokenizer_sha256).to_json()

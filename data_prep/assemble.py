@@ -1,0 +1,205 @@
+"""Final datasets put together from per-file pieces, in input order, whatever made the pieces.
+
+Every input file's documents are one contiguous range of documents per domain, in a dataset
+of its own (a file just tokenized, under `P.incomplete/parts/`), of a finished run (a file
+unchanged since, found through that run's `per_file` records) or of a shard (`merge`). The
+final `.bin` is those ranges' tokens laid end to end in input-file order, and its `.idx` is
+rebuilt from their lengths, so the output depends only on the inputs and settings: not on
+how files were spread over shards, which were reused, or how many workers encoded them.
+Everything is streamed in blocks through open files (no memory maps, no Python lists), so
+memory stays flat for any number of documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import blend
+from .errors import DataPrepError
+from .indexed import _HEADER_BYTES, IndexedDatasetWriter, _verified_header
+from .outputs import OutputSet
+from .progress import progress
+from .readers import BAD_LINE_KINDS, describe_inputs, describe_skipped
+
+MAX_DOMAINS = 256  # two open files each; more usually means --domain-key names the wrong field
+_TOKEN_BLOCK = 1 << 24  # tokens copied at once
+_LENGTH_BLOCK = 1 << 20  # document lengths copied at once
+
+# The settings a run's output depends on besides its input files; shards to be merged, and
+# the finished files a rerun keeps, must agree on all of them.
+SETTINGS = ("tokenizer_sha256", "json_key", "domain_key", "on_error")
+
+
+class NoDocumentsError(DataPrepError):
+    """The inputs hold no documents: nothing of the run is worth keeping."""
+
+
+@dataclass(frozen=True)
+class FileOutput:
+    """One input file's documents: its `per_file` record and, per domain, where they are."""
+
+    record: dict  # the file's entry in P.stats.json's "per_file"
+    ranges: dict[str, tuple[str, int, int]]  # domain -> (dataset prefix, first document, documents)
+
+
+def file_record(identity: list, lines: int, skipped: Counter, first_skipped: dict, domains: dict) -> dict:
+    """`identity` is [path, size, mtime_ns]; `domains` maps domain -> [documents, tokens]."""
+    return {
+        "input": identity,
+        "lines": lines,
+        "documents": sum(documents for documents, _ in domains.values()),
+        "tokens": sum(tokens for _, tokens in domains.values()),
+        "domains": dict(sorted(domains.items())),
+        "skipped": {kind: skipped[kind] for kind in BAD_LINE_KINDS if skipped[kind]},
+        "first_skipped": first_skipped,
+    }
+
+
+def finished_files(stats: dict, directory: str) -> dict[tuple, FileOutput]:
+    """The files of a finished run (or shard) by identity, located in its datasets."""
+    prefixes = {dataset["domain"] or "": os.path.join(directory, dataset["prefix"]) for dataset in stats["datasets"]}
+    first = Counter()
+    found = {}
+    for record in stats.get("per_file", []):
+        ranges = {}
+        for domain, (documents, _) in record["domains"].items():
+            ranges[domain] = (prefixes[domain], first[domain], documents)
+            first[domain] += documents
+        found[tuple(record["input"])] = FileOutput(record, ranges)
+    return found
+
+
+def dataset_prefixes(base: str, domains: Iterable[str], split: bool) -> dict[str, str]:
+    """Domain -> dataset prefix; names that sanitise alike get a hash, in sorted order, so the
+    names depend only on the set of domains."""
+    if not split:
+        return {"": base}
+    prefixes: dict[str, str] = {}
+    for domain in sorted(domains):
+        prefix = f"{base}_{re.sub(r'[^A-Za-z0-9_-]', '_', domain)}"
+        if prefix in prefixes.values():
+            prefix += "-" + hashlib.sha1(domain.encode()).hexdigest()[:8]
+        prefixes[domain] = prefix
+    return prefixes
+
+
+def write_outputs(
+    outputs: OutputSet, run: dict, header: dict, files: list[FileOutput], split: bool, extra: dict
+) -> dict:
+    """Assemble one dataset per domain from `files` (in this order), stage the blend file and
+    the stats, and commit them; returns the stats. `header` holds the tokenizer's fields
+    (tokenizer_model, tokenizer_path, vocab_size, eos_id, dtype)."""
+    domains = sorted({domain for file in files for domain in file.ranges})
+    if len(domains) > MAX_DOMAINS:
+        raise DataPrepError(
+            f"the domain key has {len(domains)} distinct values, more than {MAX_DOMAINS} (e.g. "
+            f"{domains[MAX_DOMAINS]!r}); --domain-key should name a field with a few domain names"
+        )
+    records = [file.record for file in files]
+    documents = sum(record["documents"] for record in records)
+    if not documents:
+        skipped = Counter()
+        for record in records:
+            skipped.update(record["skipped"])
+        found = f"; {describe_skipped(skipped)}" if skipped else " (the inputs are empty)"
+        raise NoDocumentsError(f"no documents in {describe_inputs([record['input'][0] for record in records])}{found}")
+    prefixes = dataset_prefixes(os.path.basename(outputs.prefix), domains, split)
+    dtype = np.dtype(header["dtype"])
+    datasets = []
+    total_bytes = sum(record["tokens"] for record in records) * dtype.itemsize
+    with progress(total_bytes, "assembling") as bar:
+        for domain in domains:
+            writer = IndexedDatasetWriter(outputs.staged(prefixes[domain]), dtype)
+            try:
+                for file in files:
+                    if domain in file.ranges:
+                        before = writer.tokens
+                        copy_documents(writer, *file.ranges[domain])
+                        bar.update((writer.tokens - before) * dtype.itemsize)
+                writer.finish()
+            except BaseException:
+                writer.close()
+                raise
+            datasets.append(
+                {
+                    "prefix": prefixes[domain],
+                    "domain": domain if split else None,
+                    "documents": writer.documents,
+                    "tokens": writer.tokens,
+                }
+            )
+    names = [dataset["prefix"] + suffix for dataset in datasets for suffix in (".bin", ".idx")]
+    tokens = sum(dataset["tokens"] for dataset in datasets)
+    if split:
+        names.append(
+            outputs.stage_json(
+                os.path.basename(outputs.prefix) + blend.SUFFIX, _blend(outputs, header, run, datasets, tokens)
+            )
+        )
+    skipped, first_skipped = Counter(), {}
+    for record in records:
+        skipped.update(record["skipped"])
+        for kind, bad in record["first_skipped"].items():
+            first_skipped.setdefault(kind, bad)
+    stats = {
+        "run": run,
+        **header,
+        "input_files": len(records),
+        "input_bytes": sum(record["input"][1] for record in records),
+        "lines": sum(record["lines"] for record in records),
+        "documents": documents,
+        "tokens": tokens,
+        "skipped": {kind: skipped[kind] for kind in BAD_LINE_KINDS},
+        "first_skipped": {kind: first_skipped[kind] for kind in BAD_LINE_KINDS if kind in first_skipped},
+        "datasets": datasets,
+        **extra,
+        "per_file": records,
+    }
+    return outputs.commit(names, stats)
+
+
+def copy_documents(writer: IndexedDatasetWriter, prefix: str, first: int, count: int) -> None:
+    """Append documents first .. first + count - 1 of the dataset `prefix` to `writer`."""
+    dtype, total = _verified_header(prefix)
+    if first + count > total:
+        raise DataPrepError(f"{prefix}.idx holds {total:,} documents, not the {first + count:,} its stats record")
+    nothing = np.empty(0, np.int32)
+    with open(prefix + ".idx", "rb") as index, open(prefix + ".bin", "rb") as tokens:
+        index.seek(_HEADER_BYTES + 4 * total + 8 * first)
+        (start,) = struct.unpack("<q", index.read(8))
+        index.seek(_HEADER_BYTES + 4 * first)
+        tokens.seek(start)
+        for done in range(0, count, _LENGTH_BLOCK):
+            lengths = np.fromfile(index, np.int32, min(_LENGTH_BLOCK, count - done))
+            writer.append(np.empty(0, dtype), lengths)
+            remaining = int(lengths.sum(dtype=np.int64))
+            while remaining:
+                block = np.fromfile(tokens, dtype, min(_TOKEN_BLOCK, remaining))
+                if not len(block):
+                    raise DataPrepError(f"{prefix}.bin ends before the documents its index describes")
+                writer.append(block, nothing)
+                remaining -= len(block)
+
+
+def _blend(outputs: OutputSet, header: dict, run: dict, datasets: list[dict], tokens: int) -> dict:
+    """Domain -> dataset prefix (relative to the blend file) and natural (token-share) weight."""
+    domains = {
+        dataset["domain"]: blend.Domain(
+            prefix=dataset["prefix"],
+            documents=dataset["documents"],
+            tokens=dataset["tokens"],
+            weight=dataset["tokens"] / tokens,
+        )
+        for dataset in datasets
+    }
+    path = Path(outputs.prefix + blend.SUFFIX)
+    return blend.BlendFile(path, domains, header["tokenizer_model"], run["tokenizer_sha256"]).to_json()

@@ -10,6 +10,10 @@ topics as JSONL, made in a temporary directory) and one tokenizer trained on it:
 
 Each is run `--repeats` times and the best time kept (other work on the machine only ever
 slows a run down). The two datasets must be byte-identical; the exit status says whether.
+
+Then the scale-out: the corpus cut into 8 files, tokenized as 1 shard and as `--shards` shard
+processes at once (1 worker each), merged, and compared with one unsharded run; and the merge
+of 10^7 synthetic documents in 4 shards, with its peak memory.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import filecmp
 import json
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -33,7 +36,7 @@ import sentencepiece as spm
 from .assemble import SETTINGS, FileOutput, file_record, write_outputs
 from .indexed import IndexedDatasetWriter
 from .outputs import OutputSet
-from .shards import Shard
+from .shards import Shard, merge
 from .tokenize_corpus import TokenizeJob, default_workers, tokenize
 from .tokenizer import train_tokenizer
 
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=16000, metavar="N", help="(default: 16000)")
     parser.add_argument(
         "--repeats", type=int, default=3, metavar="N", help="runs of each pipeline, best kept (default: 3)"
+    )
+    parser.add_argument(
+        "--shards", type=int, default=2, metavar="N", help="shard processes run at once, beside 1 (default: 2)"
     )
     args = parser.parse_args(argv)
 
@@ -99,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             and len(set(tokens.values())) == 1
         )
         readable = len(IndexedDataset(os.path.join(tmp, "data_prep"))) == documents
+        sharded = shard_scaling(corpus, model, tmp, args.shards, args.workers)
+        merge_documents = 10**7
+        write_synthetic_shards(os.path.join(tmp, "synthetic"), 4, merge_documents)
+        started = time.perf_counter()
+        merge_rss = merge_peak_rss_mb(os.path.join(tmp, "synthetic"))
+        merge_seconds = time.perf_counter() - started
 
     best = {name: min(times) for name, times in timings.items()}
     speed = {name: tokens[name] / best[name] for name in best}
@@ -122,7 +134,61 @@ def main(argv: list[str] | None = None) -> int:
         f"speed-up over the Megatron-LM-style baseline: {speed['data_prep'] / speed['baseline']:.2f}x; "
         f"identical tokens: {'yes' if identical else 'NO'}; readable by IndexedDataset: {'yes' if readable else 'NO'}"
     )
-    return 0 if identical and readable else 1
+    one = sharded["runs"][1]
+    print(
+        f"\nshards at once, each `tokenize --num-shards N --shard-index K --workers 1` on "
+        f"{SHARD_FILES} files of the corpus, then `merge`; {cpus} usable CPUs, best of 1:\n"
+    )
+    print(f"| {'run':<52} | {'seconds':>7} | {'tokens/s':>10} | {'speed-up':>8} |")
+    print(f"|{'-' * 54}|{'-' * 8}:|{'-' * 11}:|{'-' * 9}:|")
+    for count, seconds in sharded["runs"].items():
+        label = f"{count} shard{'s' if count > 1 else ''} at once, 1 worker each"
+        print(f"| {label:<52} | {seconds:>7.2f} | {sharded['tokens'] / seconds:>10,.0f} | {one / seconds:>7.2f}x |")
+    print(
+        f"\nmerge of the {args.shards} shards: {sharded['merge_seconds']:.2f} s; identical to one unsharded run: "
+        f"{'yes' if sharded['identical'] else 'NO'}\n"
+        f"merge of {merge_documents:,} documents in 4 shards: {merge_seconds:.1f} s, peak memory {merge_rss:.0f} MB"
+    )
+    return 0 if identical and readable and sharded["identical"] else 1
+
+
+SHARD_FILES = 8
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `-m data_prep` imports from
+
+
+def shard_scaling(corpus: str, model: str, tmp: str, shards: int, workers: int) -> dict:
+    """Wall time of 1 and of `shards` shard processes run at once over the corpus cut into
+    SHARD_FILES files, the merge's time, and whether the merge equals one unsharded run."""
+    directory = os.path.join(tmp, "files")
+    os.makedirs(directory)
+    with open(corpus, encoding="utf-8") as lines:
+        texts = lines.readlines()
+    for index in range(SHARD_FILES):
+        with open(os.path.join(directory, f"{index}.jsonl"), "w", encoding="utf-8") as out:
+            out.writelines(texts[index * len(texts) // SHARD_FILES : (index + 1) * len(texts) // SHARD_FILES])
+    reference = TokenizeJob([directory], os.path.join(tmp, "unsharded"), model, workers=workers)
+    tokens = tokenize(reference)[0]["tokens"]
+    runs = {}
+    for count in sorted({1, shards}):
+        prefix = os.path.join(tmp, f"sharded{count}")
+        command = [sys.executable, "-m", "data_prep", "tokenize", "--input", directory, "--tokenizer-model", model]
+        command += ["--output-prefix", prefix, "--workers", "1", "--num-shards", str(count)]
+        started = time.perf_counter()
+        processes = [
+            subprocess.Popen([*command, "--shard-index", str(k)], cwd=_ROOT, stdout=subprocess.DEVNULL)
+            for k in range(count)
+        ]
+        if any(process.wait() for process in processes):
+            raise RuntimeError(f"a shard of {count} failed")
+        runs[count] = time.perf_counter() - started
+    started = time.perf_counter()
+    merge(prefix)
+    merge_seconds = time.perf_counter() - started
+    identical = all(
+        filecmp.cmp(os.path.join(tmp, "unsharded" + suffix), prefix + suffix, shallow=False)
+        for suffix in (".bin", ".idx")
+    )
+    return {"tokens": tokens, "runs": runs, "merge_seconds": merge_seconds, "identical": identical}
 
 
 def write_corpus(path: str, size_bytes: int) -> int:
@@ -252,11 +318,13 @@ def write_synthetic_shards(output_prefix: str, shards: int, documents: int, seed
 
 
 def merge_peak_rss_mb(output_prefix: str) -> float:
-    """Peak resident memory of `python -m data_prep merge --output-prefix P` in a child process."""
-    subprocess.run(
-        [sys.executable, "-m", "data_prep", "merge", "--output-prefix", output_prefix], check=True, capture_output=True
-    )
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    """Peak resident memory of `python -m data_prep merge --output-prefix P`, measured by the
+    merging process itself (its own peak, not that of other children of this one)."""
+    code = "import resource, sys; from data_prep.cli import main; status = main(sys.argv[1:]); "
+    code += "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(status)"
+    command = [sys.executable, "-c", code, "merge", "--output-prefix", output_prefix]
+    done = subprocess.run(command, cwd=_ROOT, check=True, capture_output=True, text=True)
+    return int(done.stdout.split()[-1]) / 1024
 
 
 if __name__ == "__main__":

@@ -199,16 +199,7 @@ def test_merge_memory_stays_flat_for_a_million_documents(tmp_path):
     """10^6 documents in 4 shards: Python lists of the lengths, offsets and document indices
     alone would take over 100 MB; the streamed merge stays near the interpreter's own size."""
     bench.write_synthetic_shards(str(tmp_path / "p"), 4, 10**6)
-    code = "import resource, sys; from data_prep.cli import main; main(sys.argv[1:]); "
-    code += "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    merged = subprocess.run(
-        [sys.executable, "-c", code, "merge", "--output-prefix", str(tmp_path / "p")],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    peak_mb = int(merged.stdout.split()[-1]) / 1024
+    peak_mb = bench.merge_peak_rss_mb(str(tmp_path / "p"))
     assert peak_mb < 100, peak_mb
     assert stats(tmp_path / "p")["documents"] == 10**6
 

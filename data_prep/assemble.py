@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import struct
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -93,11 +94,12 @@ def dataset_prefixes(base: str, domains: Iterable[str], split: bool) -> dict[str
 
 
 def write_outputs(
-    outputs: OutputSet, run: dict, header: dict, files: list[FileOutput], split: bool, extra: dict
+    outputs: OutputSet, run: dict, header: dict, files: list[FileOutput], split: bool, extra: dict, started: float
 ) -> dict:
     """Assemble one dataset per domain from `files` (in this order), stage the blend file and
     the stats, and commit them; returns the stats. `header` holds the tokenizer's fields
-    (tokenizer_model, tokenizer_path, vocab_size, eos_id, dtype)."""
+    (tokenizer_model, tokenizer_path, vocab_size, eos_id, dtype); `started`, the run's start
+    (time.perf_counter())."""
     domains = sorted({domain for file in files for domain in file.ranges})
     if len(domains) > MAX_DOMAINS:
         raise DataPrepError(
@@ -162,6 +164,7 @@ def write_outputs(
         "first_skipped": {kind: first_skipped[kind] for kind in BAD_LINE_KINDS if kind in first_skipped},
         "datasets": datasets,
         **extra,
+        "seconds": round(time.perf_counter() - started, 3),
         "per_file": records,
     }
     return outputs.commit(names, stats)

@@ -314,15 +314,15 @@ def write_synthetic_shards(output_prefix: str, shards: int, documents: int, seed
         writer.finish()
         record = file_record(inputs[index], count, Counter(), {}, {"": [writer.documents, writer.tokens]})
         file = FileOutput(record, {"": (raw, 0, count)})  # staged: the commit removes it
-        write_outputs(outputs, {**run, "shard": [index, shards]}, header, [file], False, {})
+        write_outputs(outputs, {**run, "shard": [index, shards]}, header, [file], False, {}, time.perf_counter())
 
 
 def merge_peak_rss_mb(output_prefix: str) -> float:
-    """Peak resident memory of `python -m data_prep merge --output-prefix P`, measured by the
-    merging process itself (its own peak, not that of other children of this one)."""
-    code = "import resource, sys; from data_prep.cli import main; status = main(sys.argv[1:]); "
-    code += "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(status)"
-    command = [sys.executable, "-c", code, "merge", "--output-prefix", output_prefix]
+    """Peak resident memory of `python -m data_prep merge --output-prefix P`: the merging
+    process's own high-water mark (VmHWM; getrusage's would count the forking parent's)."""
+    code = "import sys; from data_prep.cli import main; status = main(sys.argv[1:]); "
+    code += "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(status)"
+    command = [sys.executable, "-c", code, "merge", "--output-prefix", os.path.abspath(output_prefix)]
     done = subprocess.run(command, cwd=_ROOT, check=True, capture_output=True, text=True)
     return int(done.stdout.split()[-1]) / 1024
 

@@ -97,12 +97,11 @@ def merge(output_prefix: str, force: bool = False) -> tuple[dict, bool]:
         try:
             header = {key: first[key] for key in ("tokenizer_model", "tokenizer_path", "vocab_size", "eos_id", "dtype")}
             files = [located[tuple(identity)] for identity in run["inputs"]]
-            extra = {"merged_shards": len(shards), "seconds": 0.0}
-            stats = write_outputs(outputs, run, header, files, run["domain_key"] is not None, extra)
+            extra = {"merged_shards": len(shards)}
+            stats = write_outputs(outputs, run, header, files, run["domain_key"] is not None, extra, started)
         except BaseException:
             outputs.abort()
             raise
-    stats["seconds"] = round(time.perf_counter() - started, 3)
     return stats, True
 
 

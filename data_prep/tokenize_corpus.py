@@ -101,16 +101,15 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
                 "eos_id": processor.eos_id(),
                 "dtype": dtype.name,
             }
-            seconds = time.perf_counter() - started
+            tokenized = sum(done[i].record["tokens"] for i in todo)
             extra = {
                 "tokenized_files": len(todo),
                 "kept_files": len(mine) - len(todo),
                 "workers": job.workers,
-                "seconds": round(seconds, 3),
+                "tokens_per_second": round(tokenized / (time.perf_counter() - started)),  # of the files tokenized now
             }
-            stats = write_outputs(outputs, run, header, [done[i] for i in mine], job.domain_key is not None, extra)
-            stats["seconds"] = round(time.perf_counter() - started, 3)
-            stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"])
+            files = [done[i] for i in mine]
+            stats = write_outputs(outputs, run, header, files, job.domain_key is not None, extra, started)
             return stats, True
         except NoDocumentsError:
             outputs.abort(keep_parts=False)

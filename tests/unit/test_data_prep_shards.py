@@ -207,29 +207,32 @@ def test_merge_memory_stays_flat_for_a_million_documents(tmp_path):
 # ---------------------------------------------------------------- resume
 
 
-def test_a_killed_run_redoes_only_the_files_not_finished(tmp_path, tokenizer):
-    write_corpus(tmp_path / "corpus", 12, documents=(800, 1200))
-    args = tokenize_args(tokenizer, "out", "--workers", "1")
+def test_a_killed_shard_redoes_only_the_files_not_finished(tmp_path, tokenizer):
+    """SIGKILL of shard 0 of 2 mid-way; its rerun keeps the files it had finished, and the merge
+    is still what one unsharded run writes."""
+    write_corpus(tmp_path / "corpus", 12, documents=(300, 500))
+    shard = [*tokenize_args(tokenizer, "out", "--workers", "1"), "--num-shards", "2", "--shard-index"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=tmp_path, env=env)
-    parts = tmp_path / "out.incomplete/parts"
+    process = subprocess.Popen([sys.executable, "-m", "data_prep", *shard, "0"], cwd=tmp_path, env=env)
+    staging = tmp_path / "out.shards/0-of-2/out.incomplete"
     deadline = time.monotonic() + 60
-    while len([p for p in parts.glob("*") if p.is_dir() and "." not in p.name]) < 2:
-        assert process.poll() is None, "the run ended before it could be killed"
+    while len([p for p in staging.glob("parts/*") if p.is_dir() and "." not in p.name]) < 2:
+        assert process.poll() is None, "the shard ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (tmp_path / "out.stats.json").exists()
-    finished = [p for p in parts.glob("*") if p.is_dir() and "." not in p.name]
-    assert 2 <= len(finished) < 12
+    assert not (tmp_path / "out.shards/0-of-2/out.stats.json").exists()
+    finished = len([p for p in staging.glob("parts/*") if p.is_dir() and "." not in p.name])
 
-    rerun = run_cli(*args, cwd=tmp_path)
+    rerun = run_cli(*shard, "0", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
-    done = stats(tmp_path / "out")
-    assert (done["kept_files"], done["tokenized_files"]) == (len(finished), 12 - len(finished))
-    assert f"kept             {len(finished)} input files finished before" in rerun.stdout
-    assert not (tmp_path / "out.incomplete").exists()
+    done = stats(tmp_path / "out.shards/0-of-2/out")
+    assert done["kept_files"] == finished and done["tokenized_files"] == done["input_files"] - finished > 0
+    assert f"kept             {finished} input files finished before" in rerun.stdout
+    assert not staging.exists()
+    assert run_cli(*shard, "1", cwd=tmp_path).returncode == 0
+    assert run_cli("merge", "--output-prefix", "out", cwd=tmp_path).returncode == 0
     assert_same_as_a_fresh_run(tmp_path, tokenizer, "out")
 
 

@@ -278,7 +278,6 @@ def _tasks(files: list[tuple[str, list]], failures: dict, job: TokenizeJob, dtyp
     before = 0
     for index, (path, (_, size, _)) in enumerate(files):
         try:
-            position = 0
             for chunk, position in read_chunks(path):
                 if path in failures:  # a bad line under --on-error fail: the rest is not needed
                     break

@@ -73,8 +73,10 @@ examples:
       --tokenizer-model data/tok.model --output-prefix data/train \\
       --domain-key meta.redpajama_set_name --on-error skip --workers 32
 
-  # the same in 4 shards (e.g. on 4 machines), then one dataset per domain from them
-  python -m data_prep tokenize ... --num-shards 4 --shard-index 0   # and 1, 2, 3
+  # the same in 4 shards (K = 0, 1, 2, 3, e.g. on 4 machines), then one dataset per domain
+  python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\
+      --tokenizer-model data/tok.model --output-prefix data/train \\
+      --domain-key meta.redpajama_set_name --on-error skip --num-shards 4 --shard-index 0
   python -m data_prep merge --output-prefix data/train"""
 
 MERGE_EPILOG = """\

@@ -217,6 +217,7 @@ def readme_and_help_commands() -> list[list[str]]:
         data_prep_cli.EPILOG,
         data_prep_cli.TRAIN_EPILOG,
         data_prep_cli.TOKENIZE_EPILOG,
+        data_prep_cli.MERGE_EPILOG,
         data_prep_cli.INSPECT_EPILOG,
     ]
     return [command for text in [*blocks, *checks, *helps] for command in example_commands(text)]

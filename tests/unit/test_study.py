@@ -350,3 +350,14 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
     )
     assert result.returncode == 1 and "no run for array task 3" in result.stderr
     assert shlex.quote(runs[1].settings[-2]) in script.read_text()
+
+
+def test_held_out_slices_of_a_training_domain_stay_out_of_the_natural_mixture(data_dir):
+    """The web demo's held-out `web-informative` has no token share of its own in the train blend."""
+    from launch.config import ConfigError
+    from launch.tools.study.summary import natural_weights
+
+    blend = str(data_dir / "train.blend.json")
+    assert natural_weights(blend, ["alpha", "alpha-slice"]) == {"alpha": 1.0}
+    with pytest.raises(ConfigError, match="none of the held-out domains"):
+        natural_weights(blend, ["alpha-slice"])

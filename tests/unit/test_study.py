@@ -361,3 +361,13 @@ def test_held_out_slices_of_a_training_domain_stay_out_of_the_natural_mixture(da
     assert natural_weights(blend, ["alpha", "alpha-slice"]) == {"alpha": 1.0}
     with pytest.raises(ConfigError, match="none of the held-out domains"):
         natural_weights(blend, ["alpha-slice"])
+
+
+def test_an_arm_that_weighs_documents_says_so():
+    from launch.config import load_config
+    from launch.tools.study.cli import describe
+
+    demo = REPO / "configs/demo_cpu.yaml"
+    assert describe(load_config(demo)) == "linupper r=0.5 after 20 uniform steps; natural mixture; 200 steps"
+    per_document = describe(load_config(demo, ["reweight.unit=document"]))
+    assert per_document.startswith("linupper r=0.5 after 20 uniform steps, per document segment (at most 16 a sample)")

@@ -209,8 +209,15 @@ def kind_shares(rows: list[dict], kinds: dict[str, dict[str, list[int]]]) -> dic
 
 
 def kinds_table(run_dir: Path, kinds_file: Path) -> str:
-    lines = ["share of the logged tokens / share of the weight, per domain and kind of document"]
-    for domain, kinds in kind_shares(read_weights(run_dir), json.loads(kinds_file.read_text())).items():
+    """Over the logged steps after the reweighting warm-up (all of them if none is after it)."""
+    warmup, rows = warmup_steps(run_dir), read_weights(run_dir)
+    late = [r for r in rows if r["step"] > warmup] or rows
+    steps = sorted({r["step"] for r in late})
+    lines = [
+        f"share of the logged tokens / share of the weight, per domain and kind of document"
+        f" (steps {steps[0]}-{steps[-1]}, after a warm-up of {warmup})"
+    ]
+    for domain, kinds in kind_shares(late, json.loads(kinds_file.read_text())).items():
         cells = [f"{kind} {tokens:.1%} / {weight:.1%}" for kind, (tokens, weight) in kinds.items()]
         lines.append(f"{domain}: " + ", ".join(cells))
     return "\n".join(lines)

@@ -13,6 +13,13 @@ exactly as it splits SlimPajama:
                  prompts): deliberately redundant, the low-loss data that loss-based
                  reweighting should learn to down-weight
 
+The `web` variant (`--variant web`) is one web-like domain instead, in which short
+redundant pages and informative ones are packed into the same training windows, as in a
+crawl: the boilerplate pages above and the reference-manual topics cut into pages of at most
+700 characters. Its validation blend has the `web` domain itself and each kind of page alone
+(`web-informative`, `web-boilerplate`), and `train.kinds.json` names which documents of the
+training set are of which kind (for `python -m launch.tools.report --weights RUN --kinds ...`).
+
 Every domain keeps 5% of its documents (chosen by hash) for validation. Then data_prep
 trains a 2048-token tokenizer and writes one indexed dataset per domain plus a blend file
 for each split. The corpus is deterministic (sorted files, fixed seed, capped sizes: a few
@@ -33,7 +40,7 @@ import sysconfig
 from pathlib import Path
 
 from .blend import read_blend_file
-from .files import replaced_atomically
+from .files import replaced_atomically, write_text_atomically
 from .tokenize_corpus import TokenizeJob, tokenize
 from .tokenizer import train_tokenizer
 
@@ -81,11 +88,11 @@ def chunk(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
     return [piece.strip("\n") for piece in pieces if piece.strip()]
 
 
-def take(documents, budget: int) -> list[str]:
+def take(documents, budget: int, max_chars: int = CHUNK_CHARS) -> list[str]:
     """Documents (each cut into chunks) in order until `budget` characters are reached."""
     taken, used = [], 0
     for document in documents:
-        for piece in chunk(document):
+        for piece in chunk(document, max_chars):
             if used >= budget:
                 return taken
             taken.append(piece)
@@ -234,6 +241,22 @@ def corpus_documents() -> dict[str, list[str]]:
     return {domain: take(documents, BUDGET_CHARS[domain]) for domain, documents in sources.items()}
 
 
+WEB_PAGE_CHARS = 700
+WEB_BUDGET_CHARS = 600_000  # per kind of page
+
+
+def web_pages() -> dict[str, list[str]]:
+    """Kind -> pages of the web variant's one domain: informative pages (reference-manual
+    topics cut short, so that a training window holds several) and boilerplate pages."""
+    return {
+        "informative": take(prose_documents(), WEB_BUDGET_CHARS, WEB_PAGE_CHARS),
+        "boilerplate": take(boilerplate_documents(), WEB_BUDGET_CHARS),
+    }
+
+
+VARIANTS = ("default", "web")
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -257,14 +280,31 @@ def write_jsonl(path: Path, documents: dict[str, list[str]]) -> None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def write_corpus(out: Path) -> None:
-    """train.jsonl and valid.jsonl under `out`."""
+def write_corpus(out: Path, variant: str = "default") -> None:
+    """train.jsonl and valid.jsonl under `out` (and train.kinds.json for the web variant)."""
     out.mkdir(parents=True, exist_ok=True)
     train, valid = {}, {}
-    for domain, documents in corpus_documents().items():
-        train[domain], valid[domain] = split_valid(documents)
+    if variant == "web":
+        kinds = {kind: split_valid(pages) for kind, pages in web_pages().items()}
+        # One domain, its kinds one after the other: Megatron shuffles documents before packing.
+        train["web"] = [page for pages, _ in kinds.values() for page in pages]
+        valid["web"] = [page for _, pages in kinds.values() for page in pages]
+        valid |= {f"web-{kind}": pages for kind, (_, pages) in kinds.items()}
+        write_text_atomically(out / "train.kinds.json", json.dumps({"web": document_ranges(kinds)}, indent=2) + "\n")
+    else:
+        for domain, documents in corpus_documents().items():
+            train[domain], valid[domain] = split_valid(documents)
     write_jsonl(out / "valid.jsonl", valid)
     write_jsonl(out / "train.jsonl", train)
+
+
+def document_ranges(kinds: dict[str, tuple[list[str], list[str]]]) -> dict[str, list[int]]:
+    """Kind -> [first, end) of its training documents' indices in the domain's dataset."""
+    ranges, first = {}, 0
+    for kind, (train, _) in kinds.items():
+        ranges[kind] = [first, first + len(train)]
+        first += len(train)
+    return ranges
 
 
 def build_tokenizer(out: Path) -> None:
@@ -282,9 +322,10 @@ def build_dataset(out: Path, split: str) -> None:
     tokenize(job)
 
 
-def is_complete(out: Path) -> bool:
+def is_complete(out: Path, variant: str = "default") -> bool:
     """data_prep writes P.stats.json last, so its presence marks a finished dataset."""
-    names = [
+    names = ["train.kinds.json"] if variant == "web" else []
+    names += [
         "train.jsonl",
         "valid.jsonl",
         "tokenizer.model",
@@ -296,14 +337,14 @@ def is_complete(out: Path) -> bool:
     return all((out / name).is_file() for name in names)
 
 
-def build_demo_data(out: Path) -> None:
+def build_demo_data(out: Path, variant: str = "default") -> None:
     """Every step whose output is missing; data_prep itself skips finished datasets."""
-    if is_complete(out):
+    if is_complete(out, variant):
         print(f"{out} is complete; nothing to do (delete it to rebuild)")
         return
     if not ((out / "train.jsonl").is_file() and (out / "valid.jsonl").is_file()):
-        print(f"writing the corpus to {out}")
-        write_corpus(out)
+        print(f"writing the {variant} corpus to {out}")
+        write_corpus(out, variant)
     if not (out / "tokenizer.model").is_file():
         print(f"training a {VOCAB_SIZE}-token tokenizer")
         build_tokenizer(out)
@@ -324,11 +365,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.demo",
         description=__doc__.split("\n\n")[0],
-        epilog="example: python -m data_prep.demo --out data/demo",
+        epilog="examples: python -m data_prep.demo --out data/demo\n"
+        "          python -m data_prep.demo --variant web --out data/demo-web",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output directory")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="default",
+        help="default: five domains; web: one web-like domain of boilerplate and informative pages",
+    )
     args = parser.parse_args(argv)
-    build_demo_data(args.out)
+    build_demo_data(args.out, args.variant)
     print(summary(args.out))
 
 

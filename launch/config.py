@@ -194,10 +194,10 @@ class LoggingConfig:
     # The device's dense bf16 peak in TFLOP/s for MFU; null = from launch/throughput.py's table
     # on a GPU it knows, and no MFU on a CPU.
     peak_tflops: float | None = None
-    # Every N steps, the domain, documents, loss and weight of each sample of the step's first
-    # global micro-batch (at most DP x micro_batch_size lines) to RUN/weights/step_XXXXXXXX.jsonl,
-    # for `python -m launch.tools.report --weights RUN`; null = no log. One weight per sequence,
-    # so not with reweight.unit=document.
+    # Every N steps, the domain, documents, loss and weight of each weighting unit of the step's
+    # first global micro-batch (DP x micro_batch_size lines, times at most
+    # reweight.max_segments_per_sample with reweight.unit=document) to
+    # RUN/weights/step_XXXXXXXX.jsonl, for `python -m launch.tools.report --weights RUN`; null = no log.
     weights_every: int | None = None
 
 
@@ -746,11 +746,6 @@ def _data_problems(data: DataConfig) -> list[str]:
 
 def _document_problems(cfg: Config) -> list[str]:
     problems = []
-    if cfg.logging.weights_every is not None and cfg.reweight.unit == "document":
-        problems.append(
-            "logging.weights_every logs one weight per sequence, and reweight.unit=document weighs"
-            " document segments: set logging.weights_every=null or reweight.unit=sequence"
-        )
     if cfg.data.reset_attention_mask and cfg.model.transformer_impl == "transformer_engine":
         problems.append(
             "data.reset_attention_mask=true needs the local layer's SDPA attention, which builds each"

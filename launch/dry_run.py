@@ -198,8 +198,11 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
         f" micro_batch = {dp * train.micro_batch_size} samples per micro-batch"
     )
     if cfg.logging.weights_every:
+        units = f"{dp * train.micro_batch_size} samples"
+        if cfg.reweight.unit == "document":
+            units = f"the document segments of {units} (at most {cfg.reweight.units_per_row} each)"
         lines.append(
-            f"weights log: every {cfg.logging.weights_every} steps, {dp * train.micro_batch_size} samples"
+            f"weights log: every {cfg.logging.weights_every} steps, {units}"
             " to RUN/weights/ (python -m launch.tools.report --weights RUN)"
         )
     lines += _describe_data(cfg)

@@ -234,7 +234,8 @@ class Trainer:
         if not is_reporter():
             return
         first_index = (self.step - 1) * self.cfg.train.global_batch_size
-        rows = weight_rows(self.train_data, first_index, self.step, self.sources.train.domains, reports[0])
+        domains = self.sources.train.domains
+        rows = weight_rows(self.train_data, first_index, self.step, domains, reports[0], self.loss.units_per_row)
         write_weights(self.run_dir, self.step, rows)
 
     def _evaluate(self) -> None:

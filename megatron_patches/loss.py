@@ -156,6 +156,7 @@ class ReweightedLoss:
             weighted_loss=(batch.weights * safe_losses).sum(),
             weights=batch.weights,
             sample_losses=batch.losses,
+            token_counts=batch.token_counts,
         )
         if unit_counts is not None:
             row_counts = batch.extra[:, -1].reshape(-1, self.units_per_row)[:, 0]

@@ -3,12 +3,16 @@
 python -m launch.tools.report runs/demo/uniform runs/demo/linupper --out runs/demo/report.png
 
 With --weights RUN (a run with logging.weights_every): per domain its most and least weighted
-samples with a snippet of their first document, and RUN/weights/weights.png, weight against loss.
+units (samples, or document segments) with a snippet of their first document, and
+RUN/weights/weights.png, weight against loss.  With --kinds FILE too (JSON: domain -> kind ->
+[first, end) of document indices, as data_prep.demo's web variant writes), per domain each
+kind's share of the logged tokens beside its share of the weight.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -161,15 +165,16 @@ def weights_table(run_dir: Path) -> str:
     prefixes = dict(zip(blend.domains, blend.prefixes))
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer_model)
     steps = sorted({r["step"] for r in rows})
+    unit = "document segments" if "segment" in rows[0] else "samples"
     lines = [
-        f"weights of {len(rows)} samples at {len(steps)} logged steps ({steps[0]}-{steps[-1]});"
+        f"weights of {len(rows)} {unit} at {len(steps)} logged steps ({steps[0]}-{steps[-1]});"
         " a weight is a share of its global micro-batch"
     ]
     for domain in [d for d in blend.domains if any(r["domain"] == d for r in rows)]:
         documents = IndexedDataset(prefixes[domain])
         ranked = sorted((r for r in rows if r["domain"] == domain), key=lambda r: r["weight"], reverse=True)
         most = ranked[:SAMPLES_SHOWN]
-        least = ranked[len(most) :][::-1][:SAMPLES_SHOWN]  # a sample is shown once
+        least = ranked[len(most) :][::-1][:SAMPLES_SHOWN]  # a unit is shown once
         for end, chosen in (("most", most), ("least", least)):
             lines.append(f"{domain}: {end} weighted" + ("" if chosen else ": all shown above"))
             lines += [
@@ -177,6 +182,44 @@ def weights_table(run_dir: Path) -> str:
                 f"  document {r['documents'][0]:>6}  {_snippet(documents, tokenizer, r['documents'][0])!r}"
                 for r in chosen
             ]
+    return "\n".join(lines)
+
+
+def kind_shares(rows: list[dict], kinds: dict[str, dict[str, list[int]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Domain -> kind -> (share of the domain's logged input tokens, share of its weight).
+    A row's weight is spread over its documents by their input tokens, as the token-mean loss
+    of the row spreads it; documents outside every range of `kinds` are of kind "other"."""
+    tokens, weight = {}, {}
+    for row in rows:
+        ranges = kinds.get(row["domain"], {})
+        total = sum(row["document_tokens"])
+        for document, count in zip(row["documents"], row["document_tokens"]):
+            kind = next((k for k, (first, end) in ranges.items() if first <= document < end), "other")
+            key = (row["domain"], kind)
+            tokens[key] = tokens.get(key, 0) + count
+            weight[key] = weight.get(key, 0.0) + row["weight"] * count / max(total, 1)
+    shares = {}
+    for domain in sorted({domain for domain, _ in tokens}):
+        keys = [key for key in tokens if key[0] == domain]
+        all_tokens, all_weight = sum(tokens[k] for k in keys), sum(weight[k] for k in keys)
+        shares[domain] = {
+            kind: (tokens[(domain, kind)] / all_tokens, weight[(domain, kind)] / all_weight) for _, kind in sorted(keys)
+        }
+    return shares
+
+
+def kinds_table(run_dir: Path, kinds_file: Path) -> str:
+    """Over the logged steps after the reweighting warm-up (all of them if none is after it)."""
+    warmup, rows = warmup_steps(run_dir), read_weights(run_dir)
+    late = [r for r in rows if r["step"] > warmup] or rows
+    steps = sorted({r["step"] for r in late})
+    lines = [
+        f"share of the logged tokens / share of the weight, per domain and kind of document"
+        f" (steps {steps[0]}-{steps[-1]}, after a warm-up of {warmup})"
+    ]
+    for domain, kinds in kind_shares(late, json.loads(kinds_file.read_text())).items():
+        cells = [f"{kind} {tokens:.1%} / {weight:.1%}" for kind, (tokens, weight) in kinds.items()]
+        lines.append(f"{domain}: " + ", ".join(cells))
     return "\n".join(lines)
 
 
@@ -198,7 +241,7 @@ def plot_weights(run_dir: Path, out: Path) -> None:
         fig.savefig(tmp, dpi=100)
 
 
-def _weights_main(run_dir: Path) -> int:
+def _weights_main(run_dir: Path, kinds_file: Path | None) -> int:
     if not any((run_dir / WEIGHTS_DIR).glob("step_*.jsonl")):
         print(
             f"python -m launch.tools.report: error: {run_dir}: no weights log ({WEIGHTS_DIR}/step_*.jsonl):"
@@ -207,6 +250,8 @@ def _weights_main(run_dir: Path) -> int:
         )
         return 2
     print(weights_table(run_dir))
+    if kinds_file:
+        print(kinds_table(run_dir, kinds_file))
     out = run_dir / WEIGHTS_DIR / "weights.png"
     plot_weights(run_dir, out)
     print(f"figure: {out}")
@@ -228,11 +273,21 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, help="write the figure here (PNG)")
     parser.add_argument("--weights", type=Path, metavar="RUN", help="the weights log of one run, instead")
+    parser.add_argument(
+        "--kinds",
+        type=Path,
+        metavar="FILE",
+        help="with --weights: JSON domain -> kind -> [first, end) of document indices (data/demo-web/train.kinds.json)",
+    )
     args = parser.parse_args(argv)
     if bool(args.weights) == bool(args.runs):
         parser.error("give run directories to compare, or --weights RUN")
+    if args.kinds and not args.weights:
+        parser.error("--kinds goes with --weights RUN")
+    if args.kinds and not args.kinds.is_file():
+        parser.error(f"--kinds {args.kinds}: no such file")
     if args.weights:
-        return _weights_main(args.weights)
+        return _weights_main(args.weights, args.kinds)
     for path in args.runs:
         problem = None
         if not path.is_dir():

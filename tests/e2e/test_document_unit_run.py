@@ -3,8 +3,13 @@ the documents kept apart in attention, positions and loss (`data.reset_*`, `data
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
-from helpers.e2e import pretrain, rows
+from helpers import REPO
+from helpers.e2e import ENV, pretrain, rows
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +26,7 @@ DOCUMENTS = ("reweight.unit=document", "reweight.max_segments_per_sample=2")
 @pytest.fixture(scope="module")
 def document_run(tmp_path_factory, demo_dir):
     run_dir = tmp_path_factory.mktemp("documents")
-    pretrain(run_dir, demo_dir, *CP2_UNIFORM, *DOCUMENTS)
+    pretrain(run_dir, demo_dir, *CP2_UNIFORM, *DOCUMENTS, "logging.weights_every=4")
     return run_dir
 
 
@@ -33,6 +38,17 @@ def test_a_document_run_logs_its_segments_and_uniform_weights_give_the_token_mea
         assert 1 <= row["segments_per_sample"] <= 2  # the bound caps what a sample can hold
         assert 0 <= row["segments_over_bound"] <= 1
     assert any(r["segments_per_sample"] > 1 for r in documents)
+
+
+def test_the_weights_log_holds_every_segment_and_the_report_reads_it(document_run):
+    for step in (4, 8):
+        logged = [json.loads(line) for line in (document_run / f"weights/step_{step:08d}.jsonl").open()]
+        assert {r["segment"] for r in logged} <= {0, 1} and sum(r["weight"] for r in logged) == pytest.approx(1.0)
+        assert len({(r["domain"], r["dataset_sample"]) for r in logged}) == 2  # DP=1 (CP=2) x micro_batch_size 2
+    command = [sys.executable, "-m", "launch.tools.report", "--weights", str(document_run)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert "document segments at 2 logged steps" in result.stdout
 
 
 def test_a_resume_that_changes_the_unit_is_refused(demo_dir, document_run):

@@ -25,9 +25,13 @@ def test_a_run_logs_its_weights_and_the_report_shows_them(tmp_path, demo_dir):
         assert math.isclose(sum(r["weight"] for r in rows), 1.0, rel_tol=1e-6)
         assert all(r["domain"] in domains and r["documents"] for r in rows)
 
-    command = [sys.executable, "-m", "launch.tools.report", "--weights", str(run_dir)]
+    kinds = tmp_path / "kinds.json"  # every domain's documents as two kinds: all of them, then none
+    kinds.write_text(json.dumps({d: {"early": [0, 10**9], "late": [10**9, 2 * 10**9]} for d in domains}))
+    command = [sys.executable, "-m", "launch.tools.report", "--weights", str(run_dir), "--kinds", str(kinds)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr
     for domain in {r["domain"] for name in logged for r in map(json.loads, (run_dir / "weights" / name).open())}:
         assert f"{domain}: most weighted" in result.stdout and f"{domain}: least weighted" in result.stdout
+    assert "(steps 4-8, after a warm-up of 2)" in result.stdout
+    assert f"{rows[0]['domain']}: early 100.0% / 100.0%" in result.stdout
     assert (run_dir / "weights" / "weights.png").stat().st_size > 0

@@ -108,3 +108,18 @@ def test_a_finished_build_is_left_alone(demo_dir, capsys):
     demo_data.build_demo_data(demo_dir)
     assert "nothing to do" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in demo_dir.iterdir()} == before
+
+
+def test_the_web_variant_packs_both_kinds_into_one_domain_and_names_their_documents(tmp_path):
+    demo_data.build_demo_data(tmp_path, "web")
+    train, valid = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "valid.jsonl")
+    pages = demo_data.web_pages()
+    ranges = json.loads((tmp_path / "train.kinds.json").read_text())["web"]
+    assert list(train) == ["web"] and sorted(valid) == ["web", "web-boilerplate", "web-informative"]
+    for kind, (first, end) in ranges.items():
+        assert set(train["web"][first:end]) <= set(pages[kind]) and set(valid[f"web-{kind}"]) <= set(pages[kind])
+        assert not set(train["web"][first:end]) & set(valid["web"])
+    assert ranges["boilerplate"][1] == len(train["web"])
+    assert demo_data.read_blend_file(tmp_path / "train.blend.json").domains["web"].documents == len(train["web"])
+    boilerplate, informative = (shingle_diversity(pages[kind]) for kind in ("boilerplate", "informative"))
+    assert boilerplate < informative

@@ -350,3 +350,24 @@ def test_slurm_array_runs_each_unfinished_run_with_its_exact_arguments(tmp_path,
     )
     assert result.returncode == 1 and "no run for array task 3" in result.stderr
     assert shlex.quote(runs[1].settings[-2]) in script.read_text()
+
+
+def test_held_out_slices_of_a_training_domain_stay_out_of_the_natural_mixture(data_dir):
+    """The web demo's held-out `web-informative` has no token share of its own in the train blend."""
+    from launch.config import ConfigError
+    from launch.tools.study.summary import natural_weights
+
+    blend = str(data_dir / "train.blend.json")
+    assert natural_weights(blend, ["alpha", "alpha-slice"]) == {"alpha": 1.0}
+    with pytest.raises(ConfigError, match="none of the held-out domains"):
+        natural_weights(blend, ["alpha-slice"])
+
+
+def test_an_arm_that_weighs_documents_says_so():
+    from launch.config import load_config
+    from launch.tools.study.cli import describe
+
+    demo = REPO / "configs/demo_cpu.yaml"
+    assert describe(load_config(demo)) == "linupper r=0.5 after 20 uniform steps; natural mixture; 200 steps"
+    per_document = describe(load_config(demo, ["reweight.unit=document"]))
+    assert per_document.startswith("linupper r=0.5 after 20 uniform steps, per document segment (at most 16 a sample)")

@@ -10,13 +10,9 @@ from launch.config import ConfigError, experiment_changes, load_config, to_dict,
 DEMO = REPO / "configs/demo_cpu.yaml"
 
 
-def test_the_interval_must_be_positive_and_weights_per_sequence():
-    for overrides, expected in [
-        (["logging.weights_every=0"], "logging.weights_every=0 must be >= 1"),
-        (["logging.weights_every=2", "reweight.unit=document"], "logs one weight per sequence"),
-    ]:
-        with pytest.raises(ConfigError, match=expected):
-            validate(load_config(DEMO, overrides), 1)
+def test_the_interval_must_be_positive():
+    with pytest.raises(ConfigError, match="logging.weights_every=0 must be >= 1"):
+        validate(load_config(DEMO, ["logging.weights_every=0"]), 1)
 
 
 def test_turning_the_log_on_at_a_resume_is_the_same_experiment():
@@ -43,3 +39,22 @@ def test_the_dry_run_names_the_log_and_its_size():
         "weights log: every 50 steps, 8 samples to RUN/weights/ (python -m launch.tools.report --weights RUN)" in lines
     )
     assert not any(line.startswith("weights log") for line in describe_run(load_config(DEMO), 2))
+    per_segment = describe_run(load_config(DEMO, ["logging.weights_every=50", "reweight.unit=document"]), 2)
+    assert any(
+        line.startswith("weights log: every 50 steps, the document segments of 8 samples") for line in per_segment
+    )
+
+
+def test_kind_shares_spread_each_weight_over_its_documents_by_their_tokens():
+    from launch.tools.report import kind_shares
+
+    kinds = {"web": {"informative": [0, 10], "boilerplate": [10, 20]}}
+    rows = [  # one global micro-batch: weights sum to 1
+        {"domain": "web", "documents": [3, 12], "document_tokens": [30, 10], "weight": 0.5},
+        {"domain": "web", "documents": [15], "document_tokens": [40], "weight": 0.2},
+        {"domain": "web", "documents": [25], "document_tokens": [20], "weight": 0.3},  # in no range
+    ]
+    shares = kind_shares(rows, kinds)["web"]
+    assert shares["informative"] == pytest.approx((30 / 100, 0.5 * 30 / 40))
+    assert shares["boilerplate"] == pytest.approx((50 / 100, 0.5 * 10 / 40 + 0.2))
+    assert shares["other"] == pytest.approx((20 / 100, 0.3))

@@ -113,6 +113,8 @@ def describe(cfg) -> str:
     if rw.strategy != "uniform" and rw.warmup_steps:
         start = "uniform" if rw.warmup_temperature is None else f"r={rw.warmup_temperature}"
         text += f" after {rw.warmup_steps} {start} steps"
+    if rw.unit == "document":
+        text += f", per document segment (at most {rw.max_segments_per_sample} a sample)"
     mixture = "natural mixture" if cfg.data.weights is None else f"data.weights {cfg.data.weights}"
     return f"{text}; {mixture}; {cfg.train.steps} steps"
 

@@ -59,10 +59,13 @@ def markdown(summary: dict) -> str:
         for arm in others:
             cells += [f"{pick(arm)['mean']:.4f}", _diff_text(pick(arm))]
         lines.append("| " + " | ".join(cells) + " |")
-    mix = ", ".join(f"{d} {w:.3f}" for d, w in summary["natural_weights"]["weights"].items())
+    natural = summary["natural_weights"]["weights"]
+    mix = ", ".join(f"{d} {w:.3f}" for d, w in natural.items())
+    apart = [d for d in domains if d not in natural]
     lines += [
         "",
-        f"Natural mixture: the held-out losses weighted by the train blend's token shares ({mix}).",
+        f"Natural mixture: the held-out losses weighted by the train blend's token shares ({mix})"
+        + (f"; {', '.join(apart)}: not in the train blend, so not in the mixture." if apart else "."),
         "",
         "Weights after warm-up, mean over logged steps and seeds: effective sample size (1 = uniform)"
         " and, per domain, share of weight / share of samples.",

@@ -1,14 +1,13 @@
 """`tokenize`: corpora -> Megatron indexed datasets (one per domain), fast and in input order.
 
 The parent process only reads chunks of whole lines and writes results. Workers parse and
-check the lines, batch-encode the chunk's documents with SentencePiece (EOS appended) and
+check the lines, batch-encode the chunk's documents (SentencePiece or tokenizers, EOS appended) and
 return numpy arrays. Results are consumed in submission order with a bounded number of chunks
 in flight, so the output is the same for any worker count and memory stays flat.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import multiprocessing
 import os
@@ -21,12 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
 
 from . import blend
 from .errors import DataPrepError
-from .files import file_sha256
 from .indexed import IndexedDatasetWriter, token_dtype
 from .lock import output_lock
 from .outputs import OutputSet
@@ -42,7 +38,7 @@ from .readers import (
     parse_chunk,
     read_chunks,
 )
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 from .workers import OrderedPool
 
 MAX_DOMAINS = 256  # two open files each; more usually means --domain-key names the wrong field
@@ -60,6 +56,7 @@ class TokenizeJob:
     inputs: list[str]
     output_prefix: str
     tokenizer_model: str
+    eos_token: str | None = None  # for a tokenizer.json; None: its tokenizer_config.json's
     json_key: str = "text"
     domain_key: str | None = None
     on_error: str = "fail"
@@ -75,11 +72,11 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
             f"--domain-key reads a JSON field, but {plain[0]!r} is plain text; "
             "leave out --domain-key or give JSONL inputs"
         )
-    processor = load_tokenizer(job.tokenizer_model)
-    dtype = token_dtype(processor.vocab_size())
+    tokenizer = load_tokenizer(job.tokenizer_model, job.eos_token)
+    dtype = token_dtype(tokenizer.vocab_size)
     with output_lock(job.output_prefix):  # from clearing old outputs to the last rename
         outputs = OutputSet(job.output_prefix)
-        run = _fingerprint(job, paths)
+        run = _fingerprint(job, paths, tokenizer)
         previous = outputs.finished_run(run, job.force)
         if previous is not None:
             return previous, False
@@ -89,7 +86,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
         try:
             lines, skipped, first_skipped = _encode_into(datasets, job, paths, dtype)
             datasets.finish()
-            stats = _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_skipped)
+            stats = _stats(run, job, paths, tokenizer, dtype, datasets, lines, skipped, first_skipped)
             names = datasets.file_names()
             if job.domain_key:
                 blend_name = os.path.basename(job.output_prefix) + blend.SUFFIX
@@ -105,12 +102,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
 
 # ---------------------------------------------------------------- workers
 
-_processor: spm.SentencePieceProcessor | None = None
-# SentencePiece needs about 35 bytes per character of the text it encodes at once (1.8 GB for
-# a 50 MB document), so documents longer than LONG_CHARS are encoded in pieces of at most
-# PIECE_CHARS characters (small pieces are also faster: 64 K encode 1.6x faster than 1 M).
-LONG_CHARS = 1 << 20
-PIECE_CHARS = 1 << 16
+_tokenizer: Tokenizer | None = None  # the worker's
 
 
 @dataclass
@@ -121,25 +113,21 @@ class EncodedChunk:
     documents: dict[str, tuple[np.ndarray, np.ndarray]]  # domain -> (tokens, document lengths)
 
 
-def _start_worker(model_path: str) -> None:
+def _start_worker(model_path: str, eos_token: str | None) -> None:
     """Workers ignore Ctrl-C: the parent stops them and removes the partial output."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    global _processor
-    _processor = spm.SentencePieceProcessor(model_file=model_path)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread each: the workers are the parallelism
+    global _tokenizer
+    _tokenizer = load_tokenizer(model_path, eos_token)
 
 
 def encode_chunk(
     chunk: Chunk, json_key: str, domain_key: str | None, stop_at_first_bad: bool, dtype: np.dtype
 ) -> EncodedChunk:
     parsed = parse_chunk(chunk, json_key, domain_key, stop_at_first_bad)
-    # One batch call for the chunk's ordinary documents: no Python call per document, and ids
-    # come back as int32 buffers instead of lists of Python ints.
-    short = [text for text in parsed.texts if len(text) <= LONG_CHARS]
-    encoded = iter(_processor.encode(short, add_eos=True, return_type="numpy", num_threads=1))
     by_domain: dict[str, list[np.ndarray]] = defaultdict(list)  # id arrays, a document's in order
     lengths: dict[str, list[int]] = defaultdict(list)
-    for domain, text in zip(parsed.domains, parsed.texts):
-        ids = [next(encoded)] if len(text) <= LONG_CHARS else _encode_long(text, dtype)
+    for domain, ids in zip(parsed.domains, _tokenizer.encode_documents(parsed.texts, dtype)):
         by_domain[domain] += ids
         lengths[domain].append(sum(map(len, ids)))
     documents = {
@@ -150,53 +138,6 @@ def encode_chunk(
         for domain, arrays in by_domain.items()
     }
     return EncodedChunk(parsed.lines, parsed.skipped, parsed.first_bad, documents)
-
-
-def _encode_long(text: str, dtype: np.dtype) -> list[np.ndarray]:
-    """The ids of a long document, encoded piece by piece in bounded memory.
-
-    A piece ends before a space that follows a non-space character; the next piece starts with
-    that space and is encoded without the dummy prefix, so each piece is normalized to exactly
-    its part of the whole document's normalized text. The ids are then those of the whole
-    document wherever no vocabulary piece holds a non-space character followed by "▁", as with
-    SentencePiece's training defaults (split_by_whitespace=true, treat_whitespace_as_suffix=false)
-    that train-tokenizer uses: BPE never merges across such a cut. A unigram model's best
-    segmentation is cut there too, but its Viterbi search sums float scores over the text it is
-    given, so where two segmentations score (nearly) alike, pieces and the whole document can
-    choose differently (e.g. 12+8 vs 8+12 spaces): other tokens, the same text.
-    Where PIECE_CHARS characters hold no such space, the piece is cut at its end: the tokens
-    next to that cut can differ from whole-document encoding (nothing is merged across it),
-    though they still decode to the same text with a model that keeps whitespace.
-    """
-    arrays = []
-    processor, start = _processor, 0
-    while start < len(text):
-        end = _piece_end(text, start)
-        ids = processor.encode(text[start:end], add_eos=end == len(text), return_type="numpy")
-        arrays.append(ids.astype(dtype, casting="unsafe"))  # halves what waits for the next pieces
-        processor, start = _continuation_processor(), end
-    return arrays
-
-
-def _piece_end(text: str, start: int) -> int:
-    end = start + PIECE_CHARS
-    if end >= len(text):
-        return len(text)
-    cut = text.rfind(" ", start + 1, end)
-    while cut > start and text[cut - 1].isspace():
-        cut = text.rfind(" ", start + 1, cut)
-    return cut if cut > start else end
-
-
-@functools.cache
-def _continuation_processor() -> spm.SentencePieceProcessor:
-    """The worker's model without the dummy prefix ("▁" put before the text), for pieces after
-    the first. A model that removes extra whitespace strips the space a piece starts with, so
-    there the dummy prefix stays: it puts back the "▁" that the whole document has there (and
-    adds one at a cut that is not before a space)."""
-    model = sentencepiece_model_pb2.ModelProto.FromString(_processor.serialized_model_proto())
-    model.normalizer_spec.add_dummy_prefix = model.normalizer_spec.remove_extra_whitespaces
-    return spm.SentencePieceProcessor(model_proto=model.SerializeToString())
 
 
 # ---------------------------------------------------------------- parent
@@ -211,7 +152,7 @@ def _encode_into(
     context = multiprocessing.get_context(_START_METHOD)
     total_bytes = sum(os.path.getsize(path) for path in paths)
     with (
-        OrderedPool(context, job.workers, _start_worker, (job.tokenizer_model,)) as pool,
+        OrderedPool(context, job.workers, _start_worker, (job.tokenizer_model, job.eos_token)) as pool,
         progress(total_bytes, "tokenizing") as bar,
     ):
         tasks = (((chunk, job.json_key, job.domain_key, fail, dtype), done) for chunk, done in _chunks(paths))
@@ -293,24 +234,25 @@ class _DomainDatasets:
         self.writers[domain] = IndexedDatasetWriter(self.outputs.staged(prefix), self.dtype)
 
 
-def _fingerprint(job: TokenizeJob, paths: list[str]) -> dict:
+def _fingerprint(job: TokenizeJob, paths: list[str], tokenizer: Tokenizer) -> dict:
     """Everything the output depends on: a rerun with the same fingerprint has nothing to do."""
     return {
         "inputs": [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths],
-        "tokenizer_sha256": file_sha256(job.tokenizer_model),
+        "tokenizer_sha256": tokenizer.sha256,
         "json_key": job.json_key,
         "domain_key": job.domain_key,
         "on_error": job.on_error,
     }
 
 
-def _stats(run, job, paths, processor, dtype, datasets, lines, skipped, first_skipped) -> dict:
+def _stats(run, job, paths, tokenizer, dtype, datasets, lines, skipped, first_skipped) -> dict:
     return {
         "run": run,
         "tokenizer_model": job.tokenizer_model,
         "tokenizer_path": os.path.abspath(job.tokenizer_model),
-        "vocab_size": processor.vocab_size(),
-        "eos_id": processor.eos_id(),
+        "eos_token": job.eos_token,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
         "dtype": dtype.name,
         "input_files": len(paths),
         "input_bytes": sum(os.path.getsize(path) for path in paths),

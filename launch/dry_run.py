@@ -211,7 +211,7 @@ def _unused_rows(cfg: Config, vocab: int) -> str:
     tokenizer = cfg.data.tokenizer_model
     if cfg.model.vocab_size is None or tokenizer is None or not Path(tokenizer).is_file():
         return ""
-    used = sources.Tokenizer.from_model(tokenizer).vocab_size
+    used = sources.Tokenizer.of(cfg).vocab_size
     if vocab - used < cfg.model.make_vocab_size_divisible_by:
         return ""
     return (

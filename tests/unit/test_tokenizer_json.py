@@ -17,6 +17,7 @@ from helpers import REPO
 
 from data_prep.bench import train_gpt2_style_tokenizer
 from data_prep.indexed import open_indexed_dataset
+from data_prep.tokenizer import HuggingFaceTokenizer
 from launch.config import ConfigError, load_config
 from launch.sources import Tokenizer, check_files
 
@@ -160,3 +161,24 @@ def test_training_refuses_a_blend_made_with_another_tokenizer(demo_dir, gpt2_sty
 def test_a_sentencepiece_models_hash_is_still_its_files_so_older_blends_match(demo_dir):
     model = demo_dir / "tokenizer.model"
     assert Tokenizer.from_model(str(model)).sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def test_the_export_writes_the_tokenizer_json_with_the_runs_eos(gpt2_style, tmp_path):
+    """AutoTokenizer loads the exported files offline and encodes as data_prep did; the EOS the
+    run was given (here by data.eos_token, the tokenizer having no config) is the exported one."""
+    from transformers import AutoTokenizer
+
+    from launch.tools.export import _copy_hugging_face_tokenizer
+
+    bare = tmp_path / "bare" / "tokenizer.json"
+    bare.parent.mkdir()
+    shutil.copyfile(gpt2_style, bare)
+    out = tmp_path / "export"
+    out.mkdir()
+    _copy_hugging_face_tokenizer(HuggingFaceTokenizer(str(bare), EOS), 64, out)
+
+    exported = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert (out / "tokenizer.json").read_bytes() == gpt2_style.read_bytes()
+    assert exported.eos_token == EOS and exported.model_max_length == 64
+    ids = exported(SPELLED_EOS, add_special_tokens=False)["input_ids"]
+    assert ids + [exported.eos_token_id] == reference(gpt2_style, SPELLED_EOS)

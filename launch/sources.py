@@ -241,8 +241,9 @@ def _tokenizer_mismatch(name: str, blend: BlendFile, tokenizer: Tokenizer) -> st
     if recorded is None or recorded == tokenizer.sha256:
         return ""
     return (
-        f"{name} {blend.path} was tokenized with {blend.tokenizer_model}, whose content or EOS differs"
-        f" from data.tokenizer_model {tokenizer.model_file}: the token ids would mean other words;"
+        f"{name} {blend.path} was tokenized with {blend.tokenizer_model}, whose content differs"
+        f" from data.tokenizer_model {tokenizer.model_file} (the file, or a tokenizer.json's EOS):"
+        " the token ids would mean other words;"
         f" set data.tokenizer_model to the blend's tokenizer or re-run `python -m data_prep tokenize`"
     )
 

@@ -229,8 +229,8 @@ def hugging_face_tokenizer(model_file: str, max_length: int):
     )
 
 
-def _write_sentencepiece_tokenizer(model_file: str, max_length: int, folder: Path) -> None:
-    hugging_face_tokenizer(model_file, max_length).save_pretrained(folder)
+def _write_sentencepiece_tokenizer(converted, model_file: str, folder: Path) -> None:
+    converted.save_pretrained(folder)
     shutil.copyfile(model_file, folder / "sentencepiece.model")
 
 
@@ -283,7 +283,8 @@ def export(
             write_tokenizer = functools.partial(_copy_hugging_face_tokenizer, run_tokenizer, max_length)
         else:
             bos_id = _id(run_tokenizer.processor.bos_id())
-            write_tokenizer = functools.partial(_write_sentencepiece_tokenizer, model_file, max_length)
+            converted = hugging_face_tokenizer(model_file, max_length)  # refuses a model it cannot convert
+            write_tokenizer = functools.partial(_write_sentencepiece_tokenizer, converted, model_file)
         hf_model = to_hugging_face(loaded.model, bos_id=bos_id, eos_id=run_tokenizer.eos_id)
         info = {
             "run_dir": str(Path(run_dir).resolve()),

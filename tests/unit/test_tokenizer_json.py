@@ -3,6 +3,7 @@ training reads it (EOD, vocabulary size, decoding, the blend's tokenizer check).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from data_prep.bench import train_gpt2_style_tokenizer
 from data_prep.indexed import open_indexed_dataset
 from data_prep.tokenizer import HuggingFaceTokenizer
 from launch.config import ConfigError, load_config
+from launch.dry_run import dry_run_report
 from launch.sources import Tokenizer, check_files
 
 EOS = "<|endoftext|>"
@@ -156,6 +158,8 @@ def test_training_refuses_a_blend_made_with_another_tokenizer(demo_dir, gpt2_sty
     no_eos = demo_config(f"data.blend={hf_blend}", f"data.valid_blend={hf_blend}", f"data.tokenizer_model={bare}")
     with pytest.raises(ConfigError, match=r"data.tokenizer_model: .* names no EOS token .*data.eos_token"):
         check_files(no_eos)
+    fixed_vocabulary = dataclasses.replace(no_eos, model=dataclasses.replace(no_eos.model, vocab_size=4096))
+    assert "names no EOS token" in dry_run_report(fixed_vocabulary, 2)  # a problem listed, not a crash
 
 
 def test_a_sentencepiece_models_hash_is_still_its_files_so_older_blends_match(demo_dir):

@@ -98,7 +98,7 @@ def write_outputs(
 ) -> dict:
     """Assemble one dataset per domain from `files` (in this order), stage the blend file and
     the stats, and commit them; returns the stats. `header` holds the tokenizer's fields
-    (tokenizer_model, tokenizer_path, vocab_size, eos_id, dtype); `started`, the run's start
+    (tokenizer_model, tokenizer_path, eos_token, vocab_size, eos_id, dtype); `started`, the run's start
     (time.perf_counter())."""
     domains = sorted({domain for file in files for domain in file.ranges})
     if len(domains) > MAX_DOMAINS:

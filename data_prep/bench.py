@@ -6,10 +6,13 @@ topics as JSONL, made in a temporary directory) and one tokenizer trained on it:
 * the limit: SentencePiece's own batch encoding of the documents, already decoded in memory,
   with as many threads as workers (no reading, parsing or writing);
 * `data_prep tokenize` end to end (reading, parsing, encoding, writing the dataset);
-* a Megatron-LM `tools/preprocess_data.py`-style pipeline (see `megatron_lm_style_preprocess`).
+* a Megatron-LM `tools/preprocess_data.py`-style pipeline (see `megatron_lm_style_preprocess`);
+* the same limit and `data_prep tokenize` with a GPT-2-style byte-level BPE `tokenizer.json` of
+  the same vocabulary size, trained with Hugging Face `tokenizers` on the same sample size.
 
 Each is run `--repeats` times and the best time kept (other work on the machine only ever
-slows a run down). The two datasets must be byte-identical; the exit status says whether.
+slows a run down). The SentencePiece datasets must be byte-identical, and the tokenizer.json
+dataset's tokens those of its limit; the exit status says whether.
 
 Then the scale-out: the corpus cut into 8 files, tokenized as 1 shard and as `--shards` shard
 processes at once (1 worker each), merged, and compared with one unsharded run; and the merge
@@ -23,11 +26,13 @@ import filecmp
 import json
 import multiprocessing
 import os
+import random
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -38,7 +43,7 @@ from .indexed import IndexedDatasetWriter
 from .outputs import OutputSet
 from .shards import Shard, merge
 from .tokenize_corpus import TokenizeJob, default_workers, tokenize
-from .tokenizer import train_tokenizer
+from .tokenizer import TOKENIZER_CONFIG, load_tokenizer, train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         "--shards", type=int, default=2, metavar="N", help="shard processes run at once, beside 1 (default: 2)"
     )
     args = parser.parse_args(argv)
-
-    from megatron.core.datasets.indexed_dataset import IndexedDataset  # slow import, outside timing
+    # The tokenizer.json limit runs on as many threads as workers; set before the library's first
+    # use. Set explicitly, so the workers forked after it start without the library's warning.
+    os.environ.update(RAYON_NUM_THREADS=str(args.workers), TOKENIZERS_PARALLELISM="true")
+    IndexedDataset = megatron_indexed_dataset().IndexedDataset  # slow import, outside timing
 
     with tempfile.TemporaryDirectory(prefix="data_prep_bench_") as tmp:
         corpus = os.path.join(tmp, "corpus.jsonl")
@@ -75,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(corpus, encoding="utf-8") as lines:
             texts = [json.loads(line)["text"] for line in lines]
         processor = spm.SentencePieceProcessor(model_file=model)
+        sample = random.Random(0).sample(texts, min(2000, len(texts)))
+        hf_model = train_gpt2_style_tokenizer(sample, args.vocab_size, os.path.join(tmp, "hf"))
+        hf_tokenizer = load_tokenizer(hf_model)
+        hf_raw_ids: list[np.ndarray] = []
 
         def raw_encode() -> int:
             encoded = processor.encode(texts, add_eos=True, return_type="numpy", num_threads=args.workers)
@@ -87,10 +98,26 @@ def main(argv: list[str] | None = None) -> int:
         def baseline() -> int:
             return megatron_lm_style_preprocess(corpus, model, os.path.join(tmp, "megatron"), args.workers)
 
-        timings = {name: [] for name in ("raw", "data_prep", "baseline")}
+        def hf_raw_encode() -> int:
+            encodings = hf_tokenizer.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+            hf_raw_ids[:] = [np.array(encoding.ids + [hf_tokenizer.eos_id], np.uint16) for encoding in encodings]
+            return sum(map(len, hf_raw_ids))
+
+        def hf_data_prep() -> int:
+            job = TokenizeJob([corpus], os.path.join(tmp, "hf_data_prep"), hf_model, workers=args.workers, force=True)
+            return tokenize(job)[0]["tokens"]
+
+        pipelines = {
+            "raw": raw_encode,
+            "data_prep": data_prep,
+            "baseline": baseline,
+            "hf_raw": hf_raw_encode,
+            "hf_data_prep": hf_data_prep,
+        }
+        timings = {name: [] for name in pipelines}
         tokens = {}
         for _ in range(args.repeats):
-            for name, run in (("raw", raw_encode), ("data_prep", data_prep), ("baseline", baseline)):
+            for name, run in pipelines.items():
                 started = time.perf_counter()
                 tokens[name] = run()
                 timings[name].append(time.perf_counter() - started)
@@ -102,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for suffix in (".bin", ".idx")
             )
-            and len(set(tokens.values())) == 1
+            and tokens["raw"] == tokens["data_prep"] == tokens["baseline"]
         )
-        readable = len(IndexedDataset(os.path.join(tmp, "data_prep"))) == documents
+        hf_identical = np.array_equal(
+            np.fromfile(os.path.join(tmp, "hf_data_prep.bin"), np.uint16), np.concatenate(hf_raw_ids)
+        )
+        readable = all(len(IndexedDataset(os.path.join(tmp, n))) == documents for n in ("data_prep", "hf_data_prep"))
         sharded = shard_scaling(corpus, model, tmp, args.shards, args.workers)
         merge_documents = 10**7
         write_synthetic_shards(os.path.join(tmp, "synthetic"), 4, merge_documents)
@@ -116,23 +146,28 @@ def main(argv: list[str] | None = None) -> int:
     speed = {name: tokens[name] / best[name] for name in best}
     cpus = default_workers()
     print(
-        f"corpus: {args.size_mb:g} MB of text as JSONL, {documents:,} documents, {tokens['raw']:,} tokens; "
-        f"{args.model_type} tokenizer with {args.vocab_size:,} pieces; {args.workers} workers on "
-        f"{cpus} usable CPUs; best of {args.repeats}\n"
+        f"corpus: {args.size_mb:g} MB of text as JSONL, {documents:,} documents, {tokens['raw']:,} tokens "
+        f"({tokens['hf_raw']:,} with the tokenizer.json); SentencePiece {args.model_type} and byte-level BPE "
+        f"tokenizer.json, {args.vocab_size:,} tokens each; {args.workers} workers on {cpus} usable CPUs; "
+        f"best of {args.repeats}\n"
     )
     rows = [
-        (f"SentencePiece batch encode, {args.workers} threads (limit)", "raw"),
-        (f"data_prep tokenize, {args.workers} workers", "data_prep"),
-        (f"Megatron-LM preprocess_data-style, {args.workers} workers", "baseline"),
+        (f"SentencePiece batch encode, {args.workers} threads (limit)", "raw", "raw"),
+        (f"data_prep tokenize, {args.workers} workers", "data_prep", "raw"),
+        (f"Megatron-LM preprocess_data-style, {args.workers} workers", "baseline", "raw"),
+        (f"tokenizer.json batch encode, {args.workers} threads (limit)", "hf_raw", "hf_raw"),
+        (f"data_prep tokenize, tokenizer.json, {args.workers} workers", "hf_data_prep", "hf_raw"),
     ]
     print(f"| {'pipeline':<52} | {'seconds':>7} | {'tokens/s':>10} | {'of limit':>8} |")
     print(f"|{'-' * 54}|{'-' * 8}:|{'-' * 11}:|{'-' * 9}:|")
-    for label, name in rows:
-        print(f"| {label:<52} | {best[name]:>7.2f} | {speed[name]:>10,.0f} | {speed[name] / speed['raw']:>8.0%} |")
+    for label, name, limit in rows:
+        print(f"| {label:<52} | {best[name]:>7.2f} | {speed[name]:>10,.0f} | {speed[name] / speed[limit]:>8.0%} |")
     print(
-        f"\ndata_prep / limit: {speed['data_prep'] / speed['raw']:.0%}; "
+        f"\ndata_prep / limit: {speed['data_prep'] / speed['raw']:.0%} (tokenizer.json: "
+        f"{speed['hf_data_prep'] / speed['hf_raw']:.0%}); "
         f"speed-up over the Megatron-LM-style baseline: {speed['data_prep'] / speed['baseline']:.2f}x; "
-        f"identical tokens: {'yes' if identical else 'NO'}; readable by IndexedDataset: {'yes' if readable else 'NO'}"
+        f"identical tokens: {'yes' if identical and hf_identical else 'NO'}; "
+        f"readable by IndexedDataset: {'yes' if readable else 'NO'}"
     )
     one = sharded["runs"][1]
     print(
@@ -149,7 +184,40 @@ def main(argv: list[str] | None = None) -> int:
         f"{'yes' if sharded['identical'] else 'NO'}\n"
         f"merge of {merge_documents:,} documents in 4 shards: {merge_seconds:.1f} s, peak memory {merge_rss:.0f} MB"
     )
-    return 0 if identical and readable and sharded["identical"] else 1
+    return 0 if identical and hf_identical and readable and sharded["identical"] else 1
+
+
+def megatron_indexed_dataset():
+    """Megatron-Core's indexed_dataset module, without the warnings its import raises that
+    Transformer Engine and Apex are absent: true on a CPU machine, and nothing this module
+    (files only) uses. data_prep imports nothing from launch, so it filters them here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Transformer Engine and Apex are not installed", UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def train_gpt2_style_tokenizer(texts: list[str], vocab_size: int, directory: str) -> str:
+    """A GPT-2-style tokenizer.json (byte-level BPE, GPT-2's pre-tokenizer, <|endoftext|>) trained
+    on `texts`, with a tokenizer_config.json naming its EOS, in `directory`; returns its path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tokenizer.json")
+    tokenizer.save(path)
+    with open(os.path.join(directory, TOKENIZER_CONFIG), "w") as config:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}, config)
+    return path
 
 
 SHARD_FILES = 8
@@ -271,15 +339,17 @@ def megatron_lm_style_preprocess(input_path: str, model_path: str, output_prefix
     per-document encode in each worker, and `IndexedDatasetBuilder.add_item` + `end_document`
     per document in the parent. Returns the number of tokens written."""
     import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    indexed_dataset = megatron_indexed_dataset()
     vocab_size = spm.SentencePieceProcessor(model_file=model_path).vocab_size()
     encoder = _MegatronStyleEncoder(model_path, "text")
     tokens = 0
     with open(input_path, encoding="utf-8") as lines:
         pool = multiprocessing.Pool(workers, initializer=encoder.initializer)
         encoded_docs = pool.imap(encoder.encode, lines, 25)
-        builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=DType.optimal_dtype(vocab_size))
+        builder = indexed_dataset.IndexedDatasetBuilder(
+            output_prefix + ".bin", dtype=indexed_dataset.DType.optimal_dtype(vocab_size)
+        )
         for ids, _ in encoded_docs:
             builder.add_item(torch.IntTensor(ids))
             builder.end_document()
@@ -300,7 +370,7 @@ def write_synthetic_shards(output_prefix: str, shards: int, documents: int, seed
     inputs = [[f"/synthetic/{k}.jsonl", documents // shards, 0] for k in range(shards)]
     run = {"inputs": inputs, "tokenizer_sha256": "0" * 64, "json_key": "text", "domain_key": None, "on_error": "fail"}
     header = {"tokenizer_model": "synthetic.model", "tokenizer_path": "/synthetic.model", "vocab_size": 400}
-    header |= {"eos_id": 2, "dtype": "uint16"}
+    header |= {"eos_token": None, "eos_id": 2, "dtype": "uint16"}
     for index in range(shards):
         shard = Shard(index, shards)
         outputs = OutputSet(shard.prefix(output_prefix))

@@ -40,7 +40,8 @@ TOKENIZE_EPILOG = """\
 Inputs are .jsonl or .txt files, each optionally compressed (.gz, .zst), directories (searched
 recursively) or glob patterns (quote them). A JSONL line is a document with its text under
 --json-key; in .txt files each line is a document. Every document becomes one sequence ending
-with the tokenizer's EOS id.
+with the tokenizer's EOS id. --tokenizer-model takes a SentencePiece .model or a Hugging Face
+tokenizer.json, whose EOS is --eos-token or else the eos_token of the tokenizer_config.json beside it.
 
 Bad lines (malformed JSON, missing or non-string key, invalid UTF-8, empty document):
   --on-error fail   stop at the first one, print file:line and the reason, exit 1, write nothing
@@ -176,7 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="writes P.bin, P.idx, P.stats.json (with --domain-key: P_<domain>.bin/.idx "
         "and P.blend.json instead of P.bin/.idx)",
     )
-    tok.add_argument("--tokenizer-model", required=True, metavar="M", help="SentencePiece .model file")
+    tok.add_argument(
+        "--tokenizer-model", required=True, metavar="M", help="SentencePiece .model or Hugging Face tokenizer.json"
+    )
+    tok.add_argument(
+        "--eos-token",
+        metavar="TOKEN",
+        help="for a tokenizer.json: the token that ends each document "
+        "(default: eos_token of the tokenizer_config.json beside it)",
+    )
     tok.add_argument(
         "--json-key",
         default="text",
@@ -237,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("prefix", metavar="P", help="dataset prefix given to tokenize --output-prefix")
     show.add_argument(
-        "--tokenizer-model", metavar="M", help="model to decode with (default: the one recorded in P.stats.json)"
+        "--tokenizer-model",
+        metavar="M",
+        help="SentencePiece .model or tokenizer.json to decode with (default: the one recorded in P.stats.json)",
     )
     show.add_argument("--samples", type=int, default=1, metavar="N", help="documents to decode (default: 1)")
     show.add_argument(
@@ -274,6 +285,7 @@ def _tokenize(args: argparse.Namespace) -> int:
         inputs=args.input,
         output_prefix=args.output_prefix,
         tokenizer_model=args.tokenizer_model,
+        eos_token=args.eos_token,
         json_key=args.json_key,
         domain_key=args.domain_key,
         on_error=args.on_error,

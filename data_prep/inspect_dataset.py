@@ -52,9 +52,11 @@ def inspect_dataset(
     # The path as given to tokenize may be relative to another working directory.
     candidates = [tokenizer_model] if tokenizer_model else [stats.get("tokenizer_model"), stats.get("tokenizer_path")]
     model_path = next((path for path in candidates if path and os.path.exists(path)), candidates[0])
-    processor = load_tokenizer(model_path) if model_path and os.path.exists(model_path) else None
-    if processor is not None:
-        eos = processor.eos_id()
+    eos_token = None if tokenizer_model else stats.get("eos_token")  # the run's --eos-token, with its tokenizer
+    found = model_path and os.path.exists(model_path)
+    tokenizer = load_tokenizer(model_path, eos_token) if found else None
+    if tokenizer is not None:
+        eos = tokenizer.eos_id
         without_eos = sum(int(np.count_nonzero(d.tokens[d.ends] != eos)) for d in datasets.values())
         lines.append(_row("ends in EOS", f"{len(lengths) - without_eos:,} of {len(lengths):,} documents (id {eos})"))
     if _is_split(prefix):
@@ -68,8 +70,8 @@ def inspect_dataset(
         total = sum(counts.values())
         detail = ", ".join(f"{n:,} {KIND_LABELS[kind]}" for kind, n in counts.items() if n)
         lines.append(_row("skipped", f"{total:,} input lines: {detail}" if total else "no input lines"))
-    lines += _samples(datasets, processor, samples, max_chars, random.Random(seed))
-    if processor is None:
+    lines += _samples(datasets, tokenizer, samples, max_chars, random.Random(seed))
+    if tokenizer is None:
         lines.append(f"(token ids shown: tokenizer {model_path!r} not found; pass --tokenizer-model)")
     return "\n".join(lines)
 
@@ -87,13 +89,13 @@ def _open_all(prefix: str) -> dict[str, IndexedDatasetView]:
     raise DataPrepError(f"no dataset at {prefix!r}: expected {prefix}.bin and {prefix}.idx, or {prefix}.blend.json")
 
 
-def _samples(datasets, processor, count: int, max_chars: int, rng: random.Random) -> list[str]:
+def _samples(datasets, tokenizer, count: int, max_chars: int, rng: random.Random) -> list[str]:
     lines: list[str] = []
     for _ in range(count):
         domain = rng.choice(list(datasets))
         index = rng.randrange(len(datasets[domain]))
         ids = datasets[domain].document(index).tolist()
-        text = processor.decode(ids) if processor is not None else " ".join(map(str, ids))
+        text = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
         shown = text if len(text) <= max_chars else text[:max_chars] + f" … [{len(text) - max_chars:,} more characters]"
         where = f"document {index:,}" + (f" of {domain!r}" if domain else "")
         lines.append(_row("sample", f"{where} ({len(ids):,} tokens):"))

@@ -95,7 +95,10 @@ def merge(output_prefix: str, force: bool = False) -> tuple[dict, bool]:
         if previous is not None and previous["run"] == run:
             return previous, False
         try:
-            header = {key: first[key] for key in ("tokenizer_model", "tokenizer_path", "vocab_size", "eos_id", "dtype")}
+            header = {
+                key: first[key]
+                for key in ("tokenizer_model", "tokenizer_path", "eos_token", "vocab_size", "eos_id", "dtype")
+            }
             files = [located[tuple(identity)] for identity in run["inputs"]]
             extra = {"merged_shards": len(shards)}
             stats = write_outputs(outputs, run, header, files, run["domain_key"] is not None, extra, started)

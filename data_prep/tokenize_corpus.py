@@ -1,7 +1,7 @@
 """`tokenize`: corpora -> Megatron indexed datasets (one per domain), fast and in input order.
 
 The parent process only reads chunks of whole lines and writes results. Workers parse and
-check the lines, batch-encode the chunk's documents with SentencePiece (EOS appended) and
+check the lines, batch-encode the chunk's documents (SentencePiece or tokenizers, EOS appended) and
 return numpy arrays. Results are consumed in submission order with a bounded number of chunks
 in flight, so the output is the same for any worker count and memory stays flat.
 
@@ -13,7 +13,6 @@ redoes only the files not finished, a file that fails does not stop the others, 
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
 import signal
@@ -23,19 +22,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
 
 from .assemble import MAX_DOMAINS, SETTINGS, FileOutput, NoDocumentsError, file_record, finished_files, write_outputs
 from .errors import DataPrepError
-from .files import file_sha256
 from .indexed import IndexedDatasetWriter, token_dtype
 from .lock import output_lock
 from .outputs import FileParts, OutputSet
 from .progress import progress
 from .readers import BadLine, Chunk, expand_inputs, is_plain_text, parse_chunk, read_chunks
 from .shards import Shard, assign_files
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 from .workers import OrderedPool
 
 # fork where there is one: workers start in milliseconds, and callers of main() need no
@@ -52,6 +48,7 @@ class TokenizeJob:
     inputs: list[str]
     output_prefix: str
     tokenizer_model: str
+    eos_token: str | None = None  # for a tokenizer.json; None: its tokenizer_config.json's
     json_key: str = "text"
     domain_key: str | None = None
     on_error: str = "fail"
@@ -68,10 +65,10 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
             f"--domain-key reads a JSON field, but {plain[0]!r} is plain text; "
             "leave out --domain-key or give JSONL inputs"
         )
-    processor = load_tokenizer(job.tokenizer_model)
-    dtype = token_dtype(processor.vocab_size())
+    tokenizer = load_tokenizer(job.tokenizer_model, job.eos_token)
+    dtype = token_dtype(tokenizer.vocab_size)
     identities = [file_identity(path) for path in paths]
-    run = _fingerprint(job, identities)
+    run = _fingerprint(job, identities, tokenizer)
     mine, prefix = list(range(len(paths))), job.output_prefix
     if job.shard is not None:
         mine = assign_files([size for _, size, _ in identities], job.shard.count)[job.shard.index]
@@ -97,8 +94,9 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
             header = {
                 "tokenizer_model": job.tokenizer_model,
                 "tokenizer_path": os.path.abspath(job.tokenizer_model),
-                "vocab_size": processor.vocab_size(),
-                "eos_id": processor.eos_id(),
+                "eos_token": job.eos_token,
+                "vocab_size": tokenizer.vocab_size,
+                "eos_id": tokenizer.eos_id,
                 "dtype": dtype.name,
             }
             tokenized = sum(done[i].record["tokens"] for i in todo)
@@ -121,12 +119,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
 
 # ---------------------------------------------------------------- workers
 
-_processor: spm.SentencePieceProcessor | None = None
-# SentencePiece needs about 35 bytes per character of the text it encodes at once (1.8 GB for
-# a 50 MB document), so documents longer than LONG_CHARS are encoded in pieces of at most
-# PIECE_CHARS characters (small pieces are also faster: 64 K encode 1.6x faster than 1 M).
-LONG_CHARS = 1 << 20
-PIECE_CHARS = 1 << 16
+_tokenizer: Tokenizer | None = None  # the worker's
 
 
 @dataclass
@@ -137,25 +130,21 @@ class EncodedChunk:
     documents: dict[str, tuple[np.ndarray, np.ndarray]]  # domain -> (tokens, document lengths)
 
 
-def _start_worker(model_path: str) -> None:
+def _start_worker(model_path: str, eos_token: str | None) -> None:
     """Workers ignore Ctrl-C: the parent stops them and removes the partial output."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    global _processor
-    _processor = spm.SentencePieceProcessor(model_file=model_path)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread each: the workers are the parallelism
+    global _tokenizer
+    _tokenizer = load_tokenizer(model_path, eos_token)
 
 
 def encode_chunk(
     chunk: Chunk, json_key: str, domain_key: str | None, stop_at_first_bad: bool, dtype: np.dtype
 ) -> EncodedChunk:
     parsed = parse_chunk(chunk, json_key, domain_key, stop_at_first_bad)
-    # One batch call for the chunk's ordinary documents: no Python call per document, and ids
-    # come back as int32 buffers instead of lists of Python ints.
-    short = [text for text in parsed.texts if len(text) <= LONG_CHARS]
-    encoded = iter(_processor.encode(short, add_eos=True, return_type="numpy", num_threads=1))
     by_domain: dict[str, list[np.ndarray]] = defaultdict(list)  # id arrays, a document's in order
     lengths: dict[str, list[int]] = defaultdict(list)
-    for domain, text in zip(parsed.domains, parsed.texts):
-        ids = [next(encoded)] if len(text) <= LONG_CHARS else _encode_long(text, dtype)
+    for domain, ids in zip(parsed.domains, _tokenizer.encode_documents(parsed.texts, dtype)):
         by_domain[domain] += ids
         lengths[domain].append(sum(map(len, ids)))
     documents = {
@@ -166,53 +155,6 @@ def encode_chunk(
         for domain, arrays in by_domain.items()
     }
     return EncodedChunk(parsed.lines, parsed.skipped, parsed.first_bad, documents)
-
-
-def _encode_long(text: str, dtype: np.dtype) -> list[np.ndarray]:
-    """The ids of a long document, encoded piece by piece in bounded memory.
-
-    A piece ends before a space that follows a non-space character; the next piece starts with
-    that space and is encoded without the dummy prefix, so each piece is normalized to exactly
-    its part of the whole document's normalized text. The ids are then those of the whole
-    document wherever no vocabulary piece holds a non-space character followed by "▁", as with
-    SentencePiece's training defaults (split_by_whitespace=true, treat_whitespace_as_suffix=false)
-    that train-tokenizer uses: BPE never merges across such a cut. A unigram model's best
-    segmentation is cut there too, but its Viterbi search sums float scores over the text it is
-    given, so where two segmentations score (nearly) alike, pieces and the whole document can
-    choose differently (e.g. 12+8 vs 8+12 spaces): other tokens, the same text.
-    Where PIECE_CHARS characters hold no such space, the piece is cut at its end: the tokens
-    next to that cut can differ from whole-document encoding (nothing is merged across it),
-    though they still decode to the same text with a model that keeps whitespace.
-    """
-    arrays = []
-    processor, start = _processor, 0
-    while start < len(text):
-        end = _piece_end(text, start)
-        ids = processor.encode(text[start:end], add_eos=end == len(text), return_type="numpy")
-        arrays.append(ids.astype(dtype, casting="unsafe"))  # halves what waits for the next pieces
-        processor, start = _continuation_processor(), end
-    return arrays
-
-
-def _piece_end(text: str, start: int) -> int:
-    end = start + PIECE_CHARS
-    if end >= len(text):
-        return len(text)
-    cut = text.rfind(" ", start + 1, end)
-    while cut > start and text[cut - 1].isspace():
-        cut = text.rfind(" ", start + 1, cut)
-    return cut if cut > start else end
-
-
-@functools.cache
-def _continuation_processor() -> spm.SentencePieceProcessor:
-    """The worker's model without the dummy prefix ("▁" put before the text), for pieces after
-    the first. A model that removes extra whitespace strips the space a piece starts with, so
-    there the dummy prefix stays: it puts back the "▁" that the whole document has there (and
-    adds one at a cut that is not before a space)."""
-    model = sentencepiece_model_pb2.ModelProto.FromString(_processor.serialized_model_proto())
-    model.normalizer_spec.add_dummy_prefix = model.normalizer_spec.remove_extra_whitespaces
-    return spm.SentencePieceProcessor(model_proto=model.SerializeToString())
 
 
 # ---------------------------------------------------------------- parent
@@ -231,7 +173,7 @@ def _encode_files(parts: FileParts, job: TokenizeJob, files: list[tuple[str, lis
     current: _PartWriter | None = None
     documents = tokens = 0
     with (
-        OrderedPool(context, job.workers, _start_worker, (job.tokenizer_model,)) as pool,
+        OrderedPool(context, job.workers, _start_worker, (job.tokenizer_model, job.eos_token)) as pool,
         progress(total_bytes, "tokenizing") as bar,
     ):
         tasks = _tasks(files, failures, job, dtype)
@@ -365,11 +307,11 @@ def file_identity(path: str) -> list:
     return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
 
 
-def _fingerprint(job: TokenizeJob, identities: list[list]) -> dict:
+def _fingerprint(job: TokenizeJob, identities: list[list], tokenizer: Tokenizer) -> dict:
     """Everything the output depends on: a rerun with the same fingerprint has nothing to do."""
     return {
         "inputs": identities,
-        "tokenizer_sha256": file_sha256(job.tokenizer_model),
+        "tokenizer_sha256": tokenizer.sha256,
         "json_key": job.json_key,
         "domain_key": job.domain_key,
         "on_error": job.on_error,

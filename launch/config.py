@@ -147,7 +147,10 @@ class DataConfig:
     # with `blend`, a list with `prefixes`. null = the blend's weights / token shares.
     weights: dict[str, float] | list[float] | None = None
     valid_blend: str | None = None  # held-out blend for per-domain validation
-    tokenizer_model: str | None = None  # SentencePiece model
+    tokenizer_model: str | None = None  # SentencePiece .model or Hugging Face tokenizer.json
+    # A tokenizer.json's end-of-document token, as given to data_prep --eos-token; null = the
+    # eos_token of the tokenizer_config.json beside it.
+    eos_token: str | None = None
     # train,valid,test shares of every training dataset's documents, used only when valid_blend
     # is null. Megatron normalises all three, so the test share holds documents back from both
     # training and validation; no test set is built from them.
@@ -740,7 +743,7 @@ def _data_problems(data: DataConfig) -> list[str]:
                 " is null: set data.split='99,1,0' or data.valid_blend to a held-out blend"
             )
     if data.tokenizer_model is None:
-        problems.append("data.tokenizer_model is null: give the SentencePiece model the data was tokenized with")
+        problems.append("data.tokenizer_model is null: give the tokenizer the data was tokenized with (.model, .json)")
     return problems
 
 

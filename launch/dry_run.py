@@ -214,7 +214,10 @@ def _unused_rows(cfg: Config, vocab: int) -> str:
     tokenizer = cfg.data.tokenizer_model
     if cfg.model.vocab_size is None or tokenizer is None or not Path(tokenizer).is_file():
         return ""
-    used = sources.Tokenizer.from_model(tokenizer).vocab_size
+    try:
+        used = sources.Tokenizer.of(cfg).vocab_size
+    except ConfigError:  # a tokenizer without EOS: the data check below names it
+        return ""
     if vocab - used < cfg.model.make_vocab_size_divisible_by:
         return ""
     return (

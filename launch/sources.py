@@ -7,7 +7,7 @@ read with `data_prep.blend`, the module that writes them.
     check_files(cfg)                     # refuses missing or mismatched files, naming each
     sources = DataSources.open(cfg)      # once they are checked (the entry points do, first)
     sources.train, sources.valid         # Blend: prefixes, normalised weights, domain names
-    sources.tokenizer                    # special tokens and vocabulary size
+    sources.tokenizer                    # EOD, vocabulary size, decoding (SentencePiece or tokenizer.json)
     sources.padded_vocab_size            # the model's embedding rows
 """
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from data_prep import tokenizer as data_prep_tokenizer
 from data_prep.blend import BlendFile, BlendFileError, read_blend_file
 from data_prep.errors import DataPrepError
 from data_prep.files import file_sha256
@@ -36,24 +37,49 @@ class Blend(NamedTuple):
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """What Megatron's GPTDataset and the model ask of a tokenizer: EOD, pad, vocabulary size."""
+    """What Megatron's GPTDataset, the model and the reports ask of a tokenizer: EOD, pad,
+    vocabulary size, decoding. Plain values, so Megatron may copy the dataset config; the
+    SentencePiece model or tokenizer.json is read through `data_prep.tokenizer`."""
 
     eod: int
     pad: int
     vocab_size: int
+    model_file: str
+    eos_token: str | None = None  # data.eos_token, for a tokenizer.json
+
+    @classmethod
+    def of(cls, cfg: Config) -> Tokenizer:
+        """The run's tokenizer, data.tokenizer_model (ConfigError if it cannot end documents)."""
+        return cls.from_model(cfg.data.tokenizer_model, cfg.data.eos_token)
 
     @classmethod
     @functools.cache  # one read of a model file per process
-    def from_model(cls, model_file: str) -> Tokenizer:
-        import sentencepiece
+    def from_model(cls, model_file: str, eos_token: str | None = None) -> Tokenizer:
+        loaded = _load_tokenizer(model_file, eos_token)
+        # No pad id: Megatron masks the loss wherever the labels equal it, so a real id would
+        # mask that token everywhere; it pads its last sample with -1, which it masks itself.
+        return cls(eod=loaded.eos_id, pad=-1, vocab_size=loaded.vocab_size, model_file=model_file, eos_token=eos_token)
 
-        sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        return cls(eod=sp.eos_id(), pad=sp.pad_id(), vocab_size=sp.vocab_size())
+    @property
+    def sha256(self) -> str:
+        """What data_prep records in a blend: the hash of all the token ids depend on."""
+        return _load_tokenizer(self.model_file, self.eos_token).sha256
+
+    def decode(self, ids: list[int]) -> str:
+        return _load_tokenizer(self.model_file, self.eos_token).decode(ids)
 
     @property
     def unique_identifiers(self) -> dict:
         """Part of the key of Megatron's cached sample indices."""
         return {"class": "SentencePieceSpecialTokens", "eod": self.eod, "pad": self.pad, "vocab_size": self.vocab_size}
+
+
+@functools.cache
+def _load_tokenizer(model_file: str, eos_token: str | None) -> data_prep_tokenizer.Tokenizer:
+    try:
+        return data_prep_tokenizer.load_tokenizer(model_file, eos_token)
+    except DataPrepError as error:
+        raise ConfigError(f"data.tokenizer_model: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -67,7 +93,7 @@ class DataSources:
     def open(cls, cfg: Config) -> DataSources:
         """The sources of files `check_files` accepted: launch.pretrain checks them once per
         start, before any process group, so they are not checked again here."""
-        tokenizer = Tokenizer.from_model(cfg.data.tokenizer_model)
+        tokenizer = Tokenizer.of(cfg)
         return cls(
             train=train_blend(cfg),
             valid=valid_blend(cfg),
@@ -151,7 +177,7 @@ def vocab_size(cfg: Config) -> int:
             f"model.vocab_size is null and the tokenizer {cfg.data.tokenizer_model} is not"
             " there to read it from: set data.tokenizer_model or model.vocab_size"
         )
-    return Tokenizer.from_model(cfg.data.tokenizer_model).vocab_size
+    return Tokenizer.of(cfg).vocab_size
 
 
 def padded_vocab_size(cfg: Config, vocab: int) -> int:
@@ -194,26 +220,30 @@ def file_problems(cfg: Config) -> list[str]:
             " `python -m data_prep train-tokenizer` or fix the path"
         )
     elif data.tokenizer_model is not None:
-        tokenizer_vocab = Tokenizer.from_model(data.tokenizer_model).vocab_size
-        if cfg.model.vocab_size is not None and tokenizer_vocab > cfg.model.vocab_size:
+        try:
+            tokenizer = Tokenizer.of(cfg)
+        except ConfigError as error:
+            return [*problems, str(error)]
+        if cfg.model.vocab_size is not None and tokenizer.vocab_size > cfg.model.vocab_size:
             problems.append(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's"
-                f" {tokenizer_vocab} tokens: set model.vocab_size=null to use the tokenizer's"
+                f" {tokenizer.vocab_size} tokens: set model.vocab_size=null to use the tokenizer's"
             )
-        problems += [_tokenizer_mismatch(name, blend, data.tokenizer_model) for name, blend in blends]
+        problems += [_tokenizer_mismatch(name, blend, tokenizer) for name, blend in blends]
     return [problem for problem in problems if problem]
 
 
-def _tokenizer_mismatch(name: str, blend: BlendFile, tokenizer_model: str) -> str:
-    """A message when the blend's tokens came from another tokenizer than the configured one."""
+def _tokenizer_mismatch(name: str, blend: BlendFile, tokenizer: Tokenizer) -> str:
+    """A message when the blend's tokens came from another tokenizer (or EOS) than the configured one."""
     recorded = blend.tokenizer_sha256
     if recorded is None and blend.tokenizer_model and Path(blend.tokenizer_model).is_file():
         recorded = file_sha256(blend.tokenizer_model)  # an older blend file: compare the files
-    if recorded is None or recorded == file_sha256(tokenizer_model):
+    if recorded is None or recorded == tokenizer.sha256:
         return ""
     return (
         f"{name} {blend.path} was tokenized with {blend.tokenizer_model}, whose content differs"
-        f" from data.tokenizer_model {tokenizer_model}: the token ids would mean other words;"
+        f" from data.tokenizer_model {tokenizer.model_file} (the file, or a tokenizer.json's EOS):"
+        " the token ids would mean other words;"
         f" set data.tokenizer_model to the blend's tokenizer or re-run `python -m data_prep tokenize`"
     )
 

@@ -9,8 +9,10 @@ representing it exactly. The
 checkpoint is loaded with TP=PP=CP=1 in this one process (dist_checkpointing reshards
 whatever layout it was saved under), model weights only. The vocabulary keeps Megatron's
 padding, so the exported softmax is the trained one: logits and losses equal the run's.
-The SentencePiece model is copied and converted to a `tokenizer.json` that encodes exactly
-as SentencePiece does. Everything is written to `OUT.tmp` and renamed when complete.
+The run's tokenizer goes with it: a SentencePiece model is copied and converted to a
+`tokenizer.json` that encodes exactly as SentencePiece does; a Hugging Face `tokenizer.json` is
+copied with a `tokenizer_config.json` naming the run's EOS. Everything is written to `OUT.tmp`
+and renamed when complete.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -33,6 +36,8 @@ quiet.install()  # before anything imports Megatron-Core, DeepSpeed or transform
 import sentencepiece  # noqa: E402
 import torch  # noqa: E402
 
+from data_prep.errors import DataPrepError  # noqa: E402
+from data_prep.tokenizer import TOKENIZER_CONFIG, HuggingFaceTokenizer, load_tokenizer  # noqa: E402
 from launch.models import FAMILIES  # noqa: E402
 from launch.models.family import ModelFamily  # noqa: E402
 
@@ -57,7 +62,8 @@ class ExportError(Exception):
 
 class LoadedCheckpoint(NamedTuple):
     model: torch.nn.Module  # Megatron-Core GPTModel, fp32, on CPU, in eval mode
-    tokenizer_model: str | None  # the run's SentencePiece model (data.tokenizer_model)
+    tokenizer_model: str | None  # the run's SentencePiece model or tokenizer.json (data.tokenizer_model)
+    eos_token: str | None  # data.eos_token
     step: int
     path: Path
 
@@ -119,7 +125,7 @@ def load_checkpoint(run_dir: Path, step: int | None = None) -> Iterator[LoadedCh
         model = build_model(cfg, padded_vocab_size(cfg, vocab_size(cfg)))
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(steps[chosen]))
         model.load_state_dict(loaded["model"])
-        yield LoadedCheckpoint(model.eval(), cfg.data.tokenizer_model, chosen, steps[chosen])
+        yield LoadedCheckpoint(model.eval(), cfg.data.tokenizer_model, cfg.data.eos_token, chosen, steps[chosen])
     finally:
         destroy_parallel()
 
@@ -223,6 +229,23 @@ def hugging_face_tokenizer(model_file: str, max_length: int):
     )
 
 
+def _write_sentencepiece_tokenizer(converted, model_file: str, folder: Path) -> None:
+    converted.save_pretrained(folder)
+    shutil.copyfile(model_file, folder / "sentencepiece.model")
+
+
+def _copy_hugging_face_tokenizer(tokenizer: HuggingFaceTokenizer, max_length: int, folder: Path) -> None:
+    """The run's tokenizer.json as it is, and its tokenizer_config.json (if it had one) naming the
+    EOS the run ended documents with; special-token text is split as data_prep encoded it."""
+    shutil.copyfile(tokenizer.path, folder / "tokenizer.json")
+    config_path = Path(tokenizer.path).with_name(TOKENIZER_CONFIG)
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.setdefault("model_max_length", max_length)
+    config.update(eos_token=tokenizer.eos_token, split_special_tokens=True, clean_up_tokenization_spaces=False)
+    (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
 def _sentencepiece_trainer_spec(sp):
     from sentencepiece import sentencepiece_model_pb2
 
@@ -242,28 +265,39 @@ def export(
     with load_checkpoint(run_dir, step) as loaded:
         model_file = tokenizer_model or loaded.tokenizer_model
         if model_file is None or not Path(model_file).is_file():
-            raise ExportError(f"the run's tokenizer {model_file} is not there: pass --tokenizer-model PATH.model")
-        sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        if sp.vocab_size() > loaded.model.vocab_size:
             raise ExportError(
-                f"{model_file} has {sp.vocab_size()} pieces, more than the model's {loaded.model.vocab_size}:"
+                f"the run's tokenizer {model_file} is not there: pass --tokenizer-model PATH.model (or tokenizer.json)"
+            )
+        try:
+            run_tokenizer = load_tokenizer(model_file, loaded.eos_token)
+        except DataPrepError as error:
+            raise ExportError(str(error)) from None
+        if run_tokenizer.vocab_size > loaded.model.vocab_size:
+            raise ExportError(
+                f"{model_file} has {run_tokenizer.vocab_size} tokens, more than the model's {loaded.model.vocab_size}:"
                 " it is not the run's tokenizer"
             )
-        hf_model = to_hugging_face(loaded.model, bos_id=_id(sp.bos_id()), eos_id=_id(sp.eos_id()))
-        tokenizer = hugging_face_tokenizer(model_file, loaded.model.max_position_embeddings)
+        max_length = loaded.model.max_position_embeddings
+        if isinstance(run_tokenizer, HuggingFaceTokenizer):
+            bos_id = None  # training adds none
+            write_tokenizer = functools.partial(_copy_hugging_face_tokenizer, run_tokenizer, max_length)
+        else:
+            bos_id = _id(run_tokenizer.processor.bos_id())
+            converted = hugging_face_tokenizer(model_file, max_length)  # refuses a model it cannot convert
+            write_tokenizer = functools.partial(_write_sentencepiece_tokenizer, converted, model_file)
+        hf_model = to_hugging_face(loaded.model, bos_id=bos_id, eos_id=run_tokenizer.eos_id)
         info = {
             "run_dir": str(Path(run_dir).resolve()),
             "step": loaded.step,
             "checkpoint": str(loaded.path.resolve()),
             "architecture": type(hf_model).__name__,
             "vocab_size": loaded.model.vocab_size,  # Megatron's padded size, as trained
-            "tokenizer_vocab_size": sp.vocab_size(),
+            "tokenizer_vocab_size": run_tokenizer.vocab_size,
         }
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.copyfile(model_file, tmp / "sentencepiece.model")
+    write_tokenizer(tmp)
     (tmp / "export_info.json").write_text(json.dumps(info, indent=2))
     _modes_as_the_umask_says(tmp)
     if out.exists():
@@ -299,7 +333,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--out", required=True, type=Path, help="model directory to write (written as OUT.tmp, then renamed)"
     )
-    parser.add_argument("--tokenizer-model", help="SentencePiece model (default: the run's data.tokenizer_model)")
+    parser.add_argument(
+        "--tokenizer-model",
+        help="SentencePiece model or tokenizer.json (default: the run's data.tokenizer_model, with its data.eos_token)",
+    )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     # A CPU job in fp32; hide GPUs before anything initialises CUDA.

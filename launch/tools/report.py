@@ -27,7 +27,7 @@ quiet.install()  # before launch.metrics imports Megatron-Core
 from data_prep.files import replaced_atomically  # noqa: E402
 from launch.config import from_dict  # noqa: E402
 from launch.metrics import METRICS_FILE, MetricsFileError, after_warmup, read_metrics  # noqa: E402
-from launch.sources import train_blend  # noqa: E402
+from launch.sources import Tokenizer, train_blend  # noqa: E402
 from launch.weights_log import WEIGHTS_DIR, read_weights  # noqa: E402
 
 SNIPPET_CHARACTERS = 80
@@ -156,14 +156,13 @@ def _snippet(documents, tokenizer, document: int) -> str:
 def weights_table(run_dir: Path) -> str:
     """Per domain the samples of most and least weight in the run's weights log, each with its
     first document (the one it starts in) read from the domain's dataset and decoded."""
-    import sentencepiece
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     rows = read_weights(run_dir)
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     blend = train_blend(cfg)
     prefixes = dict(zip(blend.domains, blend.prefixes))
-    tokenizer = sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer_model)
+    tokenizer = Tokenizer.of(cfg)
     steps = sorted({r["step"] for r in rows})
     unit = "document segments" if "segment" in rows[0] else "samples"
     lines = [

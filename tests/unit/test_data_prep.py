@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import functools
 import gzip
 import json
 import multiprocessing
@@ -28,7 +27,7 @@ from helpers import REPO
 from data_prep import indexed, tokenize_corpus
 from data_prep.errors import DataPrepError
 from data_prep.readers import Chunk, read_chunks
-from data_prep.tokenizer import train_tokenizer
+from data_prep.tokenizer import SentencePieceTokenizer, train_tokenizer
 from data_prep.workers import OrderedPool
 
 WORDS = (
@@ -233,11 +232,10 @@ def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path, tokenizer
 def test_a_long_document_is_encoded_in_pieces_with_the_tokens_of_the_whole(tokenizer, processor, monkeypatch):
     """Cut points are at spaces after non-space characters (not inside indentation), and the
     ordinary documents around the long one keep their order; small sizes stand in for 1 MB."""
-    monkeypatch.setattr(tokenize_corpus, "_processor", processor)
-    continuation = functools.cache(tokenize_corpus._continuation_processor.__wrapped__)
-    monkeypatch.setattr(tokenize_corpus, "_continuation_processor", continuation)
-    monkeypatch.setattr(tokenize_corpus, "LONG_CHARS", 2000)
-    monkeypatch.setattr(tokenize_corpus, "PIECE_CHARS", 300)
+    model = SentencePieceTokenizer(tokenizer)
+    monkeypatch.setattr(tokenize_corpus, "_tokenizer", model)
+    monkeypatch.setattr(SentencePieceTokenizer, "LONG_CHARS", 2000)
+    monkeypatch.setattr(SentencePieceTokenizer, "PIECE_CHARS", 300)
     long_text = "  ".join(sample_texts(60) * 3)  # code indentation, tabs, CRLF, non-ASCII, "  "
     texts = ["before", long_text, "after"]
     chunk = Chunk("in.jsonl", 1, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
@@ -248,7 +246,7 @@ def test_a_long_document_is_encoded_in_pieces_with_the_tokens_of_the_whole(token
 
     # Without spaces there is no safe cut: pieces end where they must, and the text survives.
     spaceless = "世界,naïve;" * 400
-    tokens = tokenize_corpus._encode_long(spaceless, np.dtype(np.uint16))
+    tokens = model.encode_long(spaceless, np.dtype(np.uint16))
     assert len(tokens) > 1 and processor.decode(np.concatenate(tokens).tolist()[:-1]) == spaceless
 
 

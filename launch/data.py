@@ -83,11 +83,6 @@ def order_fixed_in_advance(dataset) -> bool:
     return getattr(dataset, "order_fixed_in_advance", True)
 
 
-def default_num_workers(gpu: bool | None = None) -> int:
-    """`data.num_workers: null`: 2 on a GPU; none on a CPU, whose cores run the step itself."""
-    return 2 if (on_gpu() if gpu is None else gpu) else 0
-
-
 def micro_batch_indices(cfg: Config, step: int, num_steps: int) -> Iterator[list[int]]:
     """This rank's dataset indices, one list per micro-batch, for `num_steps` global batches
     starting at `step`: the sample order (module docstring), decided on the training thread."""
@@ -158,8 +153,8 @@ class MicroBatchLoader:
 
     def __init__(self, dataset, cfg: Config, num_steps: int):
         self.dataset, self.cfg, self.num_steps = dataset, cfg, num_steps
-        workers = cfg.data.num_workers
-        self.num_workers = default_num_workers() if workers is None else workers
+        workers = cfg.data.num_workers  # null: 2 on a GPU; none on a CPU, whose cores run the step
+        self.num_workers = (2 if on_gpu() else 0) if workers is None else workers
         self.micro_batches_per_step = cfg.train.micro_batches_per_step(ps.get_data_parallel_world_size())
         self._stream: Iterator | None = None
         self._next_step = self._end_step = 0  # the steps [next, end) that the open stream holds

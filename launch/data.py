@@ -10,6 +10,8 @@ contiguous slice.  The data position is therefore just the step number.
 
 from __future__ import annotations
 
+import atexit
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from launch.config import Config
 from launch.sources import Blend, DataSources, Tokenizer
+from launch.stopping import STOP_SIGNALS
 from megatron_patches.device import on_gpu
 from megatron_patches.loss import document_units
 
@@ -139,6 +142,15 @@ def _in_one_storage(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return views
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A stop signal goes to every process of a job (Slurm, `scancel --signal`): a worker reads on
+    until the training process has finished its step and saved, and then closes the loader (or,
+    if it dies, the worker sees that and exits)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 class MicroBatchLoader:
     """This rank's micro-batches of one dataset, step by step, read by `data.num_workers`
     worker processes (torch's DataLoader), each up to `data.prefetch` micro-batches ahead of
@@ -158,6 +170,9 @@ class MicroBatchLoader:
         self.micro_batches_per_step = cfg.train.micro_batches_per_step(ps.get_data_parallel_world_size())
         self._stream: Iterator | None = None
         self._next_step = self._end_step = 0  # the steps [next, end) that the open stream holds
+        # Before multiprocessing's own exit handler, which would wait forever on workers that
+        # ignore its SIGTERM; closing sends them the DataLoader's end of work instead.
+        atexit.register(self.close)
 
     def micro_batches(self, step: int, num_steps: int = 1) -> Iterator[dict[str, torch.Tensor]]:
         """The micro-batches of `num_steps` global batches starting at `step`."""
@@ -165,10 +180,12 @@ class MicroBatchLoader:
             end = self.num_steps if order_fixed_in_advance(self.dataset) else 0
             self._open(step, max(end, step + num_steps))
         self._next_step = step + num_steps
-        for _ in range(num_steps * self.micro_batches_per_step):
-            yield next(self._stream)
-        if self._next_step == self._end_step:
-            self._stream = None  # its workers exit
+        last = num_steps * self.micro_batches_per_step - 1
+        for i in range(last + 1):
+            batch = next(self._stream)
+            if i == last and self._next_step == self._end_step:
+                self._stream = None  # the stream's last micro-batch: its workers exit now
+            yield batch
 
     def _open(self, step: int, end: int) -> None:
         workers = self.num_workers
@@ -185,8 +202,15 @@ class MicroBatchLoader:
             # Its own generator: the DataLoader draws a seed for its workers, which must not
             # advance the global RNG the model's dropout and initialisation draw from.
             generator=torch.Generator(),
+            worker_init_fn=_ignore_stop_signals,
         )
-        self._stream, self._end_step = iter(loader), end
+        # Held back while the workers are forked (a pending stop reaches this process after), so
+        # none can reach a worker before it ignores them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._stream, self._end_step = iter(loader), end
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def close(self) -> None:
         """Stop the workers (a run that ends before its last step leaves them reading ahead)."""

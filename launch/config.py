@@ -63,6 +63,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    tf32: bool = True  # fp32 runs on a GPU multiply in TF32 (torch's "high" matmul precision)
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
 
     def __post_init__(self):
@@ -163,6 +164,11 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
+    # Worker processes per rank that read and collate the micro-batches, each up to `prefetch`
+    # of them ahead of the training thread. null = 2 on a GPU; 0 (on the training thread) on a
+    # CPU, where workers would take cores from the step itself.
+    num_workers: int | None = None
+    prefetch: int = 2
 
 
 @dataclass(frozen=True)
@@ -268,6 +274,8 @@ RESUMABLE_CHANGES = (
     "faults.",
     "deepspeed.config",
     "data.cache_dir",
+    "data.num_workers",
+    "data.prefetch",
     "train.log_interval",
     "train.eval_interval",
     "train.eval_iters",
@@ -707,6 +715,10 @@ def _data_problems(data: DataConfig) -> list[str]:
     if (data.blend is None) == (data.prefixes is None):
         return ["set exactly one of data.blend (a data_prep blend.json) and data.prefixes"]
     problems = []
+    if data.num_workers is not None and data.num_workers < 0:
+        problems.append(f"data.num_workers={data.num_workers} must be >= 0 (0 reads on the training thread), or null")
+    if data.prefetch < 1:
+        problems.append(f"data.prefetch={data.prefetch} must be >= 1 (micro-batches each worker reads ahead)")
     if data.prefixes is not None:
         if not data.prefixes:
             problems.append("data.prefixes is empty: list at least one dataset prefix")

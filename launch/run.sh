@@ -11,6 +11,8 @@
 #   NGPU     processes on this machine; NPROC is the same (default: GPUs found, else 2)
 #   DRY_RUN  1 = validate and report for NGPU processes, start nothing
 #   PYTHON   interpreter                      (default .venv/bin/python if present, else python)
+#   CUDA_DEVICE_MAX_CONNECTIONS               (default 1, set by launch.torchrun: Megatron-Core's
+#            communication/compute overlap needs kernels started in the order they are issued)
 # Other arguments go to `python -m launch.pretrain` unchanged (e.g. --set key=value).
 set -euo pipefail
 cd "$(dirname "$0")/.."

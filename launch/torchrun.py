@@ -13,6 +13,8 @@ otherwise, so this launcher takes every torchrun option and changes three things
   75 with one line.  Any other failure, e.g. the hang watchdog's exit 70 or a crash, is
   restarted by torchrun's `--max-restarts` and the ranks resume from the run directory.
 - After the restarts are spent, it exits with the ranks' own exit code, not 1.
+
+It also sets CUDA_DEVICE_MAX_CONNECTIONS=1 for the workers unless it is set (`main`).
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ class _QuietFinalExits(logging.Filter):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = torchrun.parse_args(argv)
+    # One hardware queue per GPU: kernels start in the order they were issued, so a
+    # communication kernel that Megatron-Core issues ahead of the compute it overlaps is not
+    # held back behind that compute. CUDA reads it when it initialises, i.e. in each worker.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietFinalExits())
     handled = [name.strip() for name in args.signals_to_handle.split(",")]
     stop_names = {s.name for s in STOP_SIGNALS}

@@ -21,17 +21,17 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from launch.checkpoint import Checkpointer, CheckpointError, TrainerState, warn
 from launch.config import Config, ConfigError, experiment_changes, to_dict
 from launch.console import say
-from launch.data import build_train_dataset, build_validation_datasets, micro_batches
+from launch.data import MicroBatchLoader, build_train_dataset, build_validation_datasets
 from launch.dry_run import describe_run
 from launch.engines import engine_class
 from launch.metrics import MetricsLog, StepStatistics, console_line, is_reporter, reduce_to_rank0
-from launch.model import build_model
+from launch.model import build_model, use_bf16
 from launch.sources import DataSources
 from launch.stopping import StopRequests
 from launch.throughput import Throughput
 from launch.watchdog import Watchdog
 from launch.weights_log import weight_rows, write_weights
-from megatron_patches.device import device
+from megatron_patches.device import device, on_gpu
 from megatron_patches.loss import ReweightedLoss
 from megatron_patches.parallel import initialize_parallel
 from megatron_patches.reweighting import ReweightSchedule
@@ -53,6 +53,14 @@ def lr_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
         wd_incr_steps=t.steps,
         wd_incr_style="constant",
     )
+
+
+def use_tf32(cfg: Config, gpu: bool | None = None) -> bool:
+    """TF32 matmuls (fp32's range, a 10-bit mantissa; several times fp32's speed on A100 and
+    later) for fp32 runs on a GPU, unless `model.tf32: false`.  bf16 runs multiply in bf16, and a
+    CPU has no TF32.  `gpu`: None = whether this process has one."""
+    gpu = on_gpu() if gpu is None else gpu
+    return gpu and cfg.model.tf32 and not use_bf16(cfg, gpu)
 
 
 def reweight_schedule(cfg: Config) -> ReweightSchedule:
@@ -89,6 +97,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         p, t = cfg.parallel, cfg.train
         initialize_parallel(p.tp, p.pp, p.cp, seed=t.seed, timeout_minutes=cfg.faults.collective_timeout_minutes)
+        torch.set_float32_matmul_precision("high" if use_tf32(cfg) else "highest")
         self.micro_batches_per_step = t.micro_batches_per_step(ps.get_data_parallel_world_size())
         self.sources = DataSources.open(cfg)
 
@@ -111,6 +120,8 @@ class Trainer:
         self.train_data = build_train_dataset(cfg, self.sources, cache)
         valid_blend = self.sources.valid or self.sources.train
         self.valid_data = build_validation_datasets(cfg, self.sources, valid_blend, cache)
+        self.train_loader = MicroBatchLoader(self.train_data, cfg, t.steps)
+        self.valid_loaders = {d: MicroBatchLoader(data, cfg, t.eval_iters) for d, data in self.valid_data.items()}
 
         self.statistics = StepStatistics(domains, documents=cfg.reweight.unit == "document")
         self.throughput = Throughput(cfg, self.sources.padded_vocab_size, dist.get_world_size())
@@ -151,6 +162,17 @@ class Trainer:
         if dist.get_rank() != 0:
             return
         lines = describe_run(self.cfg, dist.get_world_size())
+        workers = self.train_loader.num_workers
+        reading = (
+            f"{workers} worker processes per rank, each up to {self.cfg.data.prefetch} micro-batches ahead"
+            if workers
+            else "on the training thread"
+        )
+        lines.append(f"data: read {reading}{', into pinned memory' if on_gpu() else ''} (data.num_workers)")
+        if use_tf32(self.cfg):
+            lines.append("TF32 matmuls: on, an fp32 run on a GPU (model.tf32=false turns them off)")
+        else:
+            lines.append(f"TF32 matmuls: off ({'model.tf32=false' if on_gpu() else 'no GPU'})")
         if self.resumed_from is None:
             lines.append(f"starting at step {self.step} of {self.cfg.train.steps}")
         else:
@@ -188,6 +210,7 @@ class Trainer:
             if self.step % self.cfg.checkpoint.interval == 0 or self.step == stop or reason:
                 self._save()
         self.checkpointer.finish_pending()
+        self.train_loader.close()
         watchdog.stop()
         if reason and dist.get_rank() == 0:
             saved = "checkpoint saved" if self.step > first else "nothing trained since the last checkpoint"
@@ -197,7 +220,7 @@ class Trainer:
 
     def train_step(self) -> tuple[list[dict], float]:
         """One optimizer step on the global batch at `self.step`: loss reports and grad norm."""
-        batches = micro_batches(self.train_data, self.cfg, self.step)
+        batches = self.train_loader.micro_batches(self.step)
         reports = self.engine.forward_backward(
             partial(_forward_step, self.loss), batches, self.micro_batches_per_step, forward_only=False
         )
@@ -244,10 +267,10 @@ class Trainer:
         iters = self.cfg.train.eval_iters
         sums = []
         with torch.no_grad():
-            for dataset in self.valid_data.values():
+            for loader in self.valid_loaders.values():
                 reports = self.engine.forward_backward(
                     partial(_forward_step, _token_sum_loss),
-                    micro_batches(dataset, self.cfg, 0, iters),
+                    loader.micro_batches(0, iters),
                     iters * self.micro_batches_per_step,
                     forward_only=True,
                 )

@@ -3,7 +3,7 @@
 Each sample of the global micro-batch holds document segments (one past the bound, one
 fully masked, one crossing every CP chunk boundary); every layout must give the reference's
 per-segment weights, reported losses and full gradients, the reference's segments being found
-by a plain loop over the tokens and weighed in NumPy.  `launch.data.micro_batches` finds the
+by a plain loop over the tokens and weighed in NumPy.  `launch.data.MicroBatchLoader` finds the
 segments on whole rows, before the CP split.
 """
 
@@ -190,7 +190,7 @@ def test_layout_matches_single_process_reference(layout_run, reference, strategy
 
 
 class _Windows:
-    """`document_batch(0)`'s samples as a dataset: what `launch.data.micro_batches` reads."""
+    """`document_batch(0)`'s samples as a dataset: what `launch.data.MicroBatchLoader` reads."""
 
     config = SimpleNamespace(tokenizer=SimpleNamespace(eod=EOD))
 
@@ -209,7 +209,7 @@ def _micro_batches_worker():
     from megatron.core import parallel_state as ps
 
     from launch.config import Config, DataConfig, ModelConfig, TrainConfig
-    from launch.data import micro_batches
+    from launch.data import MicroBatchLoader
     from megatron_patches.attention import cp_token_positions
     from megatron_patches.parallel import destroy_parallel, initialize_parallel
     from megatron_patches.reweighting import ReweightSettings
@@ -218,10 +218,10 @@ def _micro_batches_worker():
     cfg = Config(
         model=ModelConfig(seq_length=SEQ),
         train=TrainConfig(global_batch_size=GLOBAL_MICRO_BATCH, micro_batch_size=GLOBAL_MICRO_BATCH // 2),
-        data=DataConfig(reset_attention_mask=True),
+        data=DataConfig(reset_attention_mask=True, num_workers=2),  # the split in worker processes
         reweight=ReweightSettings(unit="document", max_segments_per_sample=SLOTS),
     )
-    batches = list(micro_batches(_Windows(), cfg, step=0))
+    batches = list(MicroBatchLoader(_Windows(), cfg, num_steps=1).micro_batches(0))
     positions = cp_token_positions(SEQ // 2, ps.get_context_parallel_rank(), 2, "cpu")
     destroy_parallel()
     return positions, batches

@@ -62,12 +62,16 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, 
     assert comparable(tmp_path) == comparable(unbroken)  # nothing lost, bit for bit on CPU
 
 
-@pytest.mark.parametrize("save", ["sync", pytest.param("async", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "save",
+    ["sync", pytest.param("async", marks=pytest.mark.slow), pytest.param("data-workers", marks=pytest.mark.slow)],
+)
 def test_a_signal_to_every_process_after_periodic_checkpoints_saves_and_resumes_exactly(
     tmp_path, demo_dir, unbroken, save
 ):
-    """Megatron's checkpoint helper process gets the signal too; the stop-save must not need it alive."""
-    extra = ("checkpoint.async_save=true",) if save == "async" else ()
+    """Megatron's checkpoint helper process gets the signal too; the stop-save must not need it
+    alive. So do the data workers (data-workers: two per rank), which read on until the save."""
+    extra = {"async": ("checkpoint.async_save=true",), "data-workers": ("data.num_workers=2",)}.get(save, ())
     number, name = (signal.SIGUSR1, "SIGUSR1") if save == "async" else (signal.SIGTERM, "SIGTERM")
     run = start(tmp_path, demo_dir, *LONG, "checkpoint.interval=5", *extra)
     read_until(run, "saved checkpoint")

@@ -82,6 +82,22 @@ def test_peak_memory_is_that_of_the_process_holding_the_model(unbroken):
 
 # The first half of `unbroken` under other layouts.  Reweighting normalises over a global
 # micro-batch (micro-batch x DP): one process takes `unbroken`'s 2 x 2 samples at once.
+def test_worker_processes_read_on_from_a_checkpoint_with_the_same_losses(tmp_path, demo_dir, unbroken):
+    """`unbroken` reads on the training thread (data.num_workers: null on a CPU); two worker
+    processes per rank, resumed from its step 6, train and validate to the same numbers, bit for bit."""
+    result = pretrain(
+        tmp_path, demo_dir, "data.num_workers=2", f"checkpoint.load={unbroken / 'checkpoints' / 'step_00000006'}"
+    )
+    assert "data: read 2 worker processes per rank, each up to 2 micro-batches ahead" in result.stdout
+    step_8 = [r for r in rows(unbroken) if r["step"] == 8]
+    assert [(r["loss"], r["weighted_loss"], r["lr"]) for r in rows(tmp_path)] == [
+        (r["loss"], r["weighted_loss"], r["lr"]) for r in step_8
+    ]
+    assert [r["valid_loss_per_domain"] for r in rows(tmp_path, "valid")] == [
+        r["valid_loss_per_domain"] for r in rows(unbroken, "valid") if r["step"] == 8
+    ]
+
+
 FIRST_HALF = ("train.exit_after=4", "train.micro_batch_size=4")
 
 

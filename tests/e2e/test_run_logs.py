@@ -33,6 +33,8 @@ def test_two_rank_run_prints_a_summary_timestamped_lines_and_no_library_noise(tm
         "memory per GPU: ",
         "reweighting: linupper",
         "data train: ",
+        "data: read on the training thread (data.num_workers)",
+        "TF32 matmuls: off (no GPU)",
         "starting at step 0 of 2",
     ):
         assert expected in summary, expected

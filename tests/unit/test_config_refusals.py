@@ -108,6 +108,13 @@ def test_a_cache_dir_under_a_read_only_directory_is_refused(tmp_path):
     assert f"cannot write in {tmp_path / 'ro'}" in refusal(f"data.cache_dir={tmp_path / 'ro/cache'}")
 
 
+def test_negative_data_workers_or_no_prefetch_are_refused():
+    assert "data.num_workers=-1 must be >= 0 (0 reads on the training thread), or null" in refusal(
+        "data.num_workers=-1"
+    )
+    assert "data.prefetch=0 must be >= 1" in refusal("data.prefetch=0")
+
+
 def test_steps_whose_sample_index_would_not_fit_in_memory_are_refused():
     cfg = demo("train.steps=1e9")  # YAML reads 1e9 as a string: a whole number is taken as an int
     assert cfg.train.steps == 1_000_000_000 and isinstance(cfg.train.steps, int)

@@ -107,6 +107,24 @@ def _instantiate_local_gpu_models(paths) -> list[str]:
     return built
 
 
+@pytest.mark.parametrize(
+    "precision, tf32, gpu, expected",
+    [
+        ("fp32", True, True, True),
+        ("fp32", False, True, False),  # model.tf32=false: full fp32 matmuls
+        ("fp32", True, False, False),  # a CPU has no TF32
+        ("auto", True, True, False),  # bf16 on a GPU
+        ("auto", True, False, False),  # fp32, but on a CPU
+        ("bf16", True, True, False),
+    ],
+)
+def test_tf32_serves_the_fp32_runs_on_a_gpu_unless_turned_off(precision, tf32, gpu, expected):
+    from launch.trainer import use_tf32
+
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", [f"model.precision={precision}", f"model.tf32={tf32}"])
+    assert use_tf32(cfg, gpu=gpu) is expected
+
+
 def test_the_local_gpu_layer_builds_with_the_gpu_flags():
     [built] = run_distributed(_instantiate_local_gpu_models, 1, CONFIGS)
     assert len(built) == len(CONFIGS)

@@ -11,6 +11,7 @@ from .errors import DataPrepError
 from .inspect_dataset import inspect_dataset
 from .readers import describe_skipped
 from .shards import merge, shard_from
+from .splits import MAX_SEED, valid_prefix
 from .tokenize_corpus import TokenizeJob, default_workers, tokenize
 from .tokenizer import train_tokenizer
 
@@ -203,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace existing outputs, even those of a finished identical run"
     )
     tok.add_argument(
+        "--valid-fraction",
+        type=_fraction,
+        metavar="F",
+        help="hold out about this fraction of the documents (chosen by a hash of each text) for "
+        "validation, written beside P with its final 'train' replaced by 'valid': "
+        "data/train -> data/valid_<domain>.bin/.idx and data/valid.blend.json",
+    )
+    tok.add_argument(
+        "--split-seed",
+        type=_seed,
+        default=0,
+        metavar="S",
+        help="key of the split's hash: another seed holds out other documents (default: 0)",
+    )
+    tok.add_argument(
         "--num-shards",
         type=_positive_int,
         metavar="N",
@@ -280,6 +296,8 @@ def _tokenize(args: argparse.Namespace) -> int:
         workers=args.workers,
         force=args.force,
         shard=shard,
+        valid_fraction=args.valid_fraction,
+        split_seed=args.split_seed,
     )
     stats, fresh = tokenize(job)
     prefix = shard.prefix(args.output_prefix) if shard else args.output_prefix
@@ -329,13 +347,28 @@ def _report(prefix: str, stats: dict, fresh: bool) -> None:
         print(f"{describe_skipped(skipped)} (first: {next(iter(stats['first_skipped'].values()))})")
     written = [f"{prefix}.stats.json"]
     if stats["run"]["domain_key"]:
-        written.insert(0, f"{prefix}.blend.json")
+        blends = [prefix, valid_prefix(prefix)] if stats["run"].get("valid_fraction") else [prefix]
+        written[:0] = [f"{blend}.blend.json" for blend in blends]
     print(f"{'see':<16} {', '.join(written)}")
 
 
 def _inspect(args: argparse.Namespace) -> int:
     print(inspect_dataset(args.prefix, args.tokenizer_model, args.samples, args.max_chars, args.seed))
     return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED}, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -26,7 +26,16 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from .assemble import MAX_DOMAINS, SETTINGS, FileOutput, NoDocumentsError, file_record, finished_files, write_outputs
+from .assemble import (
+    MAX_DOMAINS,
+    RECORD_FIELDS,
+    SETTINGS,
+    FileOutput,
+    NoDocumentsError,
+    file_record,
+    finished_files,
+    write_outputs,
+)
 from .errors import DataPrepError
 from .files import file_sha256
 from .indexed import IndexedDatasetWriter, token_dtype
@@ -35,6 +44,7 @@ from .outputs import FileParts, OutputSet
 from .progress import progress
 from .readers import BadLine, Chunk, expand_inputs, is_plain_text, parse_chunk, read_chunks
 from .shards import Shard, assign_files
+from .splits import TRAIN, sides, split_names, valid_prefix
 from .tokenizer import load_tokenizer
 from .workers import OrderedPool
 
@@ -58,6 +68,8 @@ class TokenizeJob:
     workers: int = field(default_factory=default_workers)
     force: bool = False
     shard: Shard | None = None  # None: all the files, written at output_prefix
+    valid_fraction: float | None = None  # None: no validation split
+    split_seed: int = 0
 
 
 def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
@@ -68,6 +80,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
             f"--domain-key reads a JSON field, but {plain[0]!r} is plain text; "
             "leave out --domain-key or give JSONL inputs"
         )
+    companions = (valid_prefix(job.output_prefix),) if job.valid_fraction else ()
     processor = load_tokenizer(job.tokenizer_model)
     dtype = token_dtype(processor.vocab_size())
     identities = [file_identity(path) for path in paths]
@@ -76,9 +89,10 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
     if job.shard is not None:
         mine = assign_files([size for _, size, _ in identities], job.shard.count)[job.shard.index]
         prefix = job.shard.prefix(job.output_prefix)
+        companions = tuple(job.shard.prefix(companion) for companion in companions)
         run["shard"] = [job.shard.index, job.shard.count]
     with output_lock(prefix):  # from clearing old outputs to the last rename
-        outputs = OutputSet(prefix)
+        outputs = OutputSet(prefix, companions)
         previous = outputs.previous_run(run, job.force, SETTINGS)
         if previous is not None and previous["run"] == run:
             return previous, False
@@ -134,7 +148,7 @@ class EncodedChunk:
     lines: int
     skipped: Counter
     first_bad: dict[str, BadLine]
-    documents: dict[str, tuple[np.ndarray, np.ndarray]]  # domain -> (tokens, document lengths)
+    documents: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (split, domain) -> (tokens, document lengths)
 
 
 def _start_worker(model_path: str) -> None:
@@ -145,25 +159,32 @@ def _start_worker(model_path: str) -> None:
 
 
 def encode_chunk(
-    chunk: Chunk, json_key: str, domain_key: str | None, stop_at_first_bad: bool, dtype: np.dtype
+    chunk: Chunk,
+    json_key: str,
+    domain_key: str | None,
+    stop_at_first_bad: bool,
+    dtype: np.dtype,
+    valid_fraction: float | None,
+    split_seed: int,
 ) -> EncodedChunk:
     parsed = parse_chunk(chunk, json_key, domain_key, stop_at_first_bad)
+    splits = sides(parsed.texts, valid_fraction, split_seed) if valid_fraction else [TRAIN] * len(parsed.texts)
     # One batch call for the chunk's ordinary documents: no Python call per document, and ids
     # come back as int32 buffers instead of lists of Python ints.
     short = [text for text in parsed.texts if len(text) <= LONG_CHARS]
     encoded = iter(_processor.encode(short, add_eos=True, return_type="numpy", num_threads=1))
-    by_domain: dict[str, list[np.ndarray]] = defaultdict(list)  # id arrays, a document's in order
-    lengths: dict[str, list[int]] = defaultdict(list)
-    for domain, text in zip(parsed.domains, parsed.texts):
+    by_dataset: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)  # id arrays, a document's in order
+    lengths: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for split, domain, text in zip(splits, parsed.domains, parsed.texts):
         ids = [next(encoded)] if len(text) <= LONG_CHARS else _encode_long(text, dtype)
-        by_domain[domain] += ids
-        lengths[domain].append(sum(map(len, ids)))
+        by_dataset[split, domain] += ids
+        lengths[split, domain].append(sum(map(len, ids)))
     documents = {
-        domain: (
+        key: (
             np.concatenate(arrays, dtype=dtype, casting="unsafe"),  # ids < vocab size fit dtype
-            np.array(lengths[domain], np.int32),
+            np.array(lengths[key], np.int32),
         )
-        for domain, arrays in by_domain.items()
+        for key, arrays in by_dataset.items()
     }
     return EncodedChunk(parsed.lines, parsed.skipped, parsed.first_bad, documents)
 
@@ -250,7 +271,7 @@ def _encode_files(parts: FileParts, job: TokenizeJob, files: list[tuple[str, lis
                         f"(they are counted in {job.output_prefix}.stats.json)."
                     )
                     continue
-                current = current or _PartWriter(parts, index, identity, dtype)
+                current = current or _PartWriter(parts, index, identity, dtype, split_names(job.valid_fraction))
                 current.add(encoded)
                 documents += sum(len(lengths) for _, lengths in encoded.documents.values())
                 tokens += sum(len(ids) for ids, _ in encoded.documents.values())
@@ -275,29 +296,30 @@ def _tasks(files: list[tuple[str, list]], failures: dict, job: TokenizeJob, dtyp
     """Each file's chunks, tagged (file index, bytes done in all, in this file, last chunk?);
     a file that cannot be read is put in `failures` and the next one starts."""
     fail = job.on_error == "fail"
+    settings = (job.json_key, job.domain_key, fail, dtype, job.valid_fraction, job.split_seed)
     before = 0
     for index, (path, (_, size, _)) in enumerate(files):
         try:
             for chunk, position in read_chunks(path):
                 if path in failures:  # a bad line under --on-error fail: the rest is not needed
                     break
-                yield (chunk, job.json_key, job.domain_key, fail, dtype), (index, before + position, position, False)
+                yield (chunk, *settings), (index, before + position, position, False)
         except DataPrepError as exc:
             failures[path] = str(exc)
         except OSError as exc:  # e.g. deleted or moved while the run goes (shared filesystems)
             failures[path] = f"{path}: {exc.strerror or exc}"
         if path not in failures:  # an empty chunk ends the file, so that even an empty file gets its part
-            yield (Chunk(path, 1, b""), job.json_key, job.domain_key, fail, dtype), (index, before + size, size, True)
+            yield (Chunk(path, 1, b""), *settings), (index, before + size, size, True)
         before += size
 
 
 class _PartWriter:
     """One input file's datasets (one per domain) and record, written as a part."""
 
-    def __init__(self, parts: FileParts, index: int, identity: list, dtype: np.dtype):
-        self.parts, self.index, self.identity, self.dtype = parts, index, identity, dtype
+    def __init__(self, parts: FileParts, index: int, identity: list, dtype: np.dtype, splits: tuple[str, ...]):
+        self.parts, self.index, self.identity, self.dtype, self.splits = parts, index, identity, dtype, splits
         self.directory = parts.start(identity)
-        self.writers: dict[str, IndexedDatasetWriter] = {}
+        self.writers: dict[tuple[str, str], IndexedDatasetWriter] = {}
         self.lines = 0
         self.skipped: Counter = Counter()
         self.first_skipped: dict[str, str] = {}
@@ -307,23 +329,24 @@ class _PartWriter:
         self.skipped.update(encoded.skipped)
         for kind, bad in encoded.first_bad.items():
             self.first_skipped.setdefault(kind, str(bad))
-        for domain, (tokens, lengths) in encoded.documents.items():
-            if domain not in self.writers:
-                if len(self.writers) == MAX_DOMAINS:
+        for key, (tokens, lengths) in encoded.documents.items():
+            if key not in self.writers:
+                domains = {domain for _, domain in self.writers}
+                if key[1] not in domains and len(domains) == MAX_DOMAINS:
                     raise DataPrepError(
                         f"the domain key has more than {MAX_DOMAINS} distinct values in {self.identity[0]} "
-                        f"(the latest: {domain!r}); --domain-key should name a field with a few domain names"
+                        f"(the latest: {key[1]!r}); --domain-key should name a field with a few domain names"
                     )
                 name = os.path.join(self.directory, str(len(self.writers)))
-                self.writers[domain] = IndexedDatasetWriter(name, self.dtype)
-            self.writers[domain].append(tokens, lengths)
+                self.writers[key] = IndexedDatasetWriter(name, self.dtype)
+            self.writers[key].append(tokens, lengths)
 
     def finish(self) -> None:
         for writer in self.writers.values():
             writer.finish()
-        domains = {domain: [writer.documents, writer.tokens] for domain, writer in self.writers.items()}
-        record = file_record(self.identity, self.lines, self.skipped, self.first_skipped, domains)
-        names = {domain: os.path.basename(writer.prefix) for domain, writer in self.writers.items()}
+        counts = {key: [writer.documents, writer.tokens] for key, writer in self.writers.items()}
+        record = file_record(self.identity, self.lines, self.skipped, self.first_skipped, counts, self.splits)
+        names = [[*key, os.path.basename(writer.prefix)] for key, writer in self.writers.items()]
         self.parts.finish(self.identity, {"record": record, "datasets": names})
 
     def discard(self) -> None:
@@ -339,8 +362,8 @@ def _part_output(parts: FileParts, identity: list) -> FileOutput | None:
     directory = parts.path(identity)
     record = part["record"]
     ranges = {
-        domain: (os.path.join(directory, name), 0, record["domains"][domain][0])
-        for domain, name in part["datasets"].items()
+        (split, domain): (os.path.join(directory, name), 0, record[RECORD_FIELDS[split]][domain][0])
+        for split, domain, name in part["datasets"]
     }
     return FileOutput(record, ranges)
 
@@ -367,10 +390,13 @@ def file_identity(path: str) -> list:
 
 def _fingerprint(job: TokenizeJob, identities: list[list]) -> dict:
     """Everything the output depends on: a rerun with the same fingerprint has nothing to do."""
-    return {
+    run = {
         "inputs": identities,
         "tokenizer_sha256": file_sha256(job.tokenizer_model),
         "json_key": job.json_key,
         "domain_key": job.domain_key,
         "on_error": job.on_error,
     }
+    if job.valid_fraction:  # absent otherwise, so that runs without a split keep their fingerprint
+        run |= {"valid_fraction": job.valid_fraction, "split_seed": job.split_seed}
+    return run

@@ -59,6 +59,12 @@ files added or changed if only the inputs changed; other settings need --force, 
 rebuilds everything. A second run on the same P while one is running refuses (the lock file
 P.lock names the running one).
 
+Validation: --valid-fraction F holds out the documents whose keyed hash (blake2b, key
+--split-seed) of the text is below F, about F of them, whatever the sharding, workers or file
+order; identical texts land on the same side. They are written beside P with the name's final
+'train' replaced by 'valid' (data/train -> data/valid_<domain>.bin/.idx, data/valid.blend.json),
+which `launch.tools.study --data data` and data.valid_blend read as they are.
+
 Sharding: --num-shards N --shard-index K (K from 0; in a Slurm array task they default to
 the task's place in the array) tokenizes shard K's share of the input files (balanced by
 size) into P.shards/K-of-N/; `merge --output-prefix P` then writes the datasets an unsharded
@@ -73,6 +79,11 @@ examples:
   python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\
       --tokenizer-model data/tok.model --output-prefix data/train \\
       --domain-key meta.redpajama_set_name --on-error skip --workers 32
+
+  # the same with 1% held out for validation: also data/valid_<domain>.bin/.idx, data/valid.blend.json
+  python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\
+      --tokenizer-model data/tok.model --output-prefix data/train \\
+      --domain-key meta.redpajama_set_name --on-error skip --valid-fraction 0.01
 
   # the same in 4 shards (K = 0, 1, 2, 3, e.g. on 4 machines), then one dataset per domain
   python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\

@@ -99,7 +99,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
 
         started = time.perf_counter()
         try:
-            parts = outputs.parts({key: run[key] for key in SETTINGS})
+            parts = outputs.parts({key: run[key] for key in SETTINGS if key in run})
             kept = finished_files(previous, outputs.directory) if previous is not None else {}
             done = {i: _part_output(parts, identities[i]) or kept.get(tuple(identities[i])) for i in mine}
             todo = [i for i in mine if done[i] is None]

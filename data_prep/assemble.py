@@ -12,6 +12,7 @@ memory stays flat for any number of documents.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import blend
+from .dedup import HASHES_SUFFIX, SeenDigests, read_digests
 from .errors import DataPrepError
 from .indexed import _HEADER_BYTES, IndexedDatasetWriter, _verified_header
 from .outputs import OutputSet
@@ -38,7 +40,7 @@ _LENGTH_BLOCK = 1 << 20  # document lengths copied at once
 
 # The settings a run's output depends on besides its input files; shards to be merged, and
 # the finished files a rerun keeps, must agree on all of them.
-SETTINGS = ("tokenizer_sha256", "json_key", "domain_key", "on_error", "valid_fraction", "split_seed")
+SETTINGS = ("tokenizer_sha256", "json_key", "domain_key", "on_error", "valid_fraction", "split_seed", "dedup")
 # A file's documents per domain in its record: the training (or only) side, and validation.
 RECORD_FIELDS = {TRAIN: "domains", VALID: "valid_domains"}
 
@@ -57,9 +59,16 @@ class FileOutput:
 
 
 def file_record(
-    identity: list, lines: int, skipped: Counter, first_skipped: dict, counts: dict, splits: tuple[str, ...]
+    identity: list,
+    lines: int,
+    skipped: Counter,
+    first_skipped: dict,
+    counts: dict,
+    splits: tuple[str, ...],
+    duplicates: Counter | None = None,
 ) -> dict:
-    """`identity` is [path, size, mtime_ns]; `counts` maps (split, domain) -> [documents, tokens]."""
+    """`identity` is [path, size, mtime_ns]; `counts` maps (split, domain) -> [documents, tokens];
+    `duplicates` (with --dedup), domain -> documents dropped."""
     sides = {
         RECORD_FIELDS[split]: {domain: count for (side, domain), count in sorted(counts.items()) if side == split}
         for split in splits
@@ -70,6 +79,7 @@ def file_record(
         "documents": sum(documents for documents, _ in counts.values()),
         "tokens": sum(tokens for _, tokens in counts.values()),
         **sides,
+        **({"duplicates": dict(sorted(duplicates.items()))} if duplicates is not None else {}),
         "skipped": {kind: skipped[kind] for kind in BAD_LINE_KINDS if skipped[kind]},
         "first_skipped": first_skipped,
     }
@@ -91,6 +101,24 @@ def finished_files(stats: dict, directory: str) -> dict[tuple, FileOutput]:
                 ranges[key] = (prefixes[key], first[key], documents)
                 first[key] += documents
         found[tuple(record["input"])] = FileOutput(record, ranges)
+    return found
+
+
+def reusable_files(stats: dict, directory: str, inputs: list[list]) -> dict[tuple, FileOutput]:
+    """The files of a finished run that a rerun over `inputs` may take as they are. With
+    --dedup a file there lacks the repeats of the files before it in that run: it is taken only
+    if all of those come before it in `inputs` too (then deduplicating it again is exact)."""
+    found = finished_files(stats, directory)
+    if not stats["run"].get("dedup"):
+        return found
+    position = {tuple(identity): index for index, identity in enumerate(inputs)}
+    latest = -1  # the latest position now of the files before this one then
+    for record in stats.get("per_file", []):
+        identity = tuple(record["input"])
+        now = position.get(identity, len(inputs))
+        if latest >= now:
+            found.pop(identity)
+        latest = max(latest, now)
     return found
 
 
@@ -121,6 +149,8 @@ def write_outputs(
             f"the domain key has {len(domains)} distinct values, more than {MAX_DOMAINS} (e.g. "
             f"{domains[MAX_DOMAINS]!r}); --domain-key should name a field with a few domain names"
         )
+    dedup = bool(run.get("dedup"))
+    files, keep = _drop_repeats_of_earlier_files(files) if dedup else (files, {})
     records = [file.record for file in files]
     documents = sum(record["documents"] for record in records)
     if not documents:
@@ -144,16 +174,24 @@ def write_outputs(
     with progress(total_bytes, "assembling") as bar:
         for key in keys:
             writer = IndexedDatasetWriter(outputs.staged(prefixes[key]), dtype)
+            hashes = open(outputs.staged(prefixes[key]) + HASHES_SUFFIX, "wb") if dedup else None
             try:
-                for file in files:
+                for index, file in enumerate(files):
                     if key in file.ranges:
                         before = writer.tokens
-                        copy_documents(writer, *file.ranges[key])
+                        kept = keep.get((index, key))
+                        copy_documents(writer, *file.ranges[key], kept)
+                        if hashes is not None:
+                            rows = read_digests(*file.ranges[key])
+                            hashes.write((rows if kept is None else rows[kept]).tobytes())
                         bar.update((writer.tokens - before) * dtype.itemsize)
                 writer.finish()
             except BaseException:
                 writer.close()
                 raise
+            finally:
+                if hashes is not None:
+                    hashes.close()
             datasets.append(
                 {
                     "prefix": prefixes[key],
@@ -163,7 +201,8 @@ def write_outputs(
                     "tokens": writer.tokens,
                 }
             )
-    names = [dataset["prefix"] + suffix for dataset in datasets for suffix in (".bin", ".idx")]
+    suffixes = (".bin", ".idx", HASHES_SUFFIX) if dedup else (".bin", ".idx")
+    names = [dataset["prefix"] + suffix for dataset in datasets for suffix in suffixes]
     if by_domain:
         for split in splits:
             side = [dataset for dataset in datasets if dataset["split"] == split]
@@ -185,11 +224,55 @@ def write_outputs(
         "skipped": {kind: skipped[kind] for kind in BAD_LINE_KINDS},
         "first_skipped": {kind: first_skipped[kind] for kind in BAD_LINE_KINDS if kind in first_skipped},
         "datasets": datasets,
+        **({"duplicates": _total_duplicates(records)} if dedup else {}),
         **extra,
         "seconds": round(time.perf_counter() - started, 3),
         "per_file": records,
     }
     return outputs.commit(names, stats)
+
+
+def _drop_repeats_of_earlier_files(files: list[FileOutput]) -> tuple[list[FileOutput], dict]:
+    """The files with records that count what is left and what was dropped, and (file index,
+    dataset key) -> the documents kept, where a file's documents repeat those of earlier files."""
+    seen = SeenDigests()
+    keep = {}
+    counted = []
+    for index, file in enumerate(files):
+        record = copy.deepcopy(file.record)
+        found = {key: read_digests(*where) for key, where in file.ranges.items()}
+        for key, rows in found.items():
+            repeats = seen.seen(rows)
+            if not repeats.any():
+                continue
+            keep[index, key] = ~repeats
+            prefix, first, count = file.ranges[key]
+            dropped_tokens = int(_lengths(prefix, first, count)[repeats].sum(dtype=np.int64))
+            counts = record[RECORD_FIELDS[key[0]]][key[1]]
+            counts[0] -= int(repeats.sum())
+            counts[1] -= dropped_tokens
+            record["documents"] -= int(repeats.sum())
+            record["tokens"] -= dropped_tokens
+            record["duplicates"][key[1]] = record["duplicates"].get(key[1], 0) + int(repeats.sum())
+            record["duplicates"] = dict(sorted(record["duplicates"].items()))
+        for key, rows in found.items():
+            seen.add(rows if (index, key) not in keep else rows[keep[index, key]])
+        counted.append(FileOutput(record, file.ranges))
+    return counted, keep
+
+
+def _lengths(prefix: str, first: int, count: int) -> np.ndarray:
+    _verified_header(prefix)
+    with open(prefix + ".idx", "rb") as index:
+        index.seek(_HEADER_BYTES + 4 * first)
+        return np.fromfile(index, np.int32, count)
+
+
+def _total_duplicates(records: list[dict]) -> dict[str, int]:
+    total = Counter()
+    for record in records:
+        total.update(record["duplicates"])
+    return dict(sorted(total.items()))
 
 
 def _refuse_empty_sides(keys: list[tuple[str, str]], files: list[FileOutput], run: dict) -> None:
@@ -212,8 +295,16 @@ def _refuse_empty_sides(keys: list[tuple[str, str]], files: list[FileOutput], ru
         )
 
 
-def copy_documents(writer: IndexedDatasetWriter, prefix: str, first: int, count: int) -> None:
-    """Append documents first .. first + count - 1 of the dataset `prefix` to `writer`."""
+def copy_documents(
+    writer: IndexedDatasetWriter, prefix: str, first: int, count: int, keep: np.ndarray | None = None
+) -> None:
+    """Append documents first .. first + count - 1 of the dataset `prefix` to `writer`, only
+    those `keep` marks if given (one copy per run of kept documents)."""
+    if keep is not None:
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], keep, [False]]).astype(np.int8)))
+        for start, stop in zip(edges[0::2], edges[1::2]):
+            copy_documents(writer, prefix, first + int(start), int(stop - start))
+        return
     dtype, total = _verified_header(prefix)
     if first + count > total:
         raise DataPrepError(f"{prefix}.idx holds {total:,} documents, not the {first + count:,} its stats record")

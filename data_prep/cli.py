@@ -65,6 +65,10 @@ order; identical texts land on the same side. They are written beside P with the
 'train' replaced by 'valid' (data/train -> data/valid_<domain>.bin/.idx, data/valid.blend.json),
 which `launch.tools.study --data data` and data.valid_blend read as they are.
 
+Deduplication: --dedup exact drops each document whose exact text came earlier in input
+order (within a file, across files, and across shards at the merge), counted per domain in
+P.stats.json and the summary; each dataset X gets X.hashes (16 bytes a document).
+
 Sharding: --num-shards N --shard-index K (K from 0; in a Slurm array task they default to
 the task's place in the array) tokenizes shard K's share of the input files (balanced by
 size) into P.shards/K-of-N/; `merge --output-prefix P` then writes the datasets an unsharded
@@ -230,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="key of the split's hash: another seed holds out other documents (default: 0)",
     )
     tok.add_argument(
+        "--dedup",
+        choices=("exact",),
+        help="drop each document whose exact text came earlier in input order (across files, "
+        "and across shards at the merge), counted per domain in P.stats.json",
+    )
+    tok.add_argument(
         "--num-shards",
         type=_positive_int,
         metavar="N",
@@ -309,6 +319,7 @@ def _tokenize(args: argparse.Namespace) -> int:
         shard=shard,
         valid_fraction=args.valid_fraction,
         split_seed=args.split_seed,
+        dedup=args.dedup,
     )
     stats, fresh = tokenize(job)
     prefix = shard.prefix(args.output_prefix) if shard else args.output_prefix
@@ -353,6 +364,13 @@ def _report(prefix: str, stats: dict, fresh: bool) -> None:
         f"from {stats['input_bytes'] / 1e6:,.1f} MB in {stats['seconds']:.1f} s"
         + (f": {stats['tokens_per_second']:,} tokens/s" if "tokens_per_second" in stats else "")
     )
+    if "duplicates" in stats:
+        dropped = stats["duplicates"]
+        per_domain = ", ".join(f"{domain} {count:,}" for domain, count in dropped.items() if domain and count)
+        print(
+            f"{'duplicates':<16} dropped {sum(dropped.values()):,} documents whose text came earlier"
+            + (f" ({per_domain})" if per_domain else "")
+        )
     skipped = Counter({kind: n for kind, n in stats["skipped"].items() if n})
     if skipped:
         print(f"{describe_skipped(skipped)} (first: {next(iter(stats['first_skipped'].values()))})")

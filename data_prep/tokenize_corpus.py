@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import time
+import typing
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,9 +34,10 @@ from .assemble import (
     FileOutput,
     NoDocumentsError,
     file_record,
-    finished_files,
+    reusable_files,
     write_outputs,
 )
+from .dedup import HASHES_SUFFIX, SeenDigests, digests, first_occurrences
 from .errors import DataPrepError
 from .files import file_sha256
 from .indexed import IndexedDatasetWriter, token_dtype
@@ -70,6 +72,7 @@ class TokenizeJob:
     shard: Shard | None = None  # None: all the files, written at output_prefix
     valid_fraction: float | None = None  # None: no validation split
     split_seed: int = 0
+    dedup: str | None = None  # "exact": drop documents whose text came earlier
 
 
 def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
@@ -100,7 +103,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
         started = time.perf_counter()
         try:
             parts = outputs.parts({key: run[key] for key in SETTINGS if key in run})
-            kept = finished_files(previous, outputs.directory) if previous is not None else {}
+            kept = reusable_files(previous, outputs.directory, identities) if previous is not None else {}
             done = {i: _part_output(parts, identities[i]) or kept.get(tuple(identities[i])) for i in mine}
             todo = [i for i in mine if done[i] is None]
             failures = _encode_files(parts, job, [(paths[i], identities[i]) for i in todo], dtype)
@@ -149,6 +152,8 @@ class EncodedChunk:
     skipped: Counter
     first_bad: dict[str, BadLine]
     documents: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (split, domain) -> (tokens, document lengths)
+    digests: dict[tuple[str, str], np.ndarray]  # (split, domain) -> the documents' digests (with --dedup)
+    duplicates: Counter  # domain -> documents dropped as repeats within the chunk
 
 
 def _start_worker(model_path: str) -> None:
@@ -166,8 +171,17 @@ def encode_chunk(
     dtype: np.dtype,
     valid_fraction: float | None,
     split_seed: int,
+    dedup: bool,
 ) -> EncodedChunk:
     parsed = parse_chunk(chunk, json_key, domain_key, stop_at_first_bad)
+    duplicates, rows = Counter(), None
+    if dedup:
+        rows = digests(parsed.texts)
+        keep = first_occurrences(rows)
+        duplicates.update(domain for domain, kept in zip(parsed.domains, keep) if not kept)
+        parsed.texts = [text for text, kept in zip(parsed.texts, keep) if kept]
+        parsed.domains = [domain for domain, kept in zip(parsed.domains, keep) if kept]
+        rows = rows[keep]
     splits = sides(parsed.texts, valid_fraction, split_seed) if valid_fraction else [TRAIN] * len(parsed.texts)
     # One batch call for the chunk's ordinary documents: no Python call per document, and ids
     # come back as int32 buffers instead of lists of Python ints.
@@ -175,10 +189,12 @@ def encode_chunk(
     encoded = iter(_processor.encode(short, add_eos=True, return_type="numpy", num_threads=1))
     by_dataset: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)  # id arrays, a document's in order
     lengths: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for split, domain, text in zip(splits, parsed.domains, parsed.texts):
+    positions: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for position, (split, domain, text) in enumerate(zip(splits, parsed.domains, parsed.texts)):
         ids = [next(encoded)] if len(text) <= LONG_CHARS else _encode_long(text, dtype)
         by_dataset[split, domain] += ids
         lengths[split, domain].append(sum(map(len, ids)))
+        positions[split, domain].append(position)
     documents = {
         key: (
             np.concatenate(arrays, dtype=dtype, casting="unsafe"),  # ids < vocab size fit dtype
@@ -186,7 +202,8 @@ def encode_chunk(
         )
         for key, arrays in by_dataset.items()
     }
-    return EncodedChunk(parsed.lines, parsed.skipped, parsed.first_bad, documents)
+    chunk_digests = {key: rows[indices] for key, indices in positions.items()} if dedup else {}
+    return EncodedChunk(parsed.lines, parsed.skipped, parsed.first_bad, documents, chunk_digests, duplicates)
 
 
 def _encode_long(text: str, dtype: np.dtype) -> list[np.ndarray]:
@@ -271,7 +288,9 @@ def _encode_files(parts: FileParts, job: TokenizeJob, files: list[tuple[str, lis
                         f"(they are counted in {job.output_prefix}.stats.json)."
                     )
                     continue
-                current = current or _PartWriter(parts, index, identity, dtype, split_names(job.valid_fraction))
+                current = current or _PartWriter(
+                    parts, index, identity, dtype, split_names(job.valid_fraction), job.dedup
+                )
                 current.add(encoded)
                 documents += sum(len(lengths) for _, lengths in encoded.documents.values())
                 tokens += sum(len(ids) for ids, _ in encoded.documents.values())
@@ -296,7 +315,7 @@ def _tasks(files: list[tuple[str, list]], failures: dict, job: TokenizeJob, dtyp
     """Each file's chunks, tagged (file index, bytes done in all, in this file, last chunk?);
     a file that cannot be read is put in `failures` and the next one starts."""
     fail = job.on_error == "fail"
-    settings = (job.json_key, job.domain_key, fail, dtype, job.valid_fraction, job.split_seed)
+    settings = (job.json_key, job.domain_key, fail, dtype, job.valid_fraction, job.split_seed, job.dedup is not None)
     before = 0
     for index, (path, (_, size, _)) in enumerate(files):
         try:
@@ -316,10 +335,15 @@ def _tasks(files: list[tuple[str, list]], failures: dict, job: TokenizeJob, dtyp
 class _PartWriter:
     """One input file's datasets (one per domain) and record, written as a part."""
 
-    def __init__(self, parts: FileParts, index: int, identity: list, dtype: np.dtype, splits: tuple[str, ...]):
+    def __init__(
+        self, parts: FileParts, index: int, identity: list, dtype: np.dtype, splits: tuple[str, ...], dedup: str | None
+    ):
         self.parts, self.index, self.identity, self.dtype, self.splits = parts, index, identity, dtype, splits
         self.directory = parts.start(identity)
         self.writers: dict[tuple[str, str], IndexedDatasetWriter] = {}
+        self.digest_files: dict[tuple[str, str], typing.BinaryIO] = {}
+        self.seen = SeenDigests() if dedup else None  # the file's documents so far
+        self.duplicates: Counter | None = Counter() if dedup else None
         self.lines = 0
         self.skipped: Counter = Counter()
         self.first_skipped: dict[str, str] = {}
@@ -329,7 +353,8 @@ class _PartWriter:
         self.skipped.update(encoded.skipped)
         for kind, bad in encoded.first_bad.items():
             self.first_skipped.setdefault(kind, str(bad))
-        for key, (tokens, lengths) in encoded.documents.items():
+        documents = self._drop_repeats(encoded) if self.seen is not None else encoded.documents
+        for key, (tokens, lengths) in documents.items():
             if key not in self.writers:
                 domains = {domain for _, domain in self.writers}
                 if key[1] not in domains and len(domains) == MAX_DOMAINS:
@@ -339,19 +364,43 @@ class _PartWriter:
                     )
                 name = os.path.join(self.directory, str(len(self.writers)))
                 self.writers[key] = IndexedDatasetWriter(name, self.dtype)
+                if self.seen is not None:
+                    self.digest_files[key] = open(name + HASHES_SUFFIX, "wb")
             self.writers[key].append(tokens, lengths)
+            if self.seen is not None:
+                self.digest_files[key].write(encoded.digests[key].tobytes())
+
+    def _drop_repeats(self, encoded: EncodedChunk) -> dict:
+        """The chunk's documents less those an earlier chunk of the file holds (encoded.digests
+        shrinks alike); the chunk's own repeats were dropped by the worker."""
+        self.duplicates.update(encoded.duplicates)
+        kept = {}
+        for key, (tokens, lengths) in encoded.documents.items():
+            keep = ~self.seen.seen(encoded.digests[key])
+            self.duplicates[key[1]] += int(np.count_nonzero(~keep))
+            kept[key] = (tokens[np.repeat(keep, lengths)], lengths[keep])
+            encoded.digests[key] = encoded.digests[key][keep]
+        for rows in encoded.digests.values():
+            self.seen.add(rows)
+        return {key: value for key, value in kept.items() if len(value[1])}
 
     def finish(self) -> None:
         for writer in self.writers.values():
             writer.finish()
+        for file in self.digest_files.values():
+            file.close()
         counts = {key: [writer.documents, writer.tokens] for key, writer in self.writers.items()}
-        record = file_record(self.identity, self.lines, self.skipped, self.first_skipped, counts, self.splits)
+        record = file_record(
+            self.identity, self.lines, self.skipped, self.first_skipped, counts, self.splits, self.duplicates
+        )
         names = [[*key, os.path.basename(writer.prefix)] for key, writer in self.writers.items()]
         self.parts.finish(self.identity, {"record": record, "datasets": names})
 
     def discard(self) -> None:
         for writer in self.writers.values():
             writer.close()
+        for file in self.digest_files.values():
+            file.close()
         self.parts.discard(self.identity)
 
 
@@ -399,4 +448,6 @@ def _fingerprint(job: TokenizeJob, identities: list[list]) -> dict:
     }
     if job.valid_fraction:  # absent otherwise, so that runs without a split keep their fingerprint
         run |= {"valid_fraction": job.valid_fraction, "split_seed": job.split_seed}
+    if job.dedup:
+        run["dedup"] = job.dedup
     return run

@@ -1,5 +1,6 @@
-"""data_prep's train/validation split (--valid-fraction, --split-seed) through the real CLI and
-real files; the references are the hash rule computed here and one unsharded run."""
+"""data_prep's train/validation split (--valid-fraction, --split-seed) and exact deduplication
+(--dedup exact) through the real CLI and real files; the references are the hash rule and the
+first occurrences computed here, and one unsharded (or fresh) run."""
 
 from __future__ import annotations
 
@@ -65,11 +66,11 @@ def tokenize(cwd: Path, tokenizer: str, prefix: str, *more: str) -> subprocess.C
 
 
 def outputs(directory: Path) -> dict[str, bytes]:
-    """Every dataset and blend file in `directory` (not the stats, which hold timings)."""
+    """Every dataset, digest and blend file in `directory` (not the stats, which hold timings)."""
     return {
         path.name: path.read_bytes()
         for path in sorted(directory.iterdir())
-        if path.suffix in (".bin", ".idx") or path.name.endswith(".blend.json")
+        if path.suffix in (".bin", ".idx", ".hashes") or path.name.endswith(".blend.json")
     }
 
 
@@ -176,3 +177,73 @@ def test_split_refusals_say_what_to_change(tmp_path, tokenizer):
     bad = run_cli(*tokenize_args(tokenizer, "train"), "--valid-fraction", "1.5", cwd=tmp_path)
     assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
     assert all("Traceback" not in result.stderr for result in (refused, tiny, foreign, bad))
+
+
+# ---------------------------------------------------------------- --dedup exact
+
+
+def first_occurrences(corpus: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """The reference: the documents whose text did not come earlier, and the drops per domain."""
+    seen, kept, dropped = set(), [], {}
+    for domain, text in corpus:
+        if text in seen:
+            dropped[domain] = dropped.get(domain, 0) + 1
+        else:
+            seen.add(text)
+            kept.append((domain, text))
+    return kept, dict(sorted(dropped.items()))
+
+
+def test_dedup_drops_exactly_the_repeats_across_files_and_across_shards_at_merge(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "corpus")
+    kept, dropped = first_occurrences(corpus)
+    assert sum(dropped.values()) > 50 and len(dropped) == 3  # repeats within and across files and domains
+    one = tokenize(tmp_path, tokenizer, "one/train", "--dedup", "exact", "--workers", "2")
+    assert f"dropped {sum(dropped.values()):,} documents whose text came earlier" in one.stdout
+    for index in range(3):
+        tokenize(
+            tmp_path, tokenizer, "three/train", "--dedup", "exact", "--num-shards", "3", "--shard-index", str(index)
+        )
+    merged = run_cli("merge", "--output-prefix", "three/train", cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+
+    processor = spm.SentencePieceProcessor(model_file=tokenizer)
+    for domain in DOMAINS:
+        assert decoded(tmp_path / f"one/train_{domain}", processor) == [t for d, t in kept if d == domain]
+    stats = json.loads((tmp_path / "one/train.stats.json").read_text())
+    assert stats["duplicates"] == dropped and stats["documents"] == len(kept)
+    assert sum(sum(record["duplicates"].values()) for record in stats["per_file"]) == sum(dropped.values())
+
+    expected = outputs(tmp_path / "one")
+    assert len([name for name in expected if name.endswith(".hashes")]) == 3
+    assert outputs(tmp_path / "three") == expected
+    three = json.loads((tmp_path / "three/train.stats.json").read_text())
+    for key in ("run", "documents", "tokens", "duplicates", "datasets", "per_file"):
+        assert three[key] == stats[key], key
+    shards = [json.loads((tmp_path / f"three/train.shards/{k}-of-3/train.stats.json").read_text()) for k in range(3)]
+    assert sum(sum(shard["duplicates"].values()) for shard in shards) < sum(dropped.values())  # the merge drops more
+
+
+def test_dedup_with_a_split_and_a_file_added_before_the_others_equals_a_fresh_run(tmp_path, tokenizer):
+    """The added file comes second: the files after it are deduplicated against it again."""
+    corpus = write_corpus(tmp_path / "corpus", files=3)
+    settings = ["--dedup", "exact", "--valid-fraction", "0.2"]
+    tokenize(tmp_path, tokenizer, "out/train", *settings)
+    repeats = [json.dumps({"text": text, "meta": {"set": "web"}}) for _, text in corpus[::7]]
+    (tmp_path / "corpus/part-00a-first.jsonl").write_text("\n".join(repeats) + "\n")  # after part-00
+    rerun = tokenize(tmp_path, tokenizer, "out/train", *settings)
+    assert "kept             3 input files finished before; tokenized 1" in rerun.stdout
+    assert_same_as_a_fresh_run(tmp_path, tokenizer, settings)
+
+    # A file removed: the one after it lacks its repeats, so it is tokenized again; those before are kept.
+    (tmp_path / "corpus/part-01.jsonl").unlink()
+    rerun = tokenize(tmp_path, tokenizer, "out/train", *settings)
+    assert "kept             2 input files finished before; tokenized 1" in rerun.stdout
+    assert_same_as_a_fresh_run(tmp_path, tokenizer, settings)
+
+
+def assert_same_as_a_fresh_run(tmp_path: Path, tokenizer: str, settings: list[str]) -> None:
+    tokenize(tmp_path, tokenizer, "fresh/train", *settings, "--force")
+    assert outputs(tmp_path / "out") == outputs(tmp_path / "fresh")
+    out, fresh = (json.loads((tmp_path / f"{d}/train.stats.json").read_text()) for d in ("out", "fresh"))
+    assert out["per_file"] == fresh["per_file"] and out["duplicates"] == fresh["duplicates"]

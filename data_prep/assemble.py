@@ -1,13 +1,14 @@
 """Final datasets put together from per-file pieces, in input order, whatever made the pieces.
 
-Every input file's documents are one contiguous range of documents per domain, in a dataset
+Every input file's documents are one contiguous range of documents per split and domain, in a dataset
 of its own (a file just tokenized, under `P.incomplete/parts/`), of a finished run (a file
 unchanged since, found through that run's `per_file` records) or of a shard (`merge`). The
-final `.bin` is those ranges' tokens laid end to end in input-file order, and its `.idx` is
+final `.bin` is those ranges' tokens laid end to end in input-file order (with --dedup, less
+the documents that repeat those of earlier files: `dedup`), and its `.idx` is
 rebuilt from their lengths, so the output depends only on the inputs and settings: not on
 how files were spread over shards, which were reused, or how many workers encoded them.
 Everything is streamed in blocks through open files (no memory maps, no Python lists), so
-memory stays flat for any number of documents.
+memory stays flat for any number of documents (with --dedup, plus the digests seen: `dedup`).
 """
 
 from __future__ import annotations
@@ -289,9 +290,10 @@ def _refuse_empty_sides(keys: list[tuple[str, str]], files: list[FileOutput], ru
         split, domain = empty[0]
         where = f"domain {domain!r}" if domain else "the data"
         others = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        change = "raise" if split == VALID else "lower"
         raise DataPrepError(
             f"--valid-fraction {run['valid_fraction']} leaves {where}{others} with no {split} documents; "
-            f"choose a fraction that leaves both sides some documents of every domain (with --force)"
+            f"{change} it, so that both sides hold documents of every domain"
         )
 
 

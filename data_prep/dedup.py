@@ -9,7 +9,8 @@ can be deduplicated again against the files that come before them.
 
 Memory: the digests seen so far, 16 bytes a document (1.6 GB for 10^8 documents), kept as sorted
 runs of at most RUN_LIMIT digests, plus while two runs merge about 40 bytes a digest of them
-(at most 0.7 GB). Disk: 16 bytes a document in `X.hashes`.
+(at most 0.7 GB); at the assembly also 1 byte a document of the files that hold repeats (which
+of their documents are kept). Disk: 16 bytes a document in `X.hashes`.
 """
 
 from __future__ import annotations

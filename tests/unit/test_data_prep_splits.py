@@ -169,7 +169,7 @@ def test_split_refusals_say_what_to_change(tmp_path, tokenizer):
     refused = run_cli(*tokenize_args(tokenizer, "out"), "--valid-fraction", "0.1", cwd=tmp_path)
     assert refused.returncode == 1 and "must end in 'train' (e.g. train -> valid)" in refused.stderr
     tiny = run_cli(*tokenize_args(tokenizer, "train"), "--valid-fraction", "0.001", cwd=tmp_path)
-    assert tiny.returncode == 1 and "with no valid documents" in tiny.stderr
+    assert tiny.returncode == 1 and "with no valid documents; raise it" in tiny.stderr
     assert not (tmp_path / "train.stats.json").exists() and not (tmp_path / "valid.blend.json").exists()
     (tmp_path / "valid.bin").write_bytes(b"another run's")
     foreign = run_cli(*tokenize_args(tokenizer, "train"), "--valid-fraction", "0.3", cwd=tmp_path)

@@ -1,10 +1,10 @@
 """Final datasets put together from per-file pieces, in input order, whatever made the pieces.
 
-Every input file's documents are one contiguous range of documents per split and domain, in a dataset
-of its own (a file just tokenized, under `P.incomplete/parts/`), of a finished run (a file
-unchanged since, found through that run's `per_file` records) or of a shard (`merge`). The
-final `.bin` is those ranges' tokens laid end to end in input-file order (with --dedup, less
-the documents that repeat those of earlier files: `dedup`), and its `.idx` is
+Every input file's documents are one contiguous range of documents per split and domain, in
+a dataset of its own (a file just tokenized, under `P.incomplete/parts/`), of a finished run
+(a file unchanged since, found through that run's `per_file` records) or of a shard
+(`merge`). The final `.bin` is those ranges' tokens laid end to end in input-file order (with
+--dedup, less the documents that repeat those of earlier files: `dedup`), and its `.idx` is
 rebuilt from their lengths, so the output depends only on the inputs and settings: not on
 how files were spread over shards, which were reused, or how many workers encoded them.
 Everything is streamed in blocks through open files (no memory maps, no Python lists), so

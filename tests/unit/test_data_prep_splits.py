@@ -247,3 +247,16 @@ def assert_same_as_a_fresh_run(tmp_path: Path, tokenizer: str, settings: list[st
     assert outputs(tmp_path / "out") == outputs(tmp_path / "fresh")
     out, fresh = (json.loads((tmp_path / f"{d}/train.stats.json").read_text()) for d in ("out", "fresh"))
     assert out["per_file"] == fresh["per_file"] and out["duplicates"] == fresh["duplicates"]
+
+
+def test_dedup_drops_repeats_across_the_chunks_of_one_file(tmp_path, tokenizer):
+    """A file of several 512 KiB chunks (read and encoded apart): repeats of earlier chunks go too."""
+    corpus = write_corpus(tmp_path / "corpus", files=1, documents=12000)
+    assert (tmp_path / "corpus/part-00.jsonl").stat().st_size > 2 * (1 << 19)
+    kept, dropped = first_occurrences(corpus)
+    run = tokenize(tmp_path, tokenizer, "train", "--dedup", "exact", "--workers", "2")
+    assert f"dropped {sum(dropped.values()):,} documents" in run.stdout
+    processor = spm.SentencePieceProcessor(model_file=tokenizer)
+    for domain in DOMAINS:
+        assert decoded(tmp_path / f"train_{domain}", processor) == [t for d, t in kept if d == domain]
+    assert json.loads((tmp_path / "train.stats.json").read_text())["per_file"][0]["duplicates"] == dropped

@@ -224,7 +224,7 @@ def test_dedup_drops_exactly_the_repeats_across_files_and_across_shards_at_merge
     assert sum(sum(shard["duplicates"].values()) for shard in shards) < sum(dropped.values())  # the merge drops more
 
 
-def test_dedup_with_a_split_and_a_file_added_before_the_others_equals_a_fresh_run(tmp_path, tokenizer):
+def test_dedup_with_a_split_and_a_file_added_then_one_removed_equals_a_fresh_run(tmp_path, tokenizer):
     """The added file comes second: the files after it are deduplicated against it again."""
     corpus = write_corpus(tmp_path / "corpus", files=3)
     settings = ["--dedup", "exact", "--valid-fraction", "0.2"]

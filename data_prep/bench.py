@@ -42,6 +42,7 @@ from .assemble import SETTINGS, FileOutput, file_record, write_outputs
 from .indexed import IndexedDatasetWriter
 from .outputs import OutputSet
 from .shards import Shard, merge
+from .splits import TRAIN
 from .tokenize_corpus import TokenizeJob, default_workers, tokenize
 from .tokenizer import TOKENIZER_CONFIG, load_tokenizer, train_tokenizer
 
@@ -382,8 +383,9 @@ def write_synthetic_shards(output_prefix: str, shards: int, documents: int, seed
             lengths = rng.integers(1, 8, min(1 << 20, count - start), dtype=np.int32)
             writer.append(rng.integers(0, 400, int(lengths.sum()), dtype=np.uint16), lengths)
         writer.finish()
-        record = file_record(inputs[index], count, Counter(), {}, {"": [writer.documents, writer.tokens]})
-        file = FileOutput(record, {"": (raw, 0, count)})  # staged: the commit removes it
+        counts = {(TRAIN, ""): [writer.documents, writer.tokens]}
+        record = file_record(inputs[index], count, Counter(), {}, counts, (TRAIN,))
+        file = FileOutput(record, {(TRAIN, ""): (raw, 0, count)})  # staged: the commit removes it
         write_outputs(outputs, {**run, "shard": [index, shards]}, header, [file], False, {}, time.perf_counter())
 
 

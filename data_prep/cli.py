@@ -11,6 +11,7 @@ from .errors import DataPrepError
 from .inspect_dataset import inspect_dataset
 from .readers import describe_skipped
 from .shards import merge, shard_from
+from .splits import MAX_SEED, valid_prefix
 from .tokenize_corpus import TokenizeJob, default_workers, tokenize
 from .tokenizer import train_tokenizer
 
@@ -59,6 +60,16 @@ files added or changed if only the inputs changed; other settings need --force, 
 rebuilds everything. A second run on the same P while one is running refuses (the lock file
 P.lock names the running one).
 
+Validation: --valid-fraction F holds out the documents whose keyed hash (blake2b, key
+--split-seed) of the text is below F, about F of them, whatever the sharding, workers or file
+order; identical texts land on the same side. They are written beside P with the name's final
+'train' replaced by 'valid' (data/train -> data/valid_<domain>.bin/.idx, data/valid.blend.json),
+which `launch.tools.study --data data` and data.valid_blend read as they are.
+
+Deduplication: --dedup exact drops each document whose exact text came earlier in input
+order (within a file, across files, and across shards at the merge), counted per domain in
+P.stats.json and the summary; each dataset X gets X.hashes (16 bytes a document).
+
 Sharding: --num-shards N --shard-index K (K from 0; in a Slurm array task they default to
 the task's place in the array) tokenizes shard K's share of the input files (balanced by
 size) into P.shards/K-of-N/; `merge --output-prefix P` then writes the datasets an unsharded
@@ -73,6 +84,11 @@ examples:
   python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\
       --tokenizer-model data/tok.model --output-prefix data/train \\
       --domain-key meta.redpajama_set_name --on-error skip --workers 32
+
+  # the same with 1% held out for validation: also data/valid_<domain>.bin/.idx, data/valid.blend.json
+  python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\
+      --tokenizer-model data/tok.model --output-prefix data/train \\
+      --domain-key meta.redpajama_set_name --on-error skip --valid-fraction 0.01
 
   # the same in 4 shards (K = 0, 1, 2, 3, e.g. on 4 machines), then one dataset per domain
   python -m data_prep tokenize --input 'slimpajama/train/**/*.jsonl.zst' \\
@@ -212,6 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace existing outputs, even those of a finished identical run"
     )
     tok.add_argument(
+        "--valid-fraction",
+        type=_fraction,
+        metavar="F",
+        help="hold out about this fraction of the documents (chosen by a hash of each text) for "
+        "validation, written beside P with its final 'train' replaced by 'valid': "
+        "data/train -> data/valid_<domain>.bin/.idx and data/valid.blend.json",
+    )
+    tok.add_argument(
+        "--split-seed",
+        type=_seed,
+        default=0,
+        metavar="S",
+        help="key of the split's hash: another seed holds out other documents (default: 0)",
+    )
+    tok.add_argument(
+        "--dedup",
+        choices=("exact",),
+        help="drop each document whose exact text came earlier in input order (across files, "
+        "and across shards at the merge), counted per domain in P.stats.json",
+    )
+    tok.add_argument(
         "--num-shards",
         type=_positive_int,
         metavar="N",
@@ -292,6 +329,9 @@ def _tokenize(args: argparse.Namespace) -> int:
         workers=args.workers,
         force=args.force,
         shard=shard,
+        valid_fraction=args.valid_fraction,
+        split_seed=args.split_seed,
+        dedup=args.dedup,
     )
     stats, fresh = tokenize(job)
     prefix = shard.prefix(args.output_prefix) if shard else args.output_prefix
@@ -336,18 +376,40 @@ def _report(prefix: str, stats: dict, fresh: bool) -> None:
         f"from {stats['input_bytes'] / 1e6:,.1f} MB in {stats['seconds']:.1f} s"
         + (f": {stats['tokens_per_second']:,} tokens/s" if "tokens_per_second" in stats else "")
     )
+    if "duplicates" in stats:
+        dropped = stats["duplicates"]
+        per_domain = ", ".join(f"{domain} {count:,}" for domain, count in dropped.items() if domain and count)
+        print(
+            f"{'duplicates':<16} dropped {sum(dropped.values()):,} documents whose text came earlier"
+            + (f" ({per_domain})" if per_domain else "")
+        )
     skipped = Counter({kind: n for kind, n in stats["skipped"].items() if n})
     if skipped:
         print(f"{describe_skipped(skipped)} (first: {next(iter(stats['first_skipped'].values()))})")
     written = [f"{prefix}.stats.json"]
     if stats["run"]["domain_key"]:
-        written.insert(0, f"{prefix}.blend.json")
+        blends = [prefix, valid_prefix(prefix)] if stats["run"].get("valid_fraction") else [prefix]
+        written[:0] = [f"{blend}.blend.json" for blend in blends]
     print(f"{'see':<16} {', '.join(written)}")
 
 
 def _inspect(args: argparse.Namespace) -> int:
     print(inspect_dataset(args.prefix, args.tokenizer_model, args.samples, args.max_chars, args.seed))
     return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED}, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:

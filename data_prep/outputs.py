@@ -21,8 +21,11 @@ from .files import write_text_atomically
 
 
 class OutputSet:
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, companions: tuple[str, ...] = ()):
+        """`companions`: other prefixes in the same directory whose files this run writes too
+        (the validation side of a split); P.stats.json is the marker of them all."""
         self.prefix = prefix
+        self.companions = companions
         self.directory = os.path.dirname(os.path.abspath(prefix))
         self.staging = prefix + ".incomplete"
         self.stats_path = prefix + ".stats.json"
@@ -50,10 +53,10 @@ class OutputSet:
             if self._files_intact(stats):
                 return stats
         elif not force:
-            for suffix in (".bin", ".idx", ".blend.json"):
-                if os.path.exists(self.prefix + suffix):
+            for path in self._own_paths():
+                if os.path.exists(path):
                     raise DataPrepError(
-                        f"{self.prefix + suffix} exists but no {self.stats_path} says a data_prep "
+                        f"{path} exists but no {self.stats_path} says a data_prep "
                         "run finished it; pass --force to replace it, or choose another --output-prefix"
                     )
         self._clear(self._read_stats(), keep_parts=not force)
@@ -115,6 +118,13 @@ class OutputSet:
             return None
         return stats if isinstance(stats, dict) else None
 
+    def _own_paths(self) -> list[str]:
+        """The files named after this set's prefixes that only a run of this set may replace
+        (a companion's own stats file included: it belonged to another run)."""
+        paths = [self.prefix + suffix for suffix in (".bin", ".idx", ".blend.json")]
+        suffixes = (".bin", ".idx", ".blend.json", ".stats.json")
+        return paths + [prefix + suffix for prefix in self.companions for suffix in suffixes]
+
     def _files_intact(self, stats: dict) -> bool:
         return all(
             os.path.exists(path := os.path.join(self.directory, name)) and os.path.getsize(path) == size
@@ -125,9 +135,7 @@ class OutputSet:
         """Remove the marker first, so that a run killed from here on leaves nothing finished."""
         if os.path.exists(self.stats_path):
             os.remove(self.stats_path)
-        names = list((stats or {}).get("files", {}))
-        base = os.path.basename(self.prefix)
-        names += [base + suffix for suffix in (".bin", ".idx", ".blend.json")]
+        names = list((stats or {}).get("files", {})) + self._own_paths()
         for name in names:
             path = os.path.join(self.directory, os.path.basename(name))
             if os.path.exists(path):

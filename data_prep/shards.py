@@ -19,6 +19,7 @@ from .errors import DataPrepError
 from .indexed import verify_dataset
 from .lock import output_lock
 from .outputs import OutputSet
+from .splits import valid_prefix
 
 SHARDS_SUFFIX = ".shards"
 _SHARD_NAME = re.compile(r"(\d+)-of-(\d+)")
@@ -90,7 +91,7 @@ def merge(output_prefix: str, force: bool = False) -> tuple[dict, bool]:
             "rerun the shards' tokenize command with --force"
         )
     with output_lock(output_prefix):
-        outputs = OutputSet(output_prefix)
+        outputs = OutputSet(output_prefix, (valid_prefix(output_prefix),) if run.get("valid_fraction") else ())
         previous = outputs.previous_run(run, force, SETTINGS)
         if previous is not None and previous["run"] == run:
             return previous, False

@@ -17,13 +17,24 @@ import multiprocessing
 import os
 import signal
 import time
+import typing
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .assemble import MAX_DOMAINS, SETTINGS, FileOutput, NoDocumentsError, file_record, finished_files, write_outputs
+from .assemble import (
+    MAX_DOMAINS,
+    RECORD_FIELDS,
+    SETTINGS,
+    FileOutput,
+    NoDocumentsError,
+    file_record,
+    reusable_files,
+    write_outputs,
+)
+from .dedup import HASHES_SUFFIX, SeenDigests, digests, first_occurrences
 from .errors import DataPrepError
 from .indexed import IndexedDatasetWriter, token_dtype
 from .lock import output_lock
@@ -31,6 +42,7 @@ from .outputs import FileParts, OutputSet
 from .progress import progress
 from .readers import BadLine, Chunk, expand_inputs, is_plain_text, parse_chunk, read_chunks
 from .shards import Shard, assign_files
+from .splits import TRAIN, sides, split_names, valid_prefix
 from .tokenizer import Tokenizer, load_tokenizer
 from .workers import OrderedPool
 
@@ -55,6 +67,9 @@ class TokenizeJob:
     workers: int = field(default_factory=default_workers)
     force: bool = False
     shard: Shard | None = None  # None: all the files, written at output_prefix
+    valid_fraction: float | None = None  # None: no validation split
+    split_seed: int = 0
+    dedup: str | None = None  # "exact": drop documents whose text came earlier
 
 
 def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
@@ -65,6 +80,7 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
             f"--domain-key reads a JSON field, but {plain[0]!r} is plain text; "
             "leave out --domain-key or give JSONL inputs"
         )
+    companions = (valid_prefix(job.output_prefix),) if job.valid_fraction else ()
     tokenizer = load_tokenizer(job.tokenizer_model, job.eos_token)
     dtype = token_dtype(tokenizer.vocab_size)
     identities = [file_identity(path) for path in paths]
@@ -73,17 +89,18 @@ def tokenize(job: TokenizeJob) -> tuple[dict, bool]:
     if job.shard is not None:
         mine = assign_files([size for _, size, _ in identities], job.shard.count)[job.shard.index]
         prefix = job.shard.prefix(job.output_prefix)
+        companions = tuple(job.shard.prefix(companion) for companion in companions)
         run["shard"] = [job.shard.index, job.shard.count]
     with output_lock(prefix):  # from clearing old outputs to the last rename
-        outputs = OutputSet(prefix)
+        outputs = OutputSet(prefix, companions)
         previous = outputs.previous_run(run, job.force, SETTINGS)
         if previous is not None and previous["run"] == run:
             return previous, False
 
         started = time.perf_counter()
         try:
-            parts = outputs.parts({key: run[key] for key in SETTINGS})
-            kept = finished_files(previous, outputs.directory) if previous is not None else {}
+            parts = outputs.parts({key: run[key] for key in SETTINGS if key in run})
+            kept = reusable_files(previous, outputs.directory, identities) if previous is not None else {}
             done = {i: _part_output(parts, identities[i]) or kept.get(tuple(identities[i])) for i in mine}
             todo = [i for i in mine if done[i] is None]
             failures = _encode_files(parts, job, [(paths[i], identities[i]) for i in todo], dtype)
@@ -127,7 +144,9 @@ class EncodedChunk:
     lines: int
     skipped: Counter
     first_bad: dict[str, BadLine]
-    documents: dict[str, tuple[np.ndarray, np.ndarray]]  # domain -> (tokens, document lengths)
+    documents: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (split, domain) -> (tokens, document lengths)
+    digests: dict[tuple[str, str], np.ndarray]  # (split, domain) -> the documents' digests (with --dedup)
+    duplicates: Counter  # domain -> documents dropped as repeats within the chunk
 
 
 def _start_worker(model_path: str, eos_token: str | None) -> None:
@@ -139,22 +158,42 @@ def _start_worker(model_path: str, eos_token: str | None) -> None:
 
 
 def encode_chunk(
-    chunk: Chunk, json_key: str, domain_key: str | None, stop_at_first_bad: bool, dtype: np.dtype
+    chunk: Chunk,
+    json_key: str,
+    domain_key: str | None,
+    stop_at_first_bad: bool,
+    dtype: np.dtype,
+    valid_fraction: float | None,
+    split_seed: int,
+    dedup: bool,
 ) -> EncodedChunk:
     parsed = parse_chunk(chunk, json_key, domain_key, stop_at_first_bad)
-    by_domain: dict[str, list[np.ndarray]] = defaultdict(list)  # id arrays, a document's in order
-    lengths: dict[str, list[int]] = defaultdict(list)
-    for domain, ids in zip(parsed.domains, _tokenizer.encode_documents(parsed.texts, dtype)):
-        by_domain[domain] += ids
-        lengths[domain].append(sum(map(len, ids)))
+    duplicates, rows = Counter(), None
+    if dedup:
+        rows = digests(parsed.texts)
+        keep = first_occurrences(rows)
+        duplicates.update(domain for domain, kept in zip(parsed.domains, keep) if not kept)
+        parsed.texts = [text for text, kept in zip(parsed.texts, keep) if kept]
+        parsed.domains = [domain for domain, kept in zip(parsed.domains, keep) if kept]
+        rows = rows[keep]
+    splits = sides(parsed.texts, valid_fraction, split_seed) if valid_fraction else [TRAIN] * len(parsed.texts)
+    by_dataset: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)  # id arrays, a document's in order
+    lengths: dict[tuple[str, str], list[int]] = defaultdict(list)
+    positions: dict[tuple[str, str], list[int]] = defaultdict(list)
+    encoded = _tokenizer.encode_documents(parsed.texts, dtype)
+    for position, (split, domain, ids) in enumerate(zip(splits, parsed.domains, encoded)):
+        by_dataset[split, domain] += ids
+        lengths[split, domain].append(sum(map(len, ids)))
+        positions[split, domain].append(position)
     documents = {
-        domain: (
+        key: (
             np.concatenate(arrays, dtype=dtype, casting="unsafe"),  # ids < vocab size fit dtype
-            np.array(lengths[domain], np.int32),
+            np.array(lengths[key], np.int32),
         )
-        for domain, arrays in by_domain.items()
+        for key, arrays in by_dataset.items()
     }
-    return EncodedChunk(parsed.lines, parsed.skipped, parsed.first_bad, documents)
+    chunk_digests = {key: rows[indices] for key, indices in positions.items()} if dedup else {}
+    return EncodedChunk(parsed.lines, parsed.skipped, parsed.first_bad, documents, chunk_digests, duplicates)
 
 
 # ---------------------------------------------------------------- parent
@@ -192,7 +231,9 @@ def _encode_files(parts: FileParts, job: TokenizeJob, files: list[tuple[str, lis
                         f"(they are counted in {job.output_prefix}.stats.json)."
                     )
                     continue
-                current = current or _PartWriter(parts, index, identity, dtype)
+                current = current or _PartWriter(
+                    parts, index, identity, dtype, split_names(job.valid_fraction), job.dedup
+                )
                 current.add(encoded)
                 documents += sum(len(lengths) for _, lengths in encoded.documents.values())
                 tokens += sum(len(ids) for ids, _ in encoded.documents.values())
@@ -217,29 +258,35 @@ def _tasks(files: list[tuple[str, list]], failures: dict, job: TokenizeJob, dtyp
     """Each file's chunks, tagged (file index, bytes done in all, in this file, last chunk?);
     a file that cannot be read is put in `failures` and the next one starts."""
     fail = job.on_error == "fail"
+    settings = (job.json_key, job.domain_key, fail, dtype, job.valid_fraction, job.split_seed, job.dedup is not None)
     before = 0
     for index, (path, (_, size, _)) in enumerate(files):
         try:
             for chunk, position in read_chunks(path):
                 if path in failures:  # a bad line under --on-error fail: the rest is not needed
                     break
-                yield (chunk, job.json_key, job.domain_key, fail, dtype), (index, before + position, position, False)
+                yield (chunk, *settings), (index, before + position, position, False)
         except DataPrepError as exc:
             failures[path] = str(exc)
         except OSError as exc:  # e.g. deleted or moved while the run goes (shared filesystems)
             failures[path] = f"{path}: {exc.strerror or exc}"
         if path not in failures:  # an empty chunk ends the file, so that even an empty file gets its part
-            yield (Chunk(path, 1, b""), job.json_key, job.domain_key, fail, dtype), (index, before + size, size, True)
+            yield (Chunk(path, 1, b""), *settings), (index, before + size, size, True)
         before += size
 
 
 class _PartWriter:
     """One input file's datasets (one per domain) and record, written as a part."""
 
-    def __init__(self, parts: FileParts, index: int, identity: list, dtype: np.dtype):
-        self.parts, self.index, self.identity, self.dtype = parts, index, identity, dtype
+    def __init__(
+        self, parts: FileParts, index: int, identity: list, dtype: np.dtype, splits: tuple[str, ...], dedup: str | None
+    ):
+        self.parts, self.index, self.identity, self.dtype, self.splits = parts, index, identity, dtype, splits
         self.directory = parts.start(identity)
-        self.writers: dict[str, IndexedDatasetWriter] = {}
+        self.writers: dict[tuple[str, str], IndexedDatasetWriter] = {}
+        self.digest_files: dict[tuple[str, str], typing.BinaryIO] = {}
+        self.seen = SeenDigests() if dedup else None  # the file's documents so far
+        self.duplicates: Counter | None = Counter() if dedup else None
         self.lines = 0
         self.skipped: Counter = Counter()
         self.first_skipped: dict[str, str] = {}
@@ -249,28 +296,54 @@ class _PartWriter:
         self.skipped.update(encoded.skipped)
         for kind, bad in encoded.first_bad.items():
             self.first_skipped.setdefault(kind, str(bad))
-        for domain, (tokens, lengths) in encoded.documents.items():
-            if domain not in self.writers:
-                if len(self.writers) == MAX_DOMAINS:
+        documents = self._drop_repeats(encoded) if self.seen is not None else encoded.documents
+        for key, (tokens, lengths) in documents.items():
+            if key not in self.writers:
+                domains = {domain for _, domain in self.writers}
+                if key[1] not in domains and len(domains) == MAX_DOMAINS:
                     raise DataPrepError(
                         f"the domain key has more than {MAX_DOMAINS} distinct values in {self.identity[0]} "
-                        f"(the latest: {domain!r}); --domain-key should name a field with a few domain names"
+                        f"(the latest: {key[1]!r}); --domain-key should name a field with a few domain names"
                     )
                 name = os.path.join(self.directory, str(len(self.writers)))
-                self.writers[domain] = IndexedDatasetWriter(name, self.dtype)
-            self.writers[domain].append(tokens, lengths)
+                self.writers[key] = IndexedDatasetWriter(name, self.dtype)
+                if self.seen is not None:
+                    self.digest_files[key] = open(name + HASHES_SUFFIX, "wb")
+            self.writers[key].append(tokens, lengths)
+            if self.seen is not None:
+                self.digest_files[key].write(encoded.digests[key].tobytes())
+
+    def _drop_repeats(self, encoded: EncodedChunk) -> dict:
+        """The chunk's documents less those an earlier chunk of the file holds (encoded.digests
+        shrinks alike); the chunk's own repeats were dropped by the worker."""
+        self.duplicates.update(encoded.duplicates)
+        kept = {}
+        for key, (tokens, lengths) in encoded.documents.items():
+            keep = ~self.seen.seen(encoded.digests[key])
+            self.duplicates[key[1]] += int(np.count_nonzero(~keep))
+            kept[key] = (tokens[np.repeat(keep, lengths)], lengths[keep])
+            encoded.digests[key] = encoded.digests[key][keep]
+        for rows in encoded.digests.values():
+            self.seen.add(rows)
+        return {key: value for key, value in kept.items() if len(value[1])}
 
     def finish(self) -> None:
         for writer in self.writers.values():
             writer.finish()
-        domains = {domain: [writer.documents, writer.tokens] for domain, writer in self.writers.items()}
-        record = file_record(self.identity, self.lines, self.skipped, self.first_skipped, domains)
-        names = {domain: os.path.basename(writer.prefix) for domain, writer in self.writers.items()}
+        for file in self.digest_files.values():
+            file.close()
+        counts = {key: [writer.documents, writer.tokens] for key, writer in self.writers.items()}
+        record = file_record(
+            self.identity, self.lines, self.skipped, self.first_skipped, counts, self.splits, self.duplicates
+        )
+        names = [[*key, os.path.basename(writer.prefix)] for key, writer in self.writers.items()]
         self.parts.finish(self.identity, {"record": record, "datasets": names})
 
     def discard(self) -> None:
         for writer in self.writers.values():
             writer.close()
+        for file in self.digest_files.values():
+            file.close()
         self.parts.discard(self.identity)
 
 
@@ -281,8 +354,8 @@ def _part_output(parts: FileParts, identity: list) -> FileOutput | None:
     directory = parts.path(identity)
     record = part["record"]
     ranges = {
-        domain: (os.path.join(directory, name), 0, record["domains"][domain][0])
-        for domain, name in part["datasets"].items()
+        (split, domain): (os.path.join(directory, name), 0, record[RECORD_FIELDS[split]][domain][0])
+        for split, domain, name in part["datasets"]
     }
     return FileOutput(record, ranges)
 
@@ -309,10 +382,15 @@ def file_identity(path: str) -> list:
 
 def _fingerprint(job: TokenizeJob, identities: list[list], tokenizer: Tokenizer) -> dict:
     """Everything the output depends on: a rerun with the same fingerprint has nothing to do."""
-    return {
+    run = {
         "inputs": identities,
         "tokenizer_sha256": tokenizer.sha256,
         "json_key": job.json_key,
         "domain_key": job.domain_key,
         "on_error": job.on_error,
     }
+    if job.valid_fraction:  # absent otherwise, so that runs without a split keep their fingerprint
+        run |= {"valid_fraction": job.valid_fraction, "split_seed": job.split_seed}
+    if job.dedup:
+        run["dedup"] = job.dedup
+    return run

@@ -3,6 +3,7 @@ settings refused before a run starts."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -107,3 +108,28 @@ def test_non_finite_odm_settings_and_unknown_mixings_are_refused():
         load_config(REPO / "configs/demo_cpu.yaml", ["data.mixing=odm", "data.mixing_exploration=.inf"])
     with pytest.raises(ConfigError, match=r"data.mixing: 'doge' is not one of 'fixed', 'odm'"):
         load_config(REPO / "configs/demo_cpu.yaml", ["data.mixing=doge"])
+
+
+def test_the_report_draws_each_domains_mixture_over_the_steps(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from launch.tools import report
+
+    saved, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **k: (saved.append(figure), savefig(figure, *a, **k)))
+    run = tmp_path / "odm"
+    run.mkdir()
+    shares = {"code": 0.5, "prose": 0.5}
+    mixtures = [{"code": 0.5, "prose": 0.5}, {"code": 0.6, "prose": 0.4}, {"code": 0.7, "prose": 0.3}]
+    train = [
+        {"kind": "train", "step": step, "loss": 5.0, "weighted_loss": 5.0, "weight_ess": 1.0, "weight_entropy": 1.0,
+         "domain_weight_share": shares, "domain_sample_share": shares, "domain_mixture": mixture}
+        for step, mixture in zip((10, 20, 30), mixtures)
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in train))
+    (run / "config.yaml").write_text("reweight: {warmup_steps: 0}\n")
+    report.plot({"odm": run}, tmp_path / "report.png")
+    mixture_ax = saved[0].axes[-1]
+    assert "domain mixture" in mixture_ax.get_title()
+    lines = {line.get_label(): line.get_ydata().tolist() for line in mixture_ax.get_lines()}
+    assert lines == {"code": [0.5, 0.6, 0.7], "prose": [0.5, 0.4, 0.3]}

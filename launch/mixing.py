@@ -89,7 +89,7 @@ class Exp3Mixer:
         if self.exploration is not None:
             return self.exploration
         k = self.num_domains
-        return 1.0 if t == 0 or k == 1 else min(1.0, math.sqrt(k * math.log(k) / t))
+        return 1.0 if t == 0 else min(1.0, math.sqrt(k * math.log(k) / t))
 
     def _policy(self, t: int) -> np.ndarray:
         logits = np.log(self.prior) + self._gamma(t - 1) / self.num_domains * self.rewards

@@ -133,3 +133,23 @@ def test_the_report_draws_each_domains_mixture_over_the_steps(tmp_path, monkeypa
     assert "domain mixture" in mixture_ax.get_title()
     lines = {line.get_label(): line.get_ydata().tolist() for line in mixture_ax.get_lines()}
     assert lines == {"code": [0.5, 0.6, 0.7], "prose": [0.5, 0.4, 0.3]}
+
+
+def test_the_dry_run_and_start_up_summary_describe_the_mixing():
+    from launch.dry_run import describe_run
+
+    demo = REPO / "configs/demo_cpu.yaml"
+    lines = describe_run(load_config(demo, ["data.mixing=odm", "data.mixing_update_interval=5"]), 2)
+    (mixing,) = [line for line in lines if line.startswith("data mixing:")]
+    assert "odm (EXP3 over domains" in mixing and "every 5 steps" in mixing and "sqrt(K ln K / t)" in mixing
+    assert any(line.endswith("(the starting point of data.mixing)") for line in lines)
+    assert "data mixing: fixed" in "\n".join(describe_run(load_config(demo), 2))
+
+
+def test_resuming_with_another_mixing_is_a_changed_experiment():
+    from launch.config import experiment_changes, to_dict
+
+    demo = REPO / "configs/demo_cpu.yaml"
+    saved = to_dict(load_config(demo))
+    changes = experiment_changes(saved, load_config(demo, ["data.mixing=odm"]), saved_dp=2, dp=2)
+    assert changes == ["data.mixing: 'fixed' -> 'odm'"]

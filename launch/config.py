@@ -169,6 +169,14 @@ class DataConfig:
     # CPU, where workers would take cores from the step itself.
     num_workers: int | None = None
     prefetch: int = 2
+    # How the domain mixture moves during the run (launch/mixing.py): `fixed` = Megatron's blend
+    # of data.weights for the whole run; `odm` = online data mixing (Albalak et al. 2023), an
+    # EXP3 bandit rewarded by each domain's training loss, starting from data.weights.
+    mixing: Literal["fixed", "odm"] = "fixed"
+    # odm: the uniform share of the mixture in [0, 1]; null = ODM's schedule min(1, sqrt(K ln K / t)).
+    mixing_exploration: float | None = None
+    mixing_update_interval: int = 1  # odm: steps between updates of the mixture
+    mixing_smoothing: float = 0.9  # odm: α of the rewards' moving average, in [0, 1)
 
 
 @dataclass(frozen=True)
@@ -756,6 +764,31 @@ def _data_problems(data: DataConfig) -> list[str]:
             )
     if data.tokenizer_model is None:
         problems.append("data.tokenizer_model is null: give the tokenizer the data was tokenized with (.model, .json)")
+    return problems + _mixing_problems(data)
+
+
+def _mixing_problems(data: DataConfig) -> list[str]:
+    if data.mixing == "fixed":
+        return []
+    problems = []
+    named = data.weights.items() if isinstance(data.weights, dict) else enumerate(data.weights or [])
+    zero = [str(domain) for domain, weight in named if weight == 0]
+    if zero:
+        problems.append(
+            f"data.weights gives {', '.join(zero)} weight 0 under data.mixing={data.mixing}: the bandit explores"
+            " every domain of the run (a share of at least exploration/K each), so 0 cannot keep one out and"
+            " gives it no starting point; give it a small positive weight to start low, or data.mixing=fixed"
+            " (which leaves weight-0 domains out)"
+        )
+    if data.mixing_exploration is not None and not 0 <= data.mixing_exploration <= 1:
+        problems.append(
+            f"data.mixing_exploration={data.mixing_exploration} must be in [0, 1] (the uniform share of the"
+            " mixture), or null for ODM's decaying schedule"
+        )
+    if data.mixing_update_interval < 1:
+        problems.append(f"data.mixing_update_interval={data.mixing_update_interval} must be >= 1 (steps)")
+    if not 0 <= data.mixing_smoothing < 1:
+        problems.append(f"data.mixing_smoothing={data.mixing_smoothing} must be in [0, 1) (0.9 by default)")
     return problems
 
 

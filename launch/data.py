@@ -4,7 +4,8 @@ The training mixture is a `BlendedDataset` of one `GPTDataset` per domain (Megat
 deterministic shuffling and blending), and each sample carries the id of its domain so
 the loss can report per-domain weight shares.  Samples are read in Megatron's pretraining
 order: global batch k holds dataset indices [k·G, (k+1)·G) whatever the data-parallel
-size, each micro-step takes the next DP·micro_batch_size of them, and each DP rank its
+size (with `data.mixing: odm` the same indices of a `MixedDataset`, resolved when the step
+starts), each micro-step takes the next DP·micro_batch_size of them, and each DP rank its
 contiguous slice.  The data position is therefore just the step number.
 """
 
@@ -22,6 +23,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from launch.config import Config
+from launch.mixing import Exp3Mixer, MixedDataset
 from launch.sources import Blend, DataSources, Tokenizer
 from launch.stopping import STOP_SIGNALS
 from megatron_patches.device import on_gpu
@@ -52,13 +54,32 @@ def _split(cfg: Config) -> str:
 
 
 def build_train_dataset(cfg: Config, sources: DataSources, cache_dir: Path):
-    """The blended training set, large enough for every step of the run."""
-    blend = sources.train
-    config = _dataset_config(
-        cfg, sources.tokenizer, cache_dir, blend=(blend.prefixes, blend.weights), split=_split(cfg)
+    """The training set, large enough for every step of the run: Megatron's blend of fixed
+    weights, or with `data.mixing: odm` a `MixedDataset` whose mixture moves (launch.mixing)."""
+    blend, samples = sources.train, cfg.train.steps * cfg.train.global_batch_size
+    if cfg.data.mixing == "fixed":
+        config = _dataset_config(
+            cfg, sources.tokenizer, cache_dir, blend=(blend.prefixes, blend.weights), split=_split(cfg)
+        )
+        train, _, _ = _build(config, [samples, 0, 0])
+        return train
+    # Any domain may be drawn for every sample of the run: each is built that long.
+    datasets = [
+        _build(
+            _dataset_config(cfg, sources.tokenizer, cache_dir, blend=([prefix], None), split=_split(cfg)),
+            [samples, 0, 0],
+        )[0]
+        for prefix in blend.prefixes
+    ]
+    d = cfg.data
+    return MixedDataset(
+        datasets,
+        Exp3Mixer(blend.weights, exploration=d.mixing_exploration, smoothing=d.mixing_smoothing),
+        seed=cfg.train.seed,
+        global_batch_size=cfg.train.global_batch_size,
+        steps=cfg.train.steps,
+        update_interval=d.mixing_update_interval,
     )
-    train, _, _ = _build(config, [cfg.train.steps * cfg.train.global_batch_size, 0, 0])
-    return train
 
 
 def build_validation_datasets(

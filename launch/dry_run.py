@@ -256,15 +256,30 @@ def _describe_data(cfg: Config) -> list[str]:
             lines.append(f"data {name}: {path} (not readable)")
             continue
         mix = ", ".join(f"{d} {w:.3f}" for d, w in zip(blend.domains, blend.weights))
-        lines.append(f"data {name}: {path}: {mix}")
+        start = " (the starting point of data.mixing)" if name == "train" and data.mixing != "fixed" else ""
+        lines.append(f"data {name}: {path}: {mix}{start}")
     if data.prefixes is not None:
         weights = data.weights or "by token count"
         lines.append(f"data train: {len(data.prefixes)} prefixes, weights {weights}")
     if data.valid_blend is None:
         lines.append(f"data valid: split {data.split} of the training data")
+    lines.append(f"data mixing: {_describe_mixing(data)}")
     flags = ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
     kept_apart = [f"data.{key}" for key in flags if getattr(data, key)]
     if kept_apart:
         lines.append("documents kept apart: " + ", ".join(kept_apart))
     lines.append(f"tokenizer: {data.tokenizer_model}")
     return lines
+
+
+def _describe_mixing(data) -> str:
+    if data.mixing == "fixed":
+        return "fixed (Megatron's blend, the same weights for the whole run)"
+    exploration = (
+        "ODM's schedule min(1, sqrt(K ln K / t))" if data.mixing_exploration is None else str(data.mixing_exploration)
+    )
+    every = "every step" if data.mixing_update_interval == 1 else f"every {data.mixing_update_interval} steps"
+    return (
+        f"{data.mixing} (EXP3 over domains rewarded by their training loss), updated {every};"
+        f" uniform share {exploration}; reward smoothing {data.mixing_smoothing}"
+    )

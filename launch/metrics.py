@@ -285,12 +285,14 @@ def start_wandb(run_dir: Path, settings: dict):
     return wandb.init(dir=str(directory), id=id_file.read_text().strip(), resume="allow", **settings)
 
 
-def console_line(row: dict, steps: int) -> str:
+def console_line(row: dict, steps: int, mixture: bool = False) -> str:
+    """`mixture`: add the domain weights that drew the step (online mixing moves them)."""
     mfu = "" if row["mfu"] is None else f" | MFU {100 * row['mfu']:.1f}%"
+    weights = " | mixture " + " ".join(f"{d} {w:.3f}" for d, w in row["domain_mixture"].items()) if mixture else ""
     return (
         f"step {row['step']:>6}/{steps} | loss {row['loss']:.4f} | weighted {row['weighted_loss']:.4f} | "
         f"lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | ess {row['weight_ess']:.3f} | "
         f"max w {row['weight_max']:.2f} | invalid {row['invalid_fraction']:.3f} | "
         f"{row['tokens_per_s']:.0f} tok/s | {row['step_time_s'] * 1000:.0f} ms/step | "
-        f"{row['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | peak {row['peak_memory_gib']:.2f} GiB"
+        f"{row['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | peak {row['peak_memory_gib']:.2f} GiB{weights}"
     )

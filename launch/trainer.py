@@ -25,6 +25,7 @@ from launch.data import MicroBatchLoader, build_train_dataset, build_validation_
 from launch.dry_run import describe_run
 from launch.engines import engine_class
 from launch.metrics import MetricsLog, StepStatistics, console_line, is_reporter, reduce_to_rank0
+from launch.mixing import MixedDataset
 from launch.model import build_model, use_bf16
 from launch.sources import DataSources
 from launch.stopping import StopRequests
@@ -118,6 +119,8 @@ class Trainer:
 
         cache = Path(cfg.data.cache_dir or self.run_dir / "data_cache")
         self.train_data = build_train_dataset(cfg, self.sources, cache)
+        # data.mixing=odm: a training set whose mixture the losses move (None: a fixed blend).
+        self.mixing = self.train_data if isinstance(self.train_data, MixedDataset) else None
         valid_blend = self.sources.valid or self.sources.train
         self.valid_data = build_validation_datasets(cfg, self.sources, valid_blend, cache)
         self.train_loader = MicroBatchLoader(self.train_data, cfg, t.steps)
@@ -132,12 +135,16 @@ class Trainer:
         self.trainer_state.register("reweight_schedule", self.loss.schedule)
         # A resume mid-interval logs the same rows; older checkpoints named it log_interval.
         self.trainer_state.register("step_statistics", self.statistics, formerly=("log_interval",))
+        if self.mixing is not None:  # the mixture, the bandit and each domain's read position
+            self.trainer_state.register("mixing", self.mixing)
         # Called in order after every optimizer step, whichever the engine. The reweighting
         # schedule is looked up at call time: launch.bench swaps it between steps.
         self.after_step: list[Callable[[], None]] = [
             partial(self.scheduler.step, increment=1),
             lambda: self.loss.schedule.advance(),
         ]
+        if self.mixing is not None:
+            self.after_step.append(self.mixing.end_step)
 
         self.resumed_from: Path | None = None
         self.step = self._resume()
@@ -220,11 +227,15 @@ class Trainer:
 
     def train_step(self) -> tuple[list[dict], float]:
         """One optimizer step on the global batch at `self.step`: loss reports and grad norm."""
+        if self.mixing is not None:  # the draw of this step, from the mixture the last update left
+            self.mixing.start_step(self.step)
         batches = self.train_loader.micro_batches(self.step)
         reports = self.engine.forward_backward(
             partial(_forward_step, self.loss), batches, self.micro_batches_per_step, forward_only=False
         )
         grad_norm = self.engine.step()
+        if self.mixing is not None:
+            self.mixing.observe(reports)
         for hook in self.after_step:
             hook()
         return reports, grad_norm
@@ -248,9 +259,14 @@ class Trainer:
             "reweight_temperature": temperature,
             "domain_weight_share": means.domain_weight_share,
             "domain_sample_share": means.domain_sample_share,
+            "domain_mixture": dict(zip(self.sources.train.domains, self._mixture())),
         }
         self.log.write(row)
-        say(console_line(row, self.cfg.train.steps))
+        say(console_line(row, self.cfg.train.steps, mixture=self.mixing is not None))
+
+    def _mixture(self) -> list[float]:
+        """The domain weights that drew the last step's samples."""
+        return self.sources.train.weights if self.mixing is None else self.mixing.step_mixture
 
     def _log_weights(self, reports: list[dict]) -> None:
         """The step's first global micro-batch: its samples start at the global batch's first index."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from megatron.core.datasets.blended_dataset import BlendedDataset
 
 from data_prep.files import write_text_atomically
+from launch.mixing import MixedDataset
 
 WEIGHTS_DIR = "weights"
 
@@ -32,6 +33,9 @@ def sample_documents(dataset, index: int) -> tuple[int, int, list[int], list[int
     domain, sample = 0, index
     if isinstance(dataset, BlendedDataset):
         domain, sample = int(dataset.dataset_index[index]), int(dataset.dataset_sample_index[index])
+        dataset = dataset.datasets[domain]
+    elif isinstance(dataset, MixedDataset):  # data.mixing=odm: the step being read
+        domain, sample = dataset.locate(index)
         dataset = dataset.datasets[domain]
     row = dataset.shuffle_index[sample]
     (first, start), (last, end) = dataset.sample_index[row], dataset.sample_index[row + 1]

@@ -237,6 +237,8 @@ def weight_statistics(
     - `loss_top_quarter` / `loss_bottom_quarter`: mean loss of the most / least weighted 25 %.
     - `domain_weight_share` / `domain_sample_share`: per domain id, Σ w against the share of
       valid samples; shows which domains the method steers away from.
+    - `domain_samples` / `domain_loss_sum`: per domain id, its valid samples and the sum of
+      their losses (the rewards of online domain mixing).
     """
     weights = weights.detach().to(torch.float64)
     valid = valid.to(torch.bool)
@@ -275,6 +277,11 @@ def weight_statistics(
             0, ids, torch.ones_like(p)
         )[:num_domains]
         stats["domain_sample_share"] = counts / n_safe
+        # Sums, not means, so that micro-batches and steps add up exactly (online domain mixing).
+        stats["domain_samples"] = counts
+        stats["domain_loss_sum"] = torch.zeros(num_domains + 1, dtype=torch.float64, device=p.device).index_add_(
+            0, ids, safe_losses
+        )[:num_domains]
     return stats
 
 

@@ -99,14 +99,33 @@ def _plot_pair(ax, steps: list[int], name: str, solid: tuple[str, list], dashed:
     ax.plot(steps, dashed_values, style, color=line.get_color(), label=f"{name}: {dashed_label}")
 
 
+def _plot_mixtures(ax, runs: dict[str, Path]) -> None:
+    """The domain weights that drew each logged step (data.mixing): a colour per domain, a line style per run."""
+    styles = ["-", "--", ":", "-."]
+    colours = {}
+    for number, (name, path) in enumerate(runs.items()):
+        train = [r for r in read_rows(path)[0] if "domain_mixture" in r]
+        for domain in train[0]["domain_mixture"]:
+            colour = colours.setdefault(domain, f"C{len(colours) % 10}")
+            values = [r["domain_mixture"][domain] for r in train]
+            label = f"{name}: {domain}" if len(runs) > 1 else domain
+            ax.plot([r["step"] for r in train], values, styles[number % len(styles)], color=colour, label=label)
+    ax.set(title="domain mixture (weights that drew each step)", xlabel="step", ylabel="share of samples")
+
+
 def plot(runs: dict[str, Path], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    (loss_ax, valid_ax), (ess_ax, share_ax) = axes
+    mixing = [name for name, path in runs.items() if any("domain_mixture" in r for r in read_rows(path)[0])]
+    fig, axes = plt.subplots(3 if mixing else 2, 2, figsize=(12, 12 if mixing else 8))
+    (loss_ax, valid_ax), (ess_ax, share_ax) = axes[:2]
+    if mixing:  # one wide panel: each run's domain weights over the steps
+        for ax in axes[2]:
+            ax.remove()
+        _plot_mixtures(fig.add_subplot(axes[0, 0].get_gridspec()[2, :]), {name: runs[name] for name in mixing})
     for name, path in runs.items():
         train, valid = read_rows(path)
         steps = [r["step"] for r in train]
@@ -138,7 +157,7 @@ def plot(runs: dict[str, Path], out: Path) -> None:
         share_ax.bar([p + 0.2 for p in positions], weight, width=0.4, label="share of weight")
         share_ax.set_xticks(list(positions), domains)
     share_ax.set(title=f"{name}: where the weight goes\n({window})", xlabel="domain", ylabel="share")
-    for ax in axes.flat:
+    for ax in fig.axes:
         if ax.get_legend_handles_labels()[0]:  # a run without train rows has nothing to label
             ax.legend(fontsize=8)
     fig.tight_layout()

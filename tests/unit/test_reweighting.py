@@ -433,6 +433,8 @@ HAND_WORKED_STATISTICS = {
     "loss_bottom_quarter": 1.5,
     "domain_weight_share": [0.3, 0.7],
     "domain_sample_share": [0.5, 0.5],
+    "domain_samples": [4, 4],
+    "domain_loss_sum": [1 + 2 + 3 + 4, 5 + 6 + 7 + 8],
 }
 
 

@@ -95,6 +95,10 @@ def transformer_config(cfg: Config, *, gpu: bool, te: bool) -> TransformerConfig
         recompute_num_layers=m.recompute_num_layers,
         fp8=m.fp8,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_size,
+        # As Megatron-LM for the interleaved schedule: batched sends and receives would pair a
+        # forward and a backward tensor between the same two ranks at PP=2, and swap them.
+        overlap_p2p_comm=p.virtual_pipeline_size is not None,
+        batch_p2p_comm=p.virtual_pipeline_size is None,
         # Only apex's FusedLayerNorm reads persist_layer_norm, and neither layer spec builds it
         # (megatron_patches/specs.py); torch's norms refuse the flag.
         persist_layer_norm=False,

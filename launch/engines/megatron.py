@@ -44,8 +44,9 @@ def ddp_config(cfg: Config) -> DistributedDataParallelConfig:
         use_distributed_optimizer=p.distributed_optimizer,
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
-        # Megatron-LM's default: every pipeline stage dispatches its all-gathers together.
-        align_param_gather=p.overlap_param_gather,
+        # Megatron-LM's default with the interleaved schedule: every pipeline stage dispatches its
+        # all-gathers together (the schedule calls param_sync_func); off without it.
+        align_param_gather=p.overlap_param_gather and p.virtual_pipeline_size is not None,
         bucket_size=p.bucket_size,
         check_for_nan_in_grad=True,
     )
@@ -118,7 +119,7 @@ class Engine:
         if self.cfg.parallel.overlap_grad_reduce:
             config.no_sync_func = per_chunk([chunk.no_sync for chunk in self.wrapped_chunks])
             config.grad_sync_func = per_chunk([chunk.start_grad_sync for chunk in self.wrapped_chunks])
-        if self.cfg.parallel.overlap_param_gather:
+        if self.cfg.parallel.overlap_param_gather and self.cfg.parallel.virtual_pipeline_size is not None:
             config.param_sync_func = per_chunk([chunk.start_param_sync for chunk in self.wrapped_chunks])
 
     @staticmethod

@@ -14,7 +14,7 @@ import torch
 from helpers.multiprocess import run_distributed
 
 SEQ, VOCAB, GLOBAL_MICRO_BATCH = 32, 128, 4
-STEPS, MICRO_BATCHES = 2, 2
+STEPS, MICRO_BATCHES = 2, 4  # 4 = 2 x PP: the interleaved schedule's steady state sends both ways
 SMALL_BUCKETS = 5000  # parameters per bucket: the tiny model's ~220k make many buckets
 
 

@@ -680,13 +680,14 @@ def _performance_problems(cfg: Config, world_size: int) -> list[str]:
 def _recompute_problems(model: ModelConfig, par: ParallelConfig) -> list[str]:
     granularity, method, layers = model.recompute_granularity, model.recompute_method, model.recompute_num_layers
     if granularity != "full":
-        wrong = [f"model.{key}={value}" for key, value in (("recompute_method", method),
-                 ("recompute_num_layers", layers)) if value is not None]  # fmt: skip
-        if wrong:
+        chosen = {"recompute_method": method, "recompute_num_layers": layers}
+        chosen = {key: value for key, value in chosen.items() if value is not None}
+        if chosen:
             return [
-                f"{' and '.join(wrong)} choose the layers that recompute_granularity=full recomputes, and"
-                f" model.recompute_granularity={granularity}: set model.recompute_granularity=full or"
-                f" {' and '.join(w.split('=')[0] + '=null' for w in wrong)}"
+                " and ".join(f"model.{key}={value}" for key, value in chosen.items())
+                + " choose the layers that recompute_granularity=full recomputes, and"
+                f" model.recompute_granularity={granularity or 'null'}: set model.recompute_granularity=full or "
+                + " and ".join(f"model.{key}=null" for key in chosen)
             ]
         return []
     if method is None or layers is None:

@@ -24,6 +24,7 @@ def plain(tmp_path_factory, demo_dir):
     return run_dir
 
 
+@pytest.mark.slow  # two 2-process runs; tests/distributed/test_performance_knobs.py is the fast check
 def test_an_interleaved_run_follows_the_plain_pipelines_losses(tmp_path, demo_dir, plain):
     result = pretrain(tmp_path, demo_dir, *INTERLEAVED, "train.exit_after=4")
     assert "interleaved pipeline, 2 model chunks per pipeline rank" in result.stdout

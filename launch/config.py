@@ -65,6 +65,21 @@ class ModelConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     tf32: bool = True  # fp32 runs on a GPU multiply in TF32 (torch's "high" matmul precision)
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # Activation recomputation, as Megatron-LM's --recompute-* flags: selective recomputes each
+    # layer's core attention in the backward pass; full recomputes whole layers, which
+    # recompute_method picks: uniform = every recompute_num_layers layers as one unit, block =
+    # the first recompute_num_layers layers of each pipeline stage (or model chunk).
+    recompute_granularity: Literal["selective", "full"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+    # FP8 matmuls through Transformer Engine (Megatron-LM's --fp8-format): e4m3 everywhere, or
+    # hybrid (e4m3 forward, e5m2 gradients); null = none. Needs Transformer Engine on a GPU.
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    # Weight gradients added straight into the fp32 gradient buffers (Megatron-LM's default, off
+    # with --no-gradient-accumulation-fusion): used where its kernel is, Transformer Engine's
+    # linears or apex's fused_weight_gradient_mlp_cuda, with engine=megatron on a GPU; the dry run
+    # says when it is off.
+    gradient_accumulation_fusion: bool = True
 
     def __post_init__(self):
         # Resolved here so every consumer sees concrete sizes and the saved config is explicit.
@@ -93,6 +108,16 @@ class ParallelConfig:
     cp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    # Megatron-LM's --overlap-grad-reduce / --overlap-param-gather: gradients reduced, and with
+    # the distributed optimizer parameters all-gathered, bucket by bucket while the backward
+    # (forward) pass goes on. bucket_size: parameters per bucket; null = Megatron's choice
+    # (max(40M, 1M x DP) with overlap, one bucket without).
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bucket_size: int | None = None
+    # The interleaved pipeline schedule: model chunks per pipeline rank (Megatron's
+    # virtual_pipeline_model_parallel_size); null = one chunk, the plain 1F1B schedule.
+    virtual_pipeline_size: int | None = None
 
     @property
     def model_parallel_size(self) -> int:
@@ -523,6 +548,7 @@ def validate(cfg: Config, world_size: int) -> None:
     Data files are checked by `launch.sources`; the checkpoint to start from and the data
     cache to write are checked here."""
     problems = _layout_problems(cfg, world_size)
+    problems += _performance_problems(cfg, world_size)
     problems += engine_class(cfg.engine).config_problems(cfg, world_size)
     problems += family_problems(cfg.model)
     problems += _value_problems(cfg)
@@ -610,6 +636,91 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
                 f" (e.g. {_next_multiple(train.global_batch_size, step)})"
             )
     return problems
+
+
+def _performance_problems(cfg: Config, world_size: int) -> list[str]:
+    """Megatron-LM's performance features, in the combinations Megatron-Core runs."""
+    model, par, train = cfg.model, cfg.parallel, cfg.train
+    problems = []
+    if par.overlap_param_gather and not par.distributed_optimizer:
+        problems.append(
+            "parallel.overlap_param_gather=true overlaps the distributed optimizer's parameter all-gather:"
+            " set parallel.distributed_optimizer=true or parallel.overlap_param_gather=false"
+        )
+    if par.overlap_param_gather and not par.overlap_grad_reduce:
+        problems.append(
+            "parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce=true (Megatron-Core"
+            " overlaps the all-gather only with the reduce-scatter overlapped): set both"
+        )
+    if par.bucket_size is not None and par.bucket_size < 1:
+        problems.append(f"parallel.bucket_size={par.bucket_size} must be >= 1 (parameters per bucket), or null")
+    vpp = par.virtual_pipeline_size
+    if vpp is not None:
+        if vpp < 2:
+            problems.append(
+                f"parallel.virtual_pipeline_size={vpp}: give 2 or more model chunks per pipeline rank,"
+                " or null for the plain pipeline schedule"
+            )
+        elif par.pp < 2:
+            problems.append(
+                f"parallel.virtual_pipeline_size={vpp} interleaves pipeline stages, and parallel.pp={par.pp}:"
+                " set parallel.pp >= 2 or parallel.virtual_pipeline_size=null"
+            )
+        elif model.num_layers % (par.pp * vpp):
+            chunks = par.pp * vpp
+            problems.append(
+                f"model.num_layers={model.num_layers} is not divisible by parallel.pp*virtual_pipeline_size"
+                f" = {par.pp}*{vpp} = {chunks} (each model chunk holds whole layers, the same number):"
+                f" choose virtual_pipeline_size among the divisors of {model.num_layers // par.pp}"
+                f" ({_divisors(model.num_layers // par.pp) if model.num_layers % par.pp == 0 else 'none'})"
+            )
+        elif world_size >= 1 and world_size % par.model_parallel_size == 0 and train.micro_batch_size >= 1:
+            micro_batches = train.micro_batches_per_step(par.data_parallel_size(world_size))
+            if micro_batches % par.pp:
+                problems.append(
+                    f"the interleaved pipeline schedule runs micro-batches in groups of parallel.pp={par.pp},"
+                    f" and a step has {micro_batches}: set train.global_batch_size so that"
+                    f" global_batch_size / (micro_batch_size x DP) is a multiple of {par.pp}"
+                )
+    problems += _recompute_problems(model, par)
+    if model.fp8 is not None and model.transformer_impl == "local":
+        problems.append(
+            f"model.fp8={model.fp8} runs through Transformer Engine's layers: set"
+            " model.transformer_impl=transformer_engine (or auto on a GPU with it installed), or model.fp8=null"
+        )
+    if model.fp8 is not None and model.precision == "fp32":
+        problems.append(
+            f"model.fp8={model.fp8} casts the matmuls of a bf16 run: set model.precision=bf16 (or auto),"
+            " or model.fp8=null"
+        )
+    return problems
+
+
+def _recompute_problems(model: ModelConfig, par: ParallelConfig) -> list[str]:
+    granularity, method, layers = model.recompute_granularity, model.recompute_method, model.recompute_num_layers
+    if granularity != "full":
+        chosen = {"recompute_method": method, "recompute_num_layers": layers}
+        chosen = {key: value for key, value in chosen.items() if value is not None}
+        if chosen:
+            return [
+                " and ".join(f"model.{key}={value}" for key, value in chosen.items())
+                + " choose the layers that recompute_granularity=full recomputes, and"
+                f" model.recompute_granularity={granularity or 'null'}: set model.recompute_granularity=full or "
+                + " and ".join(f"model.{key}=null" for key in chosen)
+            ]
+        return []
+    if method is None or layers is None:
+        return [
+            "model.recompute_granularity=full needs model.recompute_method (uniform or block) and"
+            " model.recompute_num_layers, e.g. recompute_method=uniform and recompute_num_layers=1"
+            " (every layer recomputed)"
+        ]
+    chunks = par.pp * (par.virtual_pipeline_size or 1)
+    per_chunk = model.num_layers // chunks if model.num_layers % chunks == 0 else None
+    if layers < 1 or (per_chunk is not None and layers > per_chunk):
+        most = f"at most {per_chunk}, the layers of each pipeline stage or model chunk" if per_chunk else ">= 1"
+        return [f"model.recompute_num_layers={layers} must be >= 1 and {most}"]
+    return []
 
 
 def _fault_problems(faults: FaultsConfig) -> list[str]:

@@ -15,9 +15,11 @@ import torch
 from launch import sources
 from launch.config import Config, ConfigError, validate
 from launch.engines import engine_class
+from launch.model import gradient_accumulation_fusion
 from launch.models import family_of
 from launch.models.family import ParameterCount
 from megatron_patches.device import on_gpu
+from megatron_patches.specs import transformer_engine_available
 
 
 def _size(num_bytes: float) -> str:
@@ -163,6 +165,7 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
         f"layout: world size {world_size} = TP {par.tp} x PP {par.pp} x CP {par.cp} x DP {dp}"
         f" (sequence_parallel={_yaml(par.sequence_parallel)},"
         f" distributed_optimizer={_yaml(par.distributed_optimizer)})",
+        f"performance: {_describe_performance(cfg)}",
         f"batch: global {train.global_batch_size} = micro {train.micro_batch_size} x DP {dp}"
         f" x {micro_batches} micro-batches per step; {train.global_batch_size * m.seq_length:,}"
         f" tokens per step (seq {m.seq_length}); {train.steps:,} steps"
@@ -207,6 +210,33 @@ def describe_run(cfg: Config, world_size: int) -> list[str]:
         )
     lines += _describe_data(cfg)
     return lines
+
+
+def _describe_performance(cfg: Config) -> str:
+    """Megatron-LM's performance features as this run sets them, under the config's names."""
+    m, par = cfg.model, cfg.parallel
+    recompute = {
+        None: "no activation recomputation",
+        "selective": "selective recomputation (core attention)",
+        "full": f"full recomputation ({m.recompute_method}, recompute_num_layers={m.recompute_num_layers})",
+    }[m.recompute_granularity]
+    reduce = "overlapped with the backward" if par.overlap_grad_reduce else "after the backward"
+    gather = ", parameter all-gather overlapped with the forward" if par.overlap_param_gather else ""
+    buckets = f"{par.bucket_size:,} parameters" if par.bucket_size else "Megatron's size"
+    bucketing = f" in buckets of {buckets}" if par.overlap_grad_reduce else ""
+    if par.pp == 1:
+        schedule = "no pipeline"
+    elif par.virtual_pipeline_size:
+        schedule = f"interleaved pipeline, {par.virtual_pipeline_size} model chunks per pipeline rank"
+    else:
+        schedule = "1F1B pipeline"
+    # A dry run on a host without a GPU tells what a GPU with this host's packages would do.
+    fusion = gradient_accumulation_fusion(cfg, gpu=True, te=transformer_engine_available())[1]
+    where = "" if on_gpu() else " on a GPU with this machine's packages"
+    return (
+        f"{recompute}; gradient reduction {reduce}{bucketing}{gather}; {schedule};"
+        f" gradient accumulation fusion {fusion}{where}; fp8 {m.fp8 or 'off'}"
+    )
 
 
 def _unused_rows(cfg: Config, vocab: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
@@ -28,6 +30,21 @@ def use_transformer_engine(cfg: Config, *, gpu: bool, te: bool) -> bool:
     return impl == "transformer_engine"
 
 
+def gradient_accumulation_fusion(cfg: Config, *, gpu: bool, te: bool) -> tuple[bool, str]:
+    """Whether weight gradients go straight into Megatron DDP's fp32 buffers, and why (not)."""
+    if not cfg.model.gradient_accumulation_fusion:
+        return False, "off (model.gradient_accumulation_fusion=false)"
+    if cfg.engine != "megatron":
+        return False, "off (DeepSpeed keeps no fp32 gradient buffers for it)"
+    if not gpu:
+        return False, "off (its kernels are CUDA's; none on a CPU)"
+    if use_transformer_engine(cfg, gpu=gpu, te=te):
+        return True, "on (Transformer Engine's linears)"
+    if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None:
+        return True, "on (apex's fused_weight_gradient_mlp_cuda)"
+    return False, "off (the local linears need apex's fused_weight_gradient_mlp_cuda, not installed)"
+
+
 def transformer_config(cfg: Config, *, gpu: bool, te: bool) -> TransformerConfig:
     """The config of a run on a GPU or the CPU, with Transformer Engine installed or not: every
     fusion with a kernel on a GPU, none on the CPU."""
@@ -39,6 +56,12 @@ def transformer_config(cfg: Config, *, gpu: bool, te: bool) -> TransformerConfig
         raise ConfigError(
             "parallel.sequence_parallel=true needs Transformer Engine's layers (the local layer's torch"
             " norms refuse it): run where transformer_engine is installed or set parallel.sequence_parallel=false"
+        )
+    if m.fp8 is not None and not te_spec:
+        why = "no GPU here" if not gpu else "transformer_engine not installed" if not te else "transformer_impl=local"
+        raise ConfigError(
+            f"model.fp8={m.fp8} runs through Transformer Engine's layers, and this run has none ({why}):"
+            " run on a GPU with transformer_engine installed, or set model.fp8=null"
         )
     if cfg.data.reset_attention_mask and te_spec:
         raise ConfigError(
@@ -66,9 +89,16 @@ def transformer_config(cfg: Config, *, gpu: bool, te: bool) -> TransformerConfig
         bias_dropout_fusion=gpu,
         masked_softmax_fusion=gpu,
         cross_entropy_loss_fusion=gpu,
-        # Transformer Engine's linears add weight gradients straight into Megatron DDP's
-        # main_grad buffers (DeepSpeed keeps none); the local linears would need apex for it.
-        gradient_accumulation_fusion=gpu and te_spec and cfg.engine == "megatron",
+        gradient_accumulation_fusion=gradient_accumulation_fusion(cfg, gpu=gpu, te=te)[0],
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
+        fp8=m.fp8,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_size,
+        # As Megatron-LM for the interleaved schedule: batched sends and receives would pair a
+        # forward and a backward tensor between the same two ranks at PP=2, and swap them.
+        overlap_p2p_comm=p.virtual_pipeline_size is not None,
+        batch_p2p_comm=p.virtual_pipeline_size is None,
         # Only apex's FusedLayerNorm reads persist_layer_norm, and neither layer spec builds it
         # (megatron_patches/specs.py); torch's norms refuse the flag.
         persist_layer_norm=False,
@@ -76,9 +106,18 @@ def transformer_config(cfg: Config, *, gpu: bool, te: bool) -> TransformerConfig
     )
 
 
-def build_model(cfg: Config, padded_vocab_size: int) -> GPTModel:
-    """This pipeline stage's part of the model, on the GPU when there is one; the embedding
-    has `padded_vocab_size` rows (`launch.sources.padded_vocab_size`)."""
+def build_model_chunks(cfg: Config, padded_vocab_size: int) -> list[GPTModel]:
+    """This pipeline rank's model chunks: one, or `parallel.virtual_pipeline_size` of them for
+    the interleaved schedule (chunk i holds the layers of virtual stage i x PP + rank)."""
+    if cfg.parallel.virtual_pipeline_size is None:
+        return [build_model(cfg, padded_vocab_size)]
+    return [build_model(cfg, padded_vocab_size, vp_stage) for vp_stage in range(cfg.parallel.virtual_pipeline_size)]
+
+
+def build_model(cfg: Config, padded_vocab_size: int, vp_stage: int | None = None) -> GPTModel:
+    """This pipeline stage's part of the model (with the interleaved schedule, its model chunk
+    `vp_stage`), on the GPU when there is one; the embedding has `padded_vocab_size` rows
+    (`launch.sources.padded_vocab_size`)."""
     gpu, te = on_gpu(), transformer_engine_available()
     model = GPTModel(
         config=transformer_config(cfg, gpu=gpu, te=te),
@@ -87,11 +126,12 @@ def build_model(cfg: Config, padded_vocab_size: int) -> GPTModel:
         ),
         vocab_size=padded_vocab_size,
         max_sequence_length=cfg.model.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
+        vp_stage=vp_stage,
     )
     initialize_weights(model, cfg.train.seed)  # the same weights under every parallel layout
     return model.cuda() if on_gpu() else model

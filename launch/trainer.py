@@ -26,7 +26,7 @@ from launch.dry_run import describe_run
 from launch.engines import engine_class
 from launch.metrics import MetricsLog, StepStatistics, console_line, is_reporter, reduce_to_rank0
 from launch.mixing import MixedDataset
-from launch.model import build_model, use_bf16
+from launch.model import build_model_chunks, use_bf16
 from launch.sources import DataSources
 from launch.stopping import StopRequests
 from launch.throughput import Throughput
@@ -97,13 +97,16 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         p, t = cfg.parallel, cfg.train
-        initialize_parallel(p.tp, p.pp, p.cp, seed=t.seed, timeout_minutes=cfg.faults.collective_timeout_minutes)
+        initialize_parallel(
+            p.tp, p.pp, p.cp, seed=t.seed, timeout_minutes=cfg.faults.collective_timeout_minutes,
+            vpp=p.virtual_pipeline_size,
+        )  # fmt: skip
         torch.set_float32_matmul_precision("high" if use_tf32(cfg) else "highest")
         self.micro_batches_per_step = t.micro_batches_per_step(ps.get_data_parallel_world_size())
         self.sources = DataSources.open(cfg)
 
-        self.model = build_model(cfg, self.sources.padded_vocab_size)
-        self.engine = engine_class(cfg.engine)(cfg, self.model, self.micro_batches_per_step)
+        self.model_chunks = build_model_chunks(cfg, self.sources.padded_vocab_size)
+        self.engine = engine_class(cfg.engine)(cfg, self.model_chunks, self.micro_batches_per_step)
         self.scheduler = lr_scheduler(cfg, self.engine.optimizer)
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_save
@@ -279,7 +282,8 @@ class Trainer:
 
     def _evaluate(self) -> None:
         """Held-out token-mean loss per domain, on the same samples every time."""
-        self.model.eval()
+        for chunk in self.model_chunks:
+            chunk.eval()
         iters = self.cfg.train.eval_iters
         sums = []
         with torch.no_grad():
@@ -292,7 +296,8 @@ class Trainer:
                 )
                 total = torch.stack([r["sum_count"] for r in reports]).sum(0) if reports else torch.zeros(2)
                 sums.append(total.to(torch.float64).cpu())
-        self.model.train()
+        for chunk in self.model_chunks:
+            chunk.train()
         # Every DP and CP rank of the last stage holds part of the tokens: add them all.
         contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         values = reduce_to_rank0(torch.cat(sums), contributes)

@@ -5,7 +5,10 @@ Megatron-Core assumes CUDA in a handful of spots: tensor factories that hard-cod
 (`param.type() == 'torch.cuda.FloatTensor'`), and `torch.cuda.current_device()` /
 `torch.cuda.synchronize()` calls.  Instead of patching those files one by one, a
 `TorchFunctionMode` rewrites CUDA devices to CPU and reports CPU float tensors under their
-CUDA type names, and the two `torch.cuda` helpers become harmless.
+CUDA type names, and the two `torch.cuda` helpers become harmless.  Activation recomputation
+(`tensor_parallel.checkpoint`) saves and restores the CUDA generator's state around each
+recomputed forward: a CPU has none, so that state is empty; the CPU generator, which dropout
+draws from here, Megatron restores itself.
 
 `enable_cpu_mode()` switches all of this on for the rest of the process and does nothing
 when CUDA is available, so the same launch code runs on GPU untouched.  Core attention
@@ -15,6 +18,7 @@ comes from the layer spec (`megatron_patches.attention`), not from here.
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import random as tp_random
 from torch.overrides import TorchFunctionMode
 
 from megatron_patches.device import on_gpu
@@ -61,6 +65,8 @@ def enable_cpu_mode() -> bool:
     if _active_mode is None:
         torch.cuda.current_device = lambda: 0
         torch.cuda.synchronize = lambda device=None: None
+        tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+        tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
         _active_mode = _CudaAsCpu()
         _active_mode.__enter__()
     return True

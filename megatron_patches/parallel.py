@@ -15,9 +15,12 @@ from megatron_patches.cpu import enable_cpu_mode
 from megatron_patches.device import on_gpu
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, timeout_minutes: float = 10) -> None:
+def initialize_parallel(
+    tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, timeout_minutes: float = 10, vpp: int | None = None
+) -> None:
     """Start the world group from torchrun's environment and build Megatron's TP/PP/CP/DP groups;
-    started without torchrun (no RANK), the world is this one process.
+    started without torchrun (no RANK), the world is this one process. `vpp`: model chunks per
+    pipeline rank for the interleaved schedule (None: one).
 
     On a machine without CUDA this switches on CPU mode and uses gloo; otherwise NCCL on
     the local GPU.  DP is whatever the world size leaves after TP×PP×CP.  A collective that
@@ -43,6 +46,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        virtual_pipeline_model_parallel_size=vpp,
         distributed_timeout_minutes=timeout_minutes,  # used as timedelta(minutes=...): a float is fine
     )
     set_seed(seed)

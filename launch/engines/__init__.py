@@ -32,7 +32,8 @@ class Engine(Protocol):
     #: the optimizer whose param groups the LR scheduler drives
     optimizer: torch.optim.Optimizer
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, micro_batches_per_step: int): ...
+    def __init__(self, cfg: Config, chunks: list[torch.nn.Module], micro_batches_per_step: int):
+        """`chunks`: this rank's model chunks (`launch.model.build_model_chunks`)."""
 
     @staticmethod
     def config_problems(cfg: Config, world_size: int) -> list[str]:

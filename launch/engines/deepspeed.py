@@ -106,7 +106,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, micro_batches_per_step: in
 class Engine:
     """DeepSpeed's engine and ZeRO partitions; its shards load only into the same TP and DP sizes."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, micro_batches_per_step: int):
+    def __init__(self, cfg: Config, chunks: list[torch.nn.Module], micro_batches_per_step: int):
+        (model,) = chunks  # no pipeline schedule here, so one chunk
         self.engine, self.optimizer = build_engine(cfg, model, micro_batches_per_step)
 
     @staticmethod
@@ -121,6 +122,15 @@ class Engine:
             problems.append(
                 "parallel.distributed_optimizer is Megatron's optimizer sharding; with"
                 " engine=deepspeed set it to false and use deepspeed.zero_stage >= 1"
+            )
+        megatron_only = [key for key in ("overlap_grad_reduce", "overlap_param_gather") if getattr(par, key)]
+        if par.bucket_size is not None:
+            megatron_only.append("bucket_size")
+        if megatron_only:
+            problems.append(
+                f"parallel.{', parallel.'.join(megatron_only)} configure Megatron DDP's buckets; with"
+                " engine=deepspeed unset them (DeepSpeed overlaps its own communication: deepspeed.config"
+                " with zero_optimization.overlap_comm)"
             )
         if par.sequence_parallel:
             problems.append(

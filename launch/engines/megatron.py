@@ -4,10 +4,19 @@ In bf16 the model is wrapped as Megatron-LM wraps it (`Float16Module`: every par
 bf16, fp32 outputs); gradients are reduced in fp32 buffers; the optimizer keeps fp32 master
 weights and Adam's moments, sharded over the data-parallel group with
 `parallel.distributed_optimizer`. Checkpoints are reshardable: any TP/PP/DP layout loads them.
+
+The performance features are wired as Megatron-LM's training loop wires them: with
+`parallel.overlap_grad_reduce` the schedule accumulates without reducing until each model
+chunk's last micro-batch, then reduces bucket by bucket as the backward pass frees them; with
+`parallel.overlap_param_gather` the optimizer step leaves the all-gather of the updated
+parameters to the next forward pass (a forward pre-hook per bucket), so a checkpoint first
+finishes it. With `parallel.virtual_pipeline_size` the model is a list of chunks, each under
+its own DDP, stepped by one optimizer through the interleaved schedule.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,9 +38,16 @@ from megatron_patches.distrib_optimizer import patch_distributed_optimizer
 
 
 def ddp_config(cfg: Config) -> DistributedDataParallelConfig:
+    p = cfg.parallel
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        use_distributed_optimizer=p.distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        # Megatron-LM's default with the interleaved schedule: every pipeline stage dispatches its
+        # all-gathers together (the schedule calls param_sync_func); off without it.
+        align_param_gather=p.overlap_param_gather and p.virtual_pipeline_size is not None,
+        bucket_size=p.bucket_size,
         check_for_nan_in_grad=True,
     )
 
@@ -69,21 +85,42 @@ DISTRIBUTED_OPTIMIZER_FORMAT = {
 class Engine:
     """Megatron DDP (gradient reduction over DP×CP) and Megatron's optimizer."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, micro_batches_per_step: int):
+    def __init__(self, cfg: Config, chunks: list[torch.nn.Module], micro_batches_per_step: int):
         self.cfg = cfg
-        self.model = model
+        self.chunks = chunks
         # Float16Module casts the parameters the builder left in fp32 (learned positions, norms)
-        # in place, so `model` stays the module whose state the checkpoints hold.
-        module = Float16Module(model.config, model) if use_bf16(cfg) else model
-        self.wrapped_model = DistributedDataParallel(model.config, ddp_config(cfg), module)
-        self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg), [self.wrapped_model])
+        # in place, so the chunks stay the modules whose state the checkpoints hold.
+        self.wrapped_chunks = [
+            DistributedDataParallel(
+                chunk.config,
+                ddp_config(cfg),
+                Float16Module(chunk.config, chunk) if use_bf16(cfg) else chunk,
+                # As Megatron-LM: later chunks' reductions overlap the earlier chunks' compute anyway.
+                disable_bucketing=index > 0,
+            )
+            for index, chunk in enumerate(chunks)
+        ]
+        self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg), self.wrapped_chunks)
         # Saved with the checkpoint (content metadata); a load reads the format it was saved in.
         self.optimizer_format = DISTRIBUTED_OPTIMIZER_FORMAT if cfg.parallel.distributed_optimizer else {}
         if cfg.parallel.distributed_optimizer:
             patch_distributed_optimizer()
-        model.config.finalize_model_grads_func = finalize_model_grads
-        model.config.grad_scale_func = self.optimizer.scale_loss
+        self._configure_schedule(chunks[0].config)  # the schedules read the first chunk's config
         start_write_results_helper()  # before any stop signal can reach the first save
+
+    def _configure_schedule(self, config) -> None:
+        """The hooks Megatron's schedules call, as Megatron-LM sets them (one per model chunk)."""
+
+        def per_chunk(hooks: list):
+            return hooks[0] if len(hooks) == 1 else hooks
+
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        if self.cfg.parallel.overlap_grad_reduce:
+            config.no_sync_func = per_chunk([chunk.no_sync for chunk in self.wrapped_chunks])
+            config.grad_sync_func = per_chunk([chunk.start_grad_sync for chunk in self.wrapped_chunks])
+        if self.cfg.parallel.overlap_param_gather and self.cfg.parallel.virtual_pipeline_size is not None:
+            config.param_sync_func = per_chunk([chunk.start_param_sync for chunk in self.wrapped_chunks])
 
     @staticmethod
     def config_problems(cfg: Config, world_size: int) -> list[str]:
@@ -102,12 +139,15 @@ class Engine:
         self, forward_step: Callable, batches: Iterator, num_microbatches: int, forward_only: bool
     ) -> list[dict]:
         if not forward_only:
-            self.wrapped_model.zero_grad_buffer()
+            for chunk in self.wrapped_chunks:
+                chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
+        if len(self.wrapped_chunks) > 1:  # the interleaved schedule: each chunk reads every micro-batch
+            batches = list(itertools.tee(batches, len(self.wrapped_chunks)))
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=batches,
-            model=[self.wrapped_model],
+            model=self.wrapped_chunks,
             num_microbatches=num_microbatches,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size,
@@ -121,9 +161,11 @@ class Engine:
     # ---- checkpoint shards: RNG states per (PP, TP, CP) rank, replicated over DP ------------
 
     def _sharded_state(self, rng: dict | None, is_loading: bool, optimizer_format: dict) -> dict:
-        model_state = self.model.sharded_state_dict()
+        # Chunk i's state under `model` (i = 0) or `model{i}`, as Megatron-LM names them; the shards
+        # are keyed by global layer, so any number of chunks loads them.
+        model_state = {_chunk_key(i): chunk.sharded_state_dict() for i, chunk in enumerate(self.chunks)}
         state = {
-            "model": model_state,
+            **model_state,
             "optimizer": self.optimizer.sharded_state_dict(
                 model_state, is_loading=is_loading, metadata=optimizer_format
             ),
@@ -147,6 +189,9 @@ class Engine:
         return state
 
     def write_shards(self, directory: Path, asynchronous: bool = False):
+        if self.cfg.parallel.overlap_param_gather:  # the last step's parameters, not yet gathered
+            for chunk in self.wrapped_chunks:
+                chunk.start_param_sync(force_sync=True)
         return dist_checkpointing.save(
             self._sharded_state(rng_state(), is_loading=False, optimizer_format=self.optimizer_format),
             str(directory),
@@ -176,7 +221,12 @@ class Engine:
             del state["rng_state"]
             warn(f"resharding checkpoint from layout {saved_layout} to {current_layout()}; RNG states re-seeded")
         loaded = dist_checkpointing.load(state, str(directory))
-        self.model.load_state_dict(loaded["model"])
+        for index, chunk in enumerate(self.chunks):
+            chunk.load_state_dict(loaded[_chunk_key(index)])
         self.optimizer.load_state_dict(loaded["optimizer"])
         if same_layout:
             set_rng_state(loaded["rng_state"])
+
+
+def _chunk_key(index: int) -> str:
+    return "model" if index == 0 else f"model{index}"

@@ -84,7 +84,7 @@ def _measure(overrides: list[str]) -> dict:
     engine_class(cfg.engine)  # its imports are not the model's memory
     memory = _Memory(on_gpu())
     model = build_model(cfg, padded_vocab_size(cfg, cfg.model.vocab_size))
-    engine = engine_class(cfg.engine)(cfg, model, 1)
+    engine = engine_class(cfg.engine)(cfg, [model], 1)
     memory.restart_peak()  # only what the run keeps counts, not what building it freed
     loss = ReweightedLoss(ReweightSchedule("linupper", 1.0))
     m, seq = cfg.train.micro_batch_size, cfg.model.seq_length

@@ -64,6 +64,10 @@ class ModelConfig:
     attention_dropout: float = 0.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # Megatron-LM's activation recomputation: selective = the attention core; full = whole layers (method, num_layers)
+    recompute_granularity: Literal["selective", "full"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
 
     def __post_init__(self):
         # Resolved here so every consumer sees concrete sizes and the saved config is explicit.

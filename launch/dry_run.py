@@ -78,8 +78,8 @@ def _describe_recompute(m) -> str:
     if m.recompute_granularity == "selective":
         return "selective recomputation (the attention core)"
     return (
-        f"full recomputation ({m.recompute_method}, {m.recompute_num_layers} layers: layer inputs kept,"
-        " plus the layers recomputed at once)"
+        f"full recomputation ({m.recompute_method}, {m.recompute_num_layers} layers: a recomputed layer"
+        " keeps only its input)"
     )
 
 
@@ -126,7 +126,7 @@ def _stage_activations(m, layers: int, layer: float, layer_input: float) -> tupl
     checkpoints the stage's first recompute_num_layers layers and recomputes them one by one."""
     if m.recompute_granularity != "full":
         return layers * layer, 0.0
-    if m.recompute_method is None or not m.recompute_num_layers or m.recompute_num_layers < 1:
+    if m.recompute_method is None or (m.recompute_num_layers or 0) < 1:
         raise ConfigError(
             "model.recompute_granularity=full needs model.recompute_method (uniform or block) and"
             " model.recompute_num_layers >= 1, e.g. uniform and 1"

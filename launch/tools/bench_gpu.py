@@ -37,9 +37,10 @@ from launch.tools.stats import mean_and_interval  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ONE_MICRO_BATCH = ["train.global_batch_size={m}", "train.micro_batch_size={m}"]
-# name: (config, settings on a GPU, tokens per row); --device cpu shrinks every case alike.
+# name: (config, settings on a GPU, sequences per step, one micro-batch); --device cpu shrinks
+# every case alike (TINY, 2 sequences).
 CASES = {
-    "gpt2-124m": ("gpt2-124m.yaml", ["model.seq_length=512"], 8),
+    "gpt2-124m": ("gpt2-124m.yaml", [], 8),  # seq 512
     "llama-7b block": (
         "llama-7b.yaml",
         ["model.num_layers=2", "parallel.tp=1", "parallel.sequence_parallel=false", "model.seq_length=4096"],
@@ -48,7 +49,7 @@ CASES = {
 }
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=192"]
 TINY += ["model.seq_length=32", "model.vocab_size=256", "model.num_query_groups=null"]
-BATCH_POOL = 4  # batches cycled through, so that the loss falls over the checked steps
+BATCH_POOL = 4  # seeded batches of random tokens, cycled through: the same in both processes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,7 +132,7 @@ def reference(steps: int, tiny: bool) -> int:
     """Every case's fp32 loss after its first `steps` steps, as JSON on stdout: the CPU process's job."""
     from megatron_patches.parallel import initialize_parallel
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core left for the GPU process
     initialize_parallel(seed=1)
     runs = {name: partial(case_config, name, tiny=tiny, precision="fp32") for name in CASES}
     print(json.dumps({name: losses_after(_Run(cfg()), steps) for name, cfg in runs.items()}))
@@ -149,7 +150,8 @@ def _start_reference(args, tiny: bool) -> subprocess.Popen:
 def _reference_losses(process: subprocess.Popen) -> dict[str, float]:
     out, err = process.communicate()
     if process.returncode != 0:
-        print(f"bench-gpu: the fp32 CPU reference failed: {err.strip().splitlines()[-1:]}", file=sys.stderr)
+        last = (err.strip().splitlines() or ["no message"])[-1]
+        print(f"bench-gpu: the fp32 CPU reference failed: {last}", file=sys.stderr)
         return {}
     return json.loads(out.strip().splitlines()[-1])
 

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_RUNS := runs/demo
 PRETRAIN := $(PY) -m launch.torchrun --standalone --nproc-per-node 2 -m launch.pretrain --config configs/demo_cpu.yaml
 
-.PHONY: venv lint test test-slow test-fast test-unit demo bench demo-data bench-data clean
+.PHONY: venv lint test test-slow test-fast test-unit demo bench bench-gpu demo-data bench-data clean
 
 # The stamp is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -55,6 +55,12 @@ demo: demo-data
 # Training throughput: uniform vs linupper steps interleaved, the demo model on 2 CPU processes.
 bench: demo-data
 	$(PY) -m launch.torchrun --standalone --nproc-per-node 2 -m launch.tools.bench --config configs/demo_cpu.yaml --pairs 30
+
+# The GPU check, under 8 minutes on one GPU: speed, MFU, memory against the dry run's estimate,
+# the reweighting's overhead, bf16 losses against fp32 ones. With the machine's own Python, which has
+# torch with CUDA (and the project's wheels, see the README): no venv.
+bench-gpu:
+	$(PYTHON) -m launch.tools.bench_gpu
 
 # Preprocessing throughput: data_prep against raw SentencePiece and a Megatron-LM-style pipeline.
 bench-data: $(VENV)/.installed

@@ -7,6 +7,7 @@ so an impossible layout or a missing file costs seconds, not a queue wait.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,14 +50,15 @@ class MemoryEstimate(NamedTuple):
 
 def memory_assumptions(cfg: Config, world_size: int) -> str:
     """What the memory estimate assumes for this config: its precision, the engine's sharding."""
-    family = family_of(cfg.model)
-    activations = family.activation_bytes(cfg.model)
+    m = cfg.model
+    family = family_of(m)
+    activations = family.activation_bytes(m)
     engine = engine_class(cfg.engine)
     dp = cfg.parallel.data_parallel_size(world_size)
     state, whole = engine.state_bytes(cfg, dp), engine.state_bytes(cfg, 1)
     sharded = [name for name, share, full in zip(state._fields, state, whole) if share < full]
-    fp32 = cfg.model.precision == "fp32"
-    precision = cfg.model.precision
+    fp32 = m.precision == "fp32"
+    precision = m.precision
     if precision == "auto":  # estimated as on a GPU, where a cluster job runs
         precision = "bf16 (precision auto: bf16 on a GPU, fp32 on a CPU)"
     return (
@@ -65,13 +67,26 @@ def memory_assumptions(cfg: Config, world_size: int) -> str:
         f" ({'Adam m, v' if fp32 else 'fp32 master, Adam m, v'})"
         + (f", {' and '.join(sharded)} sharded over DP {dp}" if sharded else "")
         + f"; activations per layer and token {activations.replicated:g} + {activations.sharded:g}/TP"
-        f" bytes in {'fp32' if fp32 else 'bf16'}, all /TP with sequence parallelism ({family.name} layer,"
-        " Korthikanti et al. 2022; SDPA/flash attention, no recomputation), for min(PP, micro-batches)"
-        " micro-batches, plus fp32 logits"
+        f" bytes in {'fp32' if fp32 else 'bf16'}, all /TP with sequence parallelism ({family.name} layer"
+        " on a GPU: its fusions, flash attention), "
+        + _describe_recompute(m)
+        + ", for min(PP, micro-batches) micro-batches, plus fp32 logits"
     )
 
 
-def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> MemoryEstimate:
+def _describe_recompute(m) -> str:
+    if m.recompute_granularity is None:
+        return "no recomputation"
+    if m.recompute_granularity == "selective":
+        return "selective recomputation (the attention core)"
+    return (
+        f"full recomputation ({m.recompute_method}, {m.recompute_num_layers} layers: a recomputed layer"
+        " keeps only its input)"
+    )
+
+
+def estimate_memory(cfg: Config, params: ParameterCount, world_size: int, *, gpu: bool = True) -> MemoryEstimate:
+    """The estimate for a run on GPUs (with their fusions), or on CPUs with `gpu=False`."""
     m, par = cfg.model, cfg.parallel
     dp = par.data_parallel_size(world_size)
     layers_per_stage = m.num_layers // par.pp
@@ -87,34 +102,57 @@ def estimate_memory(cfg: Config, params: ParameterCount, world_size: int) -> Mem
     fp32 = m.precision == "fp32"  # "auto" is estimated as on GPU: bf16
     micro_batches = cfg.train.micro_batches_per_step(dp)
     tokens = m.seq_length // par.cp * cfg.train.micro_batch_size
-    activations = family_of(m).activation_bytes(m)
+    activations = family_of(m).activation_bytes(m, gpu=gpu)
+    if m.recompute_granularity == "selective":
+        activations = activations._replace(sharded=activations.sharded - activations.attention_core)
     # Without sequence parallelism norms and dropouts stay whole on every TP rank.
-    if par.sequence_parallel:
-        bytes_per_token = (activations.replicated + activations.sharded) / par.tp
-    else:
-        bytes_per_token = activations.replicated + activations.sharded / par.tp
-    per_layer = bytes_per_token * tokens * (2 if fp32 else 1)
+    split = par.tp if par.sequence_parallel else 1
+    bytes_per_token = activations.replicated / split + activations.sharded / par.tp
+    scale = tokens * (2 if fp32 else 1)
+    layer, layer_input = bytes_per_token * scale, 2 * m.hidden_size / split * scale
+    kept, recomputed = _stage_activations(m, layers_per_stage, layer, layer_input)
     logits = 4 * tokens * (params.word_embedding // m.hidden_size) / par.tp
     in_flight = min(par.pp, micro_batches)
     return MemoryEstimate(
         weights=stage_params * state.weights,
         grads=stage_params * state.grads,
         optimizer=stage_params * state.optimizer,
-        activations=in_flight * layers_per_stage * per_layer + logits,
+        activations=in_flight * kept + recomputed + logits,
     )
 
 
-def dry_run(cfg: Config, world_size: int, check_data: bool = True) -> tuple[str, bool]:
+def _stage_activations(m, layers: int, layer: float, layer_input: float) -> tuple[float, float]:
+    """What one micro-batch keeps on a stage of `layers` layers, and the most its backward pass
+    recomputes at once. Full recomputation keeps a checkpointed layer's input only: `uniform`
+    checkpoints chunks of recompute_num_layers layers and recomputes one chunk at a time; `block`
+    checkpoints the stage's first recompute_num_layers layers and recomputes them one by one."""
+    if m.recompute_granularity != "full":
+        return layers * layer, 0.0
+    if m.recompute_method is None or (m.recompute_num_layers or 0) < 1:
+        raise ConfigError(
+            "model.recompute_granularity=full needs model.recompute_method (uniform or block) and"
+            " model.recompute_num_layers >= 1, e.g. uniform and 1"
+        )
+    chunk = min(m.recompute_num_layers, layers)
+    if m.recompute_method == "uniform":
+        return math.ceil(layers / chunk) * layer_input, chunk * layer
+    return chunk * layer_input + (layers - chunk) * layer, layer
+
+
+def dry_run(
+    cfg: Config, world_size: int, check_data: bool = True, gpu_memory_gib: float | None = None
+) -> tuple[str, bool]:
     """A readable account of the run ending in its verdict, and whether everything checked holds;
     raises ConfigError for a layout that cannot run. The layout and memory verdicts stand apart
-    from the data files, which `check_data=False` skips (a layout checked before the data exists)."""
+    from the data files, which `check_data=False` skips (a layout checked before the data exists).
+    The memory estimate is checked against a GPU of `gpu_memory_gib`, else this machine's GPU."""
     validate(cfg, world_size)
     lines = describe_run(cfg, world_size)
     lines.append(
         f"layout: OK for {world_size} process{'es' if world_size > 1 else ''}"
         " (parallel sizes, heads, layers, batch sizes and settings)"
     )
-    memory, fits = _memory_verdict(cfg, world_size)
+    memory, fits = _memory_verdict(cfg, world_size, gpu_memory_gib)
     lines.append(memory)
     if not check_data:
         lines.append("data: not checked (--no-data)")
@@ -133,24 +171,36 @@ def dry_run_report(cfg: Config, world_size: int, check_data: bool = True) -> str
     return dry_run(cfg, world_size, check_data)[0]
 
 
-def _memory_verdict(cfg: Config, world_size: int) -> tuple[str, bool]:
-    """The memory estimate against this machine's GPU, where it has one: the line, and whether it fits."""
-    if not on_gpu():
-        return "memory: not checked, no GPU here (the estimate above is per GPU)", True
+# The share of a GPU's memory the estimate may take; the rest is for what it leaves out: the CUDA
+# context, NCCL's buffers, kernels' workspaces, the allocator's fragmentation.
+GPU_MEMORY_SHARE = 0.9
+
+
+def _memory_verdict(cfg: Config, world_size: int, gpu_memory_gib: float | None) -> tuple[str, bool]:
+    """The memory estimate against the named GPU memory or this machine's GPU: the line, and
+    whether it fits."""
+    if gpu_memory_gib is not None:
+        capacity, of_the_gpu = gpu_memory_gib * 2**30, f"{gpu_memory_gib:g} GiB of GPU memory (--gpu-memory-gib)"
+    elif on_gpu():
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+        capacity, of_the_gpu = gpu.total_memory, f"the {_size(gpu.total_memory)} of this machine's {gpu.name}"
+    else:
+        return "memory: not checked, no GPU here (--gpu-memory-gib G checks it against a GPU of G GiB)", True
     try:
         vocab = sources.vocab_size(cfg)
     except ConfigError:
         return "memory: not checked, the vocabulary is unknown (see vocab above)", True
     need = estimate_memory(cfg, count_parameters(cfg, vocab), world_size).total
-    gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
-    of_this_gpu = f"the {_size(gpu.total_memory)} of this machine's {gpu.name}"
-    if need > gpu.total_memory:
+    share = f"{need / capacity:.0%} of {of_the_gpu}"
+    if need > GPU_MEMORY_SHARE * capacity:
         return (
-            f"memory: ~{_size(need)} per GPU is more than {of_this_gpu}: raise parallel.tp or parallel.pp,"
-            " set parallel.distributed_optimizer=true or lower train.micro_batch_size",
+            f"memory: ~{_size(need)} per GPU is {share}, over the {GPU_MEMORY_SHARE:.0%} an estimate may take:"
+            " set model.recompute_granularity=full (model.recompute_method, model.recompute_num_layers),"
+            " raise parallel.tp or parallel.pp, set parallel.distributed_optimizer=true or lower"
+            " train.micro_batch_size",
             False,
         )
-    return f"memory: OK, ~{_size(need)} per GPU of {of_this_gpu}", True
+    return f"memory: OK, ~{_size(need)} per GPU, {share}", True
 
 
 def describe_run(cfg: Config, world_size: int) -> list[str]:

@@ -89,11 +89,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="number of processes to check a --dry-run against (default: $WORLD_SIZE or 1)",
     )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="with --dry-run: the GPU memory to check the estimate against, e.g. 80 on a login node"
+        " (default: this machine's GPU, none on a CPU)",
+    )
     args = parser.parse_args(argv)
     if args.run_dir is None and not args.dry_run:
         parser.error("--run-dir is required (or pass --dry-run)")
     if args.no_data and not args.dry_run:
         parser.error("--no-data goes with --dry-run: a training run needs its data")
+    if args.gpu_memory_gib is not None and (not args.dry_run or args.gpu_memory_gib <= 0):
+        parser.error("--gpu-memory-gib goes with --dry-run and is a positive size in GiB, e.g. 80")
     if args.world_size is None:
         args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return args
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            return _dry_run(cfg, args.world_size, check_data=not args.no_data)
+            return _dry_run(cfg, args.world_size, not args.no_data, args.gpu_memory_gib)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
         check_files(cfg)
         if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
@@ -149,10 +158,10 @@ def main(argv=None) -> int:
     return stopping.EXIT_STOPPED_ON_SIGNAL if stopped_on and stopped_on.startswith("SIG") else 0
 
 
-def _dry_run(cfg, world_size: int, check_data: bool) -> int:
+def _dry_run(cfg, world_size: int, check_data: bool, gpu_memory_gib: float | None) -> int:
     """Rank 0 prints the account (under torchrun every rank would); 0 when all holds, else 1, and
     under torchrun 2: the refusal that launch.torchrun neither restarts nor explains again."""
-    report, holds = dry_run(cfg, world_size, check_data)
+    report, holds = dry_run(cfg, world_size, check_data, gpu_memory_gib)
     if int(os.environ.get("RANK", "0")) == 0:
         print(report, flush=True)
     if holds:

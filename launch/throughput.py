@@ -25,13 +25,17 @@ from launch.models import family_of
 from megatron_patches.device import on_gpu
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; the first
-# name that occurs in torch.cuda.get_device_name() wins, so the more specific come first.
+# name that occurs in torch.cuda.get_device_name() wins, so the more specific come first
+# ("GB200" before "B200", which it contains).
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.0),
+    ("H800 PCIe", 756.0),
+    ("H800", 989.0),
     ("H200", 989.0),
     ("GH200", 989.0),
+    ("GB200", 2500.0),
     ("B200", 2250.0),
     ("A100", 312.0),
     ("L40S", 362.0),

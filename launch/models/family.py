@@ -40,11 +40,13 @@ class ParameterCount(NamedTuple):
 
 
 class ActivationBytes(NamedTuple):
-    """Bytes one layer keeps per token for the backward pass in bf16 (Korthikanti et al. 2022,
-    flash attention, no recomputation); fp32 keeps twice as much."""
+    """Bytes one layer keeps per token for the backward pass in bf16 (fp32 keeps twice as much):
+    the tensors autograd saves, as `tests/distributed/test_memory.py` counts them on a real layer,
+    with flash (fused) attention: SDPA on a GPU or Transformer Engine's."""
 
     replicated: float  # whole on every TP rank unless sequence parallelism splits it too
     sharded: float  # split over the tensor-parallel ranks
+    attention_core: float  # the part of `sharded` selective recomputation drops
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,8 @@ class ModelFamily:
         """Training FLOPs per token (launch/throughput.py says which are counted)."""
         raise NotImplementedError
 
-    def activation_bytes(self, model: ModelConfig) -> ActivationBytes:
+    def activation_bytes(self, model: ModelConfig, *, gpu: bool = True) -> ActivationBytes:
+        """Per layer and token, with the fusions a run on a GPU (or the CPU) has."""
         raise NotImplementedError
 
     # ---- Hugging Face ----------------------------------------------------------------------
@@ -148,13 +151,41 @@ def dense_flops_per_token(model: ModelConfig, mlp_weights: int, padded_vocab_siz
     return 6 * matmul_weights + 12 * model.num_layers * model.hidden_size * model.seq_length
 
 
-def attention_activation_bytes(model: ModelConfig) -> ActivationBytes:
-    """The attention half of a layer: its norm's input and the QKV input (2h + 2h) and the
-    dropout mask after the projection (h) whole; Q (2h), K and V (2 bytes per K/V channel each)
-    and the projection's input (2h) split over TP."""
+def norm_and_linear_bytes(model: ModelConfig, *, gpu: bool) -> float:
+    """A norm and the linear layer it feeds keep the norm's input and output (the linear's input);
+    torch's RMSNorm off a GPU is composed of elementwise operations and also keeps the input
+    normalised before the weight."""
+    composite = model.normalization == "RMSNorm" and not gpu
+    return 2 * model.hidden_size * (3 if composite else 2)
+
+
+def dropout_mask_bytes(model: ModelConfig) -> float:
+    """The residual branch's dropout keeps a mask of a byte per channel, only when it drops."""
+    return model.hidden_size if model.hidden_dropout > 0 else 0
+
+
+def attention_activation_bytes(model: ModelConfig, *, gpu: bool) -> ActivationBytes:
+    """The attention half of a layer. Whole: its norm and the QKV input, the dropout mask. Split:
+    the QKV output (the core keeps V as a view of it, and Q and K too without RoPE), RoPE's rotated
+    Q and K, the core's output (the projection's input, a view of it) and the core's softmax
+    statistics (4 bytes a head), which alone selective recomputation drops: flash attention
+    keeps no scores, and its inputs and output stay for the recomputation and the projection."""
     h = model.hidden_size
     kv = model.num_query_groups * head_dim(model)
-    return ActivationBytes(replicated=5 * h, sharded=2 * h + 4 * kv + 2 * h)
+    rotated = 2 * (h + kv) if model.position_embedding == "rope" else 0
+    core = 4 * model.num_attention_heads
+    return ActivationBytes(
+        replicated=norm_and_linear_bytes(model, gpu=gpu) + dropout_mask_bytes(model),
+        sharded=2 * (h + 2 * kv) + rotated + 2 * h + core,
+        attention_core=core,
+    )
+
+
+def with_mlp(attention: ActivationBytes, model: ModelConfig, mlp_bytes: float, *, gpu: bool) -> ActivationBytes:
+    """A whole layer: the attention half and an MLP that keeps, whole, its norm and fc1's input and
+    the dropout mask, and `mlp_bytes` split over TP."""
+    replicated = norm_and_linear_bytes(model, gpu=gpu) + dropout_mask_bytes(model)
+    return attention._replace(replicated=attention.replicated + replicated, sharded=attention.sharded + mlp_bytes)
 
 
 def split_qkv(weight: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from launch.models.family import (
-    ActivationBytes,
     ModelFamily,
     ParameterCount,
     activation_name,
@@ -21,6 +20,7 @@ from launch.models.family import (
     gelu_tanh,
     mlp_parameters,
     split_qkv,
+    with_mlp,
 )
 
 # The Hugging Face activation computing each GELU a Megatron GPTModel can compute.
@@ -57,12 +57,10 @@ class GPT2(ModelFamily):
     def flops_per_token(self, model, padded_vocab_size):
         return dense_flops_per_token(model, 2 * model.hidden_size * model.ffn_hidden_size, padded_vocab_size)
 
-    def activation_bytes(self, model):
-        # MLP: its norm's and fc1's inputs (2h + 2h) and the dropout mask (h) whole; the
-        # GELU's input and fc2's (2 bytes per FFN channel each) split.
-        attention = attention_activation_bytes(model)
-        h, ffn = model.hidden_size, model.ffn_hidden_size
-        return ActivationBytes(attention.replicated + 5 * h, attention.sharded + 4 * ffn)
+    def activation_bytes(self, model, *, gpu=True):
+        # The GELU's input and fc2's input, 2 bytes per FFN channel each, fused or not.
+        attention = attention_activation_bytes(model, gpu=gpu)
+        return with_mlp(attention, model, 4 * model.ffn_hidden_size, gpu=gpu)
 
     def hf_problems(self, gpt_model):
         c = gpt_model.config

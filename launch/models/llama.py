@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from launch.models.family import (
-    ActivationBytes,
     ModelFamily,
     ParameterCount,
     activation_name,
@@ -15,6 +14,7 @@ from launch.models.family import (
     dense_flops_per_token,
     mlp_parameters,
     split_qkv,
+    with_mlp,
 )
 
 
@@ -50,13 +50,12 @@ class Llama(ModelFamily):
     def flops_per_token(self, model, padded_vocab_size):
         return dense_flops_per_token(model, 3 * model.hidden_size * model.ffn_hidden_size, padded_vocab_size)
 
-    def activation_bytes(self, model):
-        # MLP: its norm's and fc1's inputs (2h + 2h) and the dropout mask (h) whole; split, the
-        # SwiGLU's input, gate and up (4 bytes per FFN channel; the fused kernel keeps only
-        # that), and fc2's input (2 bytes per channel).
-        attention = attention_activation_bytes(model)
-        h, ffn = model.hidden_size, model.ffn_hidden_size
-        return ActivationBytes(attention.replicated + 5 * h, attention.sharded + 6 * ffn)
+    def activation_bytes(self, model, *, gpu=True):
+        # fc1's output (gate and up, 4 bytes per FFN channel) and fc2's input (2); unfused, the
+        # SwiGLU also keeps the gate's SiLU and the up half offset by Megatron's glu_linear_offset.
+        fused = self.transformer_config_fields(model, gpu=gpu, te=False)["bias_activation_fusion"]
+        attention = attention_activation_bytes(model, gpu=gpu)
+        return with_mlp(attention, model, (6 if fused else 10) * model.ffn_hidden_size, gpu=gpu)
 
     def hf_problems(self, gpt_model):
         c = gpt_model.config

@@ -144,8 +144,17 @@ def test_a_model_of_no_family_is_refused_naming_the_families():
 
 def test_activation_memory_follows_the_family():
     gpt2 = load_config(REPO / "configs/gpt2-124m.yaml").model
-    # Korthikanti et al.'s GPT layer: 10h whole + 24h split over TP, h = 768
-    assert tuple(family_of(gpt2).activation_bytes(gpt2)) == (10 * 768, 24 * 768)
+    # h = 768: whole, two norms' inputs and outputs (8h); split, QKV's output (6h), the core's
+    # output (2h), its softmax statistics (4 bytes x 12 heads), the GELU's and fc2's inputs (16h)
+    assert tuple(family_of(gpt2).activation_bytes(gpt2)) == (8 * 768, 24 * 768 + 48, 48)
     llama = load_config(REPO / "configs/llama-1.4b.yaml", ["model.num_query_groups=4"]).model
-    # attention: Q 2h, K and V 2 x 2 x 4 groups x 128, projection input 2h; SwiGLU: 4 + 2 bytes per FFN channel
-    assert tuple(family_of(llama).activation_bytes(llama)) == (10 * 2048, 4 * 2048 + 4 * 512 + 6 * 5632)
+    h, kv, ffn, core = 2048, 4 * 128, 5632, 4 * 16
+    # split: QKV's output 2(h + 2kv), RoPE's Q and K 2(h + kv), the core's output 2h; the fused
+    # SwiGLU keeps fc1's output (4 bytes per FFN channel) and fc2's input (2)
+    attention = 2 * (h + 2 * kv) + 2 * (h + kv) + 2 * h + core
+    assert tuple(family_of(llama).activation_bytes(llama)) == (8 * h, attention + 6 * ffn, core)
+    # On a CPU: torch's composed RMSNorm keeps the normalised input too (2h a norm), the unfused
+    # SwiGLU the SiLU and the offset up half (2 + 2 bytes per FFN channel)
+    assert tuple(family_of(llama).activation_bytes(llama, gpu=False)) == (12 * h, attention + 10 * ffn, core)
+    dropout = load_config(REPO / "configs/paper/gpt2-124m-uniform.yaml").model
+    assert family_of(dropout).activation_bytes(dropout).replicated == 10 * 768  # two masks of a byte a channel

@@ -42,6 +42,10 @@ def test_swiglu_and_grouped_queries_count_their_own_matmuls():
     [
         ("NVIDIA H100 80GB HBM3", 989.0),
         ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H800", 989.0),
+        ("NVIDIA H800 PCIe", 756.0),
+        ("NVIDIA GB200", 2500.0),
+        ("NVIDIA B200", 2250.0),
         ("NVIDIA H200", 989.0),
         ("NVIDIA A100-SXM4-80GB", 312.0),
         ("Some Future GPU", None),

@@ -88,7 +88,7 @@ class _Run:
         self.cfg, self.step = cfg, 0
         self.vocab = padded_vocab_size(cfg, cfg.model.vocab_size)
         self.model = build_model(cfg, self.vocab)
-        self.engine = engine_class(cfg.engine)(cfg, self.model, 1)
+        self.engine = engine_class(cfg.engine)(cfg, [self.model], 1)
         self.loss = _loss("uniform")
         m, seq = cfg.train.micro_batch_size, cfg.model.seq_length
         generator = torch.Generator().manual_seed(cfg.train.seed)

@@ -116,6 +116,7 @@ def _saved_per_layer(cases: dict[str, list[str]]) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_the_activation_estimate_is_what_a_layer_keeps_for_its_backward_pass():
     # Left out of the estimate: per-sequence RoPE tables and per-token norm statistics (< 2 %).
     shape = [*SHAPE, "model.hidden_size=256", "model.num_attention_heads=8", "model.ffn_hidden_size=768"]

@@ -116,6 +116,7 @@ def test_overlapped_grad_reduce_in_small_buckets_equals_one_reduce_after_the_bac
     _assert_same_run(list(off), list(on))
 
 
+@pytest.mark.slow
 def test_overlapped_param_gather_equals_the_distributed_optimizer_without_overlap():
     # The second step's losses are computed with the parameters the overlapped all-gather brought.
     sharded = {"distributed_optimizer": True}
@@ -125,6 +126,7 @@ def test_overlapped_param_gather_equals_the_distributed_optimizer_without_overla
     _assert_same_run(list(off), list(on))
 
 
+@pytest.mark.slow
 def test_the_interleaved_pipeline_schedule_equals_the_plain_one():
     plain, interleaved = ({"parallel": {"pp": 2}}, {"parallel": {"pp": 2, "virtual_pipeline_size": 2}})
     off, on = zip(*run_distributed(_train_each, 2, plain, interleaved))
@@ -195,6 +197,7 @@ def _peak_memory(settings: dict[str, dict]) -> dict[str, int]:
     return {name: min(values) for name, values in peaks.items()}
 
 
+@pytest.mark.slow
 def test_recomputation_lowers_the_measured_peak_memory(monkeypatch):
     # With the document mask (data.reset_attention_mask) SDPA keeps what selective recomputation
     # saves; with the causal mask alone torch's flash kernel keeps only its output, so selective

@@ -7,10 +7,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers.e2e import REPO
 
 
+@pytest.mark.slow
 def test_the_cpu_mode_prints_the_whole_table():
     argv = ["--device", "cpu", "--pairs", "2", "--warmup", "0", "--steps", "2"]
     done = subprocess.run(

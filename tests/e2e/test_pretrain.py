@@ -82,6 +82,7 @@ def test_peak_memory_is_that_of_the_process_holding_the_model(unbroken):
 
 # The first half of `unbroken` under other layouts.  Reweighting normalises over a global
 # micro-batch (micro-batch x DP): one process takes `unbroken`'s 2 x 2 samples at once.
+@pytest.mark.slow
 def test_worker_processes_read_on_from_a_checkpoint_with_the_same_losses(tmp_path, demo_dir, unbroken):
     """`unbroken` reads on the training thread (data.num_workers: null on a CPU); two worker
     processes per rank, resumed from its step 6, train and validate to the same numbers, bit for bit."""

@@ -239,7 +239,8 @@ def test_a_long_document_is_encoded_in_pieces_with_the_tokens_of_the_whole(token
     long_text = "  ".join(sample_texts(60) * 3)  # code indentation, tabs, CRLF, non-ASCII, "  "
     texts = ["before", long_text, "after"]
     chunk = Chunk("in.jsonl", 1, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
-    tokens, lengths = tokenize_corpus.encode_chunk(chunk, "text", None, True, np.dtype(np.uint16)).documents[""]
+    encoded = tokenize_corpus.encode_chunk(chunk, "text", None, True, np.dtype(np.uint16), None, 0, False)
+    tokens, lengths = encoded.documents["train", ""]
     expected = [processor.encode(t) + [processor.eos_id()] for t in texts]
     assert lengths.tolist() == [len(ids) for ids in expected]
     assert tokens.tolist() == sum(expected, [])

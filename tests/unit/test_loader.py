@@ -5,6 +5,7 @@ steps is read as each step finds it."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -21,11 +22,16 @@ KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 @pytest.fixture(scope="module")
 def single_process():
+    """A one-process world in this process; the variables it sets (RANK, WORLD_SIZE, ...) go
+    with it, or later tests in the process would take themselves for torchrun's ranks."""
     from megatron_patches.parallel import destroy_parallel, initialize_parallel
 
+    environment = dict(os.environ)
     initialize_parallel(1, 1, 1)
     yield
     destroy_parallel()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def demo_config(demo_dir, *overrides: str):

@@ -135,11 +135,12 @@ def test_the_report_draws_each_domains_mixture_over_the_steps(tmp_path, monkeypa
     assert lines == {"code": [0.5, 0.6, 0.7], "prose": [0.5, 0.4, 0.3]}
 
 
-def test_the_dry_run_and_start_up_summary_describe_the_mixing():
+def test_the_dry_run_and_start_up_summary_describe_the_mixing(demo_dir):
     from launch.dry_run import describe_run
 
     demo = REPO / "configs/demo_cpu.yaml"
-    lines = describe_run(load_config(demo, ["data.mixing=odm", "data.mixing_update_interval=5"]), 2)
+    data = [f"data.blend={demo_dir / 'train.blend.json'}", f"data.tokenizer_model={demo_dir / 'tokenizer.model'}"]
+    lines = describe_run(load_config(demo, [*data, "data.mixing=odm", "data.mixing_update_interval=5"]), 2)
     (mixing,) = [line for line in lines if line.startswith("data mixing:")]
     assert "odm (EXP3 over domains" in mixing and "every 5 steps" in mixing and "sqrt(K ln K / t)" in mixing
     assert any(line.endswith("(the starting point of data.mixing)") for line in lines)

@@ -363,7 +363,7 @@ def test_held_out_slices_of_a_training_domain_stay_out_of_the_natural_mixture(da
         natural_weights(blend, ["alpha-slice"])
 
 
-def test_an_arm_that_weighs_documents_says_so():
+def test_an_arm_says_how_it_weighs_and_mixes():
     from launch.config import load_config
     from launch.tools.study.cli import describe
 
@@ -371,3 +371,4 @@ def test_an_arm_that_weighs_documents_says_so():
     assert describe(load_config(demo)) == "linupper r=0.5 after 20 uniform steps; natural mixture; 200 steps"
     per_document = describe(load_config(demo, ["reweight.unit=document"]))
     assert per_document.startswith("linupper r=0.5 after 20 uniform steps, per document segment (at most 16 a sample)")
+    assert describe(load_config(demo, ["data.mixing=odm"])).endswith("; odm mixing from the natural mixture; 200 steps")

@@ -116,6 +116,8 @@ def describe(cfg) -> str:
     if rw.unit == "document":
         text += f", per document segment (at most {rw.max_segments_per_sample} a sample)"
     mixture = "natural mixture" if cfg.data.weights is None else f"data.weights {cfg.data.weights}"
+    if cfg.data.mixing != "fixed":
+        mixture = f"{cfg.data.mixing} mixing from the {mixture}"
     return f"{text}; {mixture}; {cfg.train.steps} steps"
 
 
